@@ -1,0 +1,3 @@
+pub mod classify;
+pub mod embed;
+pub mod plot;

@@ -1,0 +1,370 @@
+//! `valence.json`: one file that says how a model directory's parts fit together.
+//!
+//! ```json
+//! {
+//!   "format_version": 1,
+//!   "name": "valence-whisper-base",
+//!   "labels": ["negative", "neutral", "positive"],
+//!   "sample_rate": 16000,
+//!   "encoder": {"kind": "whisper", "path": "encoder"},
+//!   "features": {"source": "hidden_states", "layers": [4, 5], "combine": "mean", "pooling": "mean"},
+//!   "scaler": "scaler.safetensors",
+//!   "head": {"config": "head_config.json", "weights": "head.safetensors"},
+//!   "dtype": "f32"
+//! }
+//! ```
+//! Relative paths are relative to the model directory; `encoder.path` may also start with
+//! `@cache/`, meaning the valence cache directory (see [`super::registry::cache_dir`]).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::head::{self, HeadConfig};
+use super::scaler::StandardScaler;
+use super::{Encoder, EncoderOutput, ValenceModel};
+
+pub const MANIFEST_FILE: &str = "valence.json";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EncoderKind {
+    Wav2vec2,
+    Whisper,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EncoderSpec {
+    pub kind: EncoderKind,
+    /// An HF-layout encoder directory.
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FeatureSource {
+    /// `hidden_states[i]` for each listed layer.
+    #[default]
+    HiddenStates,
+    /// The model output.
+    LastHiddenState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Combine {
+    /// Element-wise mean of the listed layers.
+    #[default]
+    Mean,
+    /// Layers side by side.
+    Concat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// Mean over time.
+    #[default]
+    Mean,
+    /// Mean and standard deviation over time, side by side.
+    MeanStd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeatureSpec {
+    #[serde(default)]
+    pub source: FeatureSource,
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    #[serde(default)]
+    pub combine: Combine,
+    #[serde(default)]
+    pub pooling: Pooling,
+}
+
+impl FeatureSpec {
+    pub fn last_hidden_state() -> Self {
+        Self {
+            source: FeatureSource::LastHiddenState,
+            layers: vec![],
+            combine: Combine::Mean,
+            pooling: Pooling::Mean,
+        }
+    }
+
+    /// Feature width for an encoder of width `w`.
+    pub fn dim(&self, w: usize) -> usize {
+        let per_layer = match self.pooling {
+            Pooling::Mean => w,
+            Pooling::MeanStd => 2 * w,
+        };
+        match (self.source, self.combine) {
+            (FeatureSource::HiddenStates, Combine::Concat) => per_layer * self.layers.len(),
+            _ => per_layer,
+        }
+    }
+
+    pub fn validate(&self, num_layers: usize) -> Result<()> {
+        if self.source == FeatureSource::HiddenStates {
+            if self.layers.is_empty() {
+                bail!("features.layers is empty");
+            }
+            if let Some(&bad) = self.layers.iter().find(|&&l| l > num_layers) {
+                bail!("features.layers names layer {bad}, the encoder has {num_layers}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Pools encoder states into [1, dim] (f32).
+    pub fn pool(&self, out: &EncoderOutput) -> Result<Tensor> {
+        let pool_one = |t: &Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?; // [1, frames, width]
+            let mean = t.mean(1)?;
+            Ok(match self.pooling {
+                Pooling::Mean => mean,
+                Pooling::MeanStd => {
+                    let var = t.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
+                    Tensor::cat(&[mean, var.sqrt()?], 1)?
+                }
+            })
+        };
+        match self.source {
+            FeatureSource::LastHiddenState => pool_one(&out.last_hidden_state),
+            FeatureSource::HiddenStates => {
+                let pooled = self
+                    .layers
+                    .iter()
+                    .map(|&l| {
+                        pool_one(out.hidden_states.get(l).with_context(|| {
+                            format!(
+                                "layer {l} asked for, encoder gave {}",
+                                out.hidden_states.len()
+                            )
+                        })?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(match self.combine {
+                    Combine::Mean => (Tensor::stack(&pooled, 0)?.mean(0))?,
+                    Combine::Concat => Tensor::cat(&pooled, 1)?,
+                })
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum HeadSpec {
+    /// Our own head: a config file and a safetensors file.
+    Files { config: String, weights: String },
+    /// The reference card's repository files (`config.json`,
+    /// `emotion_classifier_complete.safetensors`, `emotion_classifier_scaler.pkl`).
+    Card { card: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub name: String,
+    pub labels: Vec<String>,
+    #[serde(default = "default_rate")]
+    pub sample_rate: u32,
+    pub encoder: EncoderSpec,
+    pub features: FeatureSpec,
+    #[serde(default)]
+    pub scaler: Option<String>,
+    pub head: HeadSpec,
+    /// Encoder precision: f32 (default), f16 or bf16 (half precision is meant for CUDA).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Free-form provenance (training command, data, figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<serde_json::Value>,
+}
+
+fn default_rate() -> u32 {
+    16000
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" => DType::F32,
+        "f16" | "float16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        other => bail!("unsupported dtype `{other}` (f32, f16, bf16)"),
+    })
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(MANIFEST_FILE);
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist", dir.display());
+        }
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{} is missing or unreadable", path.display()))?;
+        let m: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid valence manifest", path.display()))?;
+        if m.format_version != 1 {
+            bail!(
+                "{}: unsupported format_version {}",
+                path.display(),
+                m.format_version
+            );
+        }
+        if m.sample_rate != 16000 {
+            bail!("{}: only 16 kHz models are supported", path.display());
+        }
+        if m.labels.len() < 2 {
+            bail!("{}: a model needs at least two labels", path.display());
+        }
+        Ok(m)
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(
+            dir.join(MANIFEST_FILE),
+            serde_json::to_string_pretty(self)? + "\n",
+        )?;
+        Ok(())
+    }
+
+    pub fn resolve(dir: &Path, p: &str) -> PathBuf {
+        if let Some(rest) = p.strip_prefix("@cache/") {
+            super::registry::cache_dir().join(rest)
+        } else {
+            let pb = PathBuf::from(p);
+            if pb.is_absolute() { pb } else { dir.join(pb) }
+        }
+    }
+
+    pub fn encoder_dir(&self, dir: &Path) -> PathBuf {
+        Self::resolve(dir, &self.encoder.path)
+    }
+
+    /// Loads every part. Errors name the file at fault.
+    pub fn load(self, dir: &Path, device: &Device) -> Result<ValenceModel> {
+        let mut dtype = parse_dtype(&self.dtype)?;
+        if device.is_cpu() && dtype != DType::F32 {
+            dtype = DType::F32; // half-precision matmuls are slow or missing on CPU
+        }
+        let enc_dir = self.encoder_dir(dir);
+        if !enc_dir.join("config.json").is_file() {
+            bail!(
+                "encoder directory {} is missing{}",
+                enc_dir.display(),
+                if self.encoder.path.starts_with("@cache/") {
+                    " (run `valence setup` to fetch and import the default encoder)"
+                } else {
+                    ""
+                }
+            );
+        }
+        let encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
+        self.features
+            .validate(encoder.num_layers())
+            .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
+        let feature_dim = self.features.dim(encoder.width());
+
+        let (head_cfg, head_tensors, head_origin, card_scaler) = match &self.head {
+            HeadSpec::Files { config, weights } => {
+                let cpath = Self::resolve(dir, config);
+                let cfg: HeadConfig = serde_json::from_str(
+                    &std::fs::read_to_string(&cpath)
+                        .with_context(|| format!("cannot read head config {}", cpath.display()))?,
+                )
+                .with_context(|| format!("{} is not a valid head config", cpath.display()))?;
+                let wpath = Self::resolve(dir, weights);
+                (cfg, super::weights::read_checkpoint(&wpath)?, wpath, None)
+            }
+            HeadSpec::Card { card } => {
+                let cdir = Self::resolve(dir, card);
+                let (cfg, tensors, origin, scaler) = load_card_head(&cdir)?;
+                (HeadConfig::Transformer(cfg), tensors, origin, scaler)
+            }
+        };
+        if head_cfg.input_dim() != feature_dim {
+            bail!(
+                "{}: head expects {} features, the encoder and feature spec give {}",
+                head_origin.display(),
+                head_cfg.input_dim(),
+                feature_dim
+            );
+        }
+        if head_cfg.num_classes() != self.labels.len() {
+            bail!(
+                "{}: head has {} classes, the manifest lists {} labels",
+                head_origin.display(),
+                head_cfg.num_classes(),
+                self.labels.len()
+            );
+        }
+        let head =
+            head::head_from_tensors(&head_cfg, head_tensors, &head_origin, DType::F32, device)?;
+        let scaler = match (&self.scaler, card_scaler) {
+            (Some(p), _) => Some(StandardScaler::load(&Self::resolve(dir, p))?),
+            (None, s) => s,
+        };
+        if let Some(s) = &scaler
+            && s.dim() != feature_dim
+        {
+            bail!(
+                "scaler has {} features, the model gives {feature_dim}",
+                s.dim()
+            );
+        }
+        Ok(ValenceModel {
+            name: self.name.clone(),
+            dir: dir.to_path_buf(),
+            labels: self.labels.clone(),
+            manifest: self,
+            encoder,
+            scaler,
+            head,
+            device: device.clone(),
+        })
+    }
+}
+
+/// The reference card's files: `config.json`, `emotion_classifier_complete.safetensors`, and
+/// `emotion_classifier_scaler.pkl` (or a `.json`/`.safetensors` conversion of it).
+#[allow(clippy::type_complexity)]
+pub fn load_card_head(
+    card_dir: &Path,
+) -> Result<(
+    head::TransformerHeadConfig,
+    std::collections::HashMap<String, Tensor>,
+    PathBuf,
+    Option<StandardScaler>,
+)> {
+    let cfg_path = card_dir.join("config.json");
+    let cfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("cannot read {}", cfg_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
+    let wpath = card_dir.join("emotion_classifier_complete.safetensors");
+    let tensors = super::weights::read_checkpoint(&wpath)?;
+    let (hc, mapped) =
+        head::card_head(tensors, &cfg).with_context(|| format!("{}", wpath.display()))?;
+    let mut scaler = None;
+    for name in [
+        "emotion_classifier_scaler.json",
+        "emotion_classifier_scaler.safetensors",
+        "emotion_classifier_scaler.pkl",
+    ] {
+        let p = card_dir.join(name);
+        if p.is_file() {
+            scaler = Some(StandardScaler::load(&p)?);
+            break;
+        }
+    }
+    Ok((hc, mapped, wpath, scaler))
+}

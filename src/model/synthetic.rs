@@ -1,0 +1,260 @@
+//! Small random-weight models in the real on-disk formats, made with the project's own code.
+//! Tests, examples and benchmarks use them where no trained model is at hand; the numbers they
+//! give mean nothing, but every loading and inference path is the real one.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+
+use super::head::{Activation, HeadConfig, TransformerHeadConfig};
+use super::manifest::{
+    Combine, EncoderKind, EncoderSpec, FeatureSource, FeatureSpec, HeadSpec, Manifest, Pooling,
+};
+use super::scaler::StandardScaler;
+use super::whisper::WhisperEncoderConfig;
+
+/// A seeded normal generator (xorshift + Box-Muller): the same seed gives the same model.
+pub struct SeededNormal(u64);
+
+impl SeededNormal {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn uniform(&mut self) -> f64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+    pub fn sample(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+    }
+    pub fn tensor(&mut self, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.sample() * std).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+}
+
+fn ones(shape: usize) -> Result<Tensor> {
+    Ok(Tensor::ones(shape, candle_core::DType::F32, &Device::Cpu)?)
+}
+
+/// Writes a tiny Whisper encoder (HF names, safetensors) into `dir`.
+pub fn write_tiny_whisper_encoder(dir: &Path, seed: u64) -> Result<WhisperEncoderConfig> {
+    let cfg = WhisperEncoderConfig {
+        num_mel_bins: 80,
+        d_model: 64,
+        encoder_layers: 2,
+        encoder_attention_heads: 4,
+        encoder_ffn_dim: 128,
+        max_source_positions: 1500,
+        activation_function: "gelu".into(),
+    };
+    let mut rng = SeededNormal::new(seed);
+    let d = cfg.d_model;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let p = "model.encoder";
+    t.insert(format!("{p}.conv1.weight"), rng.tensor(&[d, 80, 3], 0.1)?);
+    t.insert(format!("{p}.conv1.bias"), rng.tensor(&[d], 0.02)?);
+    t.insert(format!("{p}.conv2.weight"), rng.tensor(&[d, d, 3], 0.08)?);
+    t.insert(format!("{p}.conv2.bias"), rng.tensor(&[d], 0.02)?);
+    // Whisper's positions are sinusoids.
+    let pos: Vec<f32> = (0..cfg.max_source_positions)
+        .flat_map(|i| {
+            let half = d / 2;
+            let inc = (10000f32).ln() / (half - 1) as f32;
+            let s: Vec<f32> = (0..half)
+                .map(|j| (i as f32 * (-inc * j as f32).exp()).sin())
+                .collect();
+            let c: Vec<f32> = (0..half)
+                .map(|j| (i as f32 * (-inc * j as f32).exp()).cos())
+                .collect();
+            s.into_iter().chain(c)
+        })
+        .collect();
+    t.insert(
+        format!("{p}.embed_positions.weight"),
+        Tensor::from_vec(pos, (cfg.max_source_positions, d), &Device::Cpu)?,
+    );
+    for i in 0..cfg.encoder_layers {
+        let l = format!("{p}.layers.{i}");
+        for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            t.insert(
+                format!("{l}.self_attn.{n}.weight"),
+                rng.tensor(&[d, d], 0.12)?,
+            );
+            if n != "k_proj" {
+                t.insert(format!("{l}.self_attn.{n}.bias"), rng.tensor(&[d], 0.02)?);
+            }
+        }
+        t.insert(
+            format!("{l}.fc1.weight"),
+            rng.tensor(&[cfg.encoder_ffn_dim, d], 0.12)?,
+        );
+        t.insert(
+            format!("{l}.fc1.bias"),
+            rng.tensor(&[cfg.encoder_ffn_dim], 0.02)?,
+        );
+        t.insert(
+            format!("{l}.fc2.weight"),
+            rng.tensor(&[d, cfg.encoder_ffn_dim], 0.08)?,
+        );
+        t.insert(format!("{l}.fc2.bias"), rng.tensor(&[d], 0.02)?);
+        for n in ["self_attn_layer_norm", "final_layer_norm"] {
+            t.insert(format!("{l}.{n}.weight"), ones(d)?);
+            t.insert(format!("{l}.{n}.bias"), rng.tensor(&[d], 0.02)?);
+        }
+    }
+    t.insert(format!("{p}.layer_norm.weight"), ones(d)?);
+    t.insert(format!("{p}.layer_norm.bias"), rng.tensor(&[d], 0.02)?);
+    super::ct2::write_whisper_encoder_dir(dir, &cfg, &t)?;
+    Ok(cfg)
+}
+
+/// Random weights for a head config, with PyTorch names.
+pub fn random_head_tensors(cfg: &HeadConfig, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = SeededNormal::new(seed);
+    let mut t = HashMap::new();
+    let mlp =
+        |t: &mut HashMap<String, Tensor>, rng: &mut SeededNormal, dims: &[usize]| -> Result<()> {
+            for (j, w) in dims.windows(2).enumerate() {
+                let std = (1.0 / w[0] as f32).sqrt();
+                t.insert(
+                    format!("classifier.{j}.weight"),
+                    rng.tensor(&[w[1], w[0]], std)?,
+                );
+                t.insert(format!("classifier.{j}.bias"), rng.tensor(&[w[1]], 0.05)?);
+            }
+            Ok(())
+        };
+    match cfg {
+        HeadConfig::Mlp(c) => {
+            let mut dims = vec![c.input_dim];
+            dims.extend(&c.hidden);
+            dims.push(c.num_classes);
+            mlp(&mut t, &mut rng, &dims)?;
+        }
+        HeadConfig::Transformer(c) => {
+            let d = c.d_model;
+            let n = c.input_dim.div_ceil(c.patch_size);
+            t.insert(
+                "patch_embed.weight".into(),
+                rng.tensor(&[d, c.patch_size], 0.15)?,
+            );
+            t.insert("patch_embed.bias".into(), rng.tensor(&[d], 0.02)?);
+            t.insert("cls_token".into(), rng.tensor(&[1, 1, d], 0.5)?);
+            t.insert("pos_embed".into(), rng.tensor(&[1, n + 1, d], 0.5)?);
+            for i in 0..c.num_layers {
+                let l = format!("encoder.layers.{i}");
+                t.insert(
+                    format!("{l}.self_attn.in_proj_weight"),
+                    rng.tensor(&[3 * d, d], 0.15)?,
+                );
+                t.insert(
+                    format!("{l}.self_attn.in_proj_bias"),
+                    rng.tensor(&[3 * d], 0.02)?,
+                );
+                t.insert(
+                    format!("{l}.self_attn.out_proj.weight"),
+                    rng.tensor(&[d, d], 0.15)?,
+                );
+                t.insert(
+                    format!("{l}.self_attn.out_proj.bias"),
+                    rng.tensor(&[d], 0.02)?,
+                );
+                t.insert(
+                    format!("{l}.linear1.weight"),
+                    rng.tensor(&[c.dim_feedforward, d], 0.15)?,
+                );
+                t.insert(
+                    format!("{l}.linear1.bias"),
+                    rng.tensor(&[c.dim_feedforward], 0.02)?,
+                );
+                t.insert(
+                    format!("{l}.linear2.weight"),
+                    rng.tensor(&[d, c.dim_feedforward], 0.1)?,
+                );
+                t.insert(format!("{l}.linear2.bias"), rng.tensor(&[d], 0.02)?);
+                for nm in ["norm1", "norm2"] {
+                    t.insert(format!("{l}.{nm}.weight"), ones(d)?);
+                    t.insert(format!("{l}.{nm}.bias"), rng.tensor(&[d], 0.02)?);
+                }
+            }
+            if c.final_norm {
+                t.insert("encoder.norm.weight".into(), ones(d)?);
+                t.insert("encoder.norm.bias".into(), rng.tensor(&[d], 0.02)?);
+            }
+            let mut dims = vec![d];
+            dims.extend(&c.hidden);
+            dims.push(c.num_classes);
+            mlp(&mut t, &mut rng, &dims)?;
+        }
+    }
+    Ok(t)
+}
+
+/// Writes a complete tiny model directory: random Whisper encoder, the card's Transformer head
+/// shape (scaled down), a scaler and `valence.json`. Loads and runs like any real model.
+pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let enc = write_tiny_whisper_encoder(&dir.join("encoder"), seed)?;
+    let head = HeadConfig::Transformer(TransformerHeadConfig {
+        input_dim: enc.d_model,
+        patch_size: 16,
+        d_model: 32,
+        nhead: 4,
+        num_layers: 1,
+        dim_feedforward: 64,
+        dropout: 0.2,
+        norm_first: false,
+        activation: Activation::Relu,
+        final_norm: false,
+        hidden: vec![16],
+        head_activation: Activation::Relu,
+        num_classes: 3,
+    });
+    std::fs::write(
+        dir.join("head_config.json"),
+        serde_json::to_string_pretty(&head)?,
+    )?;
+    candle_core::safetensors::save(
+        &random_head_tensors(&head, seed + 1)?,
+        dir.join("head.safetensors"),
+    )?;
+    let mut rng = SeededNormal::new(seed + 2);
+    let mean: Vec<f32> = (0..enc.d_model).map(|_| rng.sample() * 0.1).collect();
+    let scale: Vec<f32> = (0..enc.d_model)
+        .map(|_| 0.5 + rng.sample().abs() * 0.5)
+        .collect();
+    StandardScaler::new(mean, scale)?.save_safetensors(&dir.join("scaler.safetensors"))?;
+    Manifest {
+        format_version: 1,
+        name: format!("tiny-random-{seed}"),
+        labels: super::LABELS.iter().map(|s| s.to_string()).collect(),
+        sample_rate: 16000,
+        encoder: EncoderSpec {
+            kind: EncoderKind::Whisper,
+            path: "encoder".into(),
+        },
+        features: FeatureSpec {
+            source: FeatureSource::HiddenStates,
+            layers: vec![1, 2],
+            combine: Combine::Mean,
+            pooling: Pooling::Mean,
+        },
+        scaler: Some("scaler.safetensors".into()),
+        head: HeadSpec::Files {
+            config: "head_config.json".into(),
+            weights: "head.safetensors".into(),
+        },
+        dtype: "f32".into(),
+        notes: Some(serde_json::json!({"warning": "random weights: for tests only"})),
+    }
+    .write(dir)
+}

@@ -1,0 +1,953 @@
+//! Element implementation. Audio passes through in place; analysis happens on a 16 kHz mono
+//! copy that is cut into windows and classified by a worker thread.
+//!
+//! Non-live streams: the streaming thread hands each finished window to the worker and waits for
+//! its result, so every window is classified, in order, and results ride on the buffer that
+//! completed the window. Live streams: the streaming thread never waits; the worker takes one
+//! window at a time plus one queued, and a window that finds the queue full is skipped, counted
+//! and reported with a QoS message. Results then ride on the first buffer after they are ready.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::prelude::*;
+use gst_base::subclass::prelude::*;
+use once_cell::sync::Lazy;
+
+use crate::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
+use crate::model::{ValenceModel, registry};
+
+static CAT: Lazy<gst::DebugCategory> = Lazy::new(|| {
+    gst::DebugCategory::new(
+        "valenceclassify",
+        gst::DebugColorFlags::empty(),
+        Some("Speech valence classifier"),
+    )
+});
+
+const DEFAULT_MODEL: &str = registry::DEFAULT_MODEL;
+const DEFAULT_DEVICE: &str = "auto";
+const DEFAULT_WINDOW: u64 = 3_000_000_000;
+const DEFAULT_HOP: u64 = 1_000_000_000;
+const DEFAULT_SILENCE_THRESHOLD: f64 = -60.0;
+/// At EOS, audio not yet in any window is classified when there is at least this much.
+const MIN_TAIL_NS: u64 = 1_000_000_000;
+/// Timestamp jumps larger than this (between the expected and the actual PTS) restart windows.
+const DISCONT_TOLERANCE_NS: u64 = 40_000_000;
+
+#[derive(Debug, Clone)]
+struct Settings {
+    model: String,
+    device: String,
+    window: u64,
+    hop: u64,
+    post_messages: bool,
+    attach_meta: bool,
+    silence_threshold: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.into(),
+            device: DEFAULT_DEVICE.into(),
+            window: DEFAULT_WINDOW,
+            hop: DEFAULT_HOP,
+            post_messages: true,
+            attach_meta: true,
+            silence_threshold: DEFAULT_SILENCE_THRESHOLD,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    classified: AtomicU64,
+    skipped: AtomicU64,
+    silent: AtomicU64,
+    inference_ns: AtomicU64,
+}
+
+/// One window's outcome, ready to post and attach.
+#[derive(Debug, Clone)]
+struct WindowResult {
+    pts: gst::ClockTime,
+    duration: gst::ClockTime,
+    label: String,
+    confidence: f64,
+    probabilities: Vec<f64>,
+}
+
+struct Job {
+    id: u64,
+    samples: Vec<f32>,
+}
+
+struct JobDone {
+    id: u64,
+    outcome: Result<Vec<f32>, String>,
+}
+
+/// The inference thread of one element instance; the model itself is shared process-wide.
+struct Worker {
+    jobs: Option<SyncSender<Job>>,
+    done: Receiver<JobDone>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(model: Arc<ValenceModel>, stats: Arc<Stats>) -> std::io::Result<Self> {
+        // One job waiting besides the one running: a live stream that outpaces inference
+        // skips windows instead of building a queue.
+        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(1);
+        let (done_tx, done_rx) = mpsc::channel::<JobDone>();
+        let thread = std::thread::Builder::new()
+            .name("valence-infer".into())
+            .spawn(move || {
+                for job in jobs_rx {
+                    let t0 = Instant::now();
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.classify(&job.samples)
+                    }));
+                    let outcome = match outcome {
+                        Ok(Ok(p)) => Ok(p.probabilities),
+                        Ok(Err(e)) => Err(format!("{e:#}")),
+                        Err(_) => Err("inference panicked".to_string()),
+                    };
+                    if outcome.is_ok() {
+                        stats.classified.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .inference_ns
+                            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    }
+                    if done_tx
+                        .send(JobDone {
+                            id: job.id,
+                            outcome,
+                        })
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self {
+            jobs: Some(jobs_tx),
+            done: done_rx,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.jobs.take(); // closes the queue; the thread ends after its current job
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+enum Pending {
+    InFlight {
+        id: u64,
+        pts: gst::ClockTime,
+        duration: gst::ClockTime,
+    },
+    Ready(WindowResult),
+}
+
+/// Everything that lives from `start` to `stop`.
+struct State {
+    model: Arc<ValenceModel>,
+    worker: Worker,
+    info: Option<gst_audio::AudioInfo>,
+    resampler: Option<StreamResampler>,
+    windower: Windower,
+    /// PTS of 16 kHz sample 0 of the current window stream.
+    anchor: Option<gst::ClockTime>,
+    /// Input frames since the anchor, at the current input rate (for the expected next PTS).
+    anchor_frames: u64,
+    /// Input-rate frames counted before the last rate change, converted to ns.
+    anchor_offset_ns: u64,
+    live: Option<bool>,
+    next_job: u64,
+    pending: VecDeque<Pending>,
+    warned_behind: bool,
+    silence_threshold: f64,
+    post_messages: bool,
+    attach_meta: bool,
+}
+
+impl State {
+    fn expected_pts(&self) -> Option<gst::ClockTime> {
+        let info = self.info.as_ref()?;
+        let ns = self.anchor_offset_ns
+            + (self.anchor_frames as u128 * 1_000_000_000u128 / info.rate() as u128) as u64;
+        self.anchor.map(|a| a + gst::ClockTime::from_nseconds(ns))
+    }
+
+    /// Forgets the window stream (after a discontinuity, a gap or a flush).
+    fn restart_windows(&mut self) {
+        self.windower.reset();
+        if let Some(info) = &self.info {
+            self.resampler = StreamResampler::new(info.rate()).ok();
+        }
+        self.anchor = None;
+        self.anchor_frames = 0;
+        self.anchor_offset_ns = 0;
+    }
+
+    fn window_pts(&self, w: &Window) -> (gst::ClockTime, gst::ClockTime) {
+        let a = self.anchor.unwrap_or(gst::ClockTime::ZERO);
+        (
+            a + gst::ClockTime::from_nseconds(samples_to_ns(w.start)),
+            gst::ClockTime::from_nseconds(samples_to_ns(w.len())),
+        )
+    }
+}
+
+#[derive(Default)]
+pub struct ValenceClassify {
+    settings: Mutex<Settings>,
+    state: Mutex<Option<State>>,
+    stats: Arc<Stats>,
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for ValenceClassify {
+    const NAME: &'static str = "GstValenceClassify";
+    type Type = super::ValenceClassify;
+    type ParentType = gst_base::BaseTransform;
+}
+
+impl ValenceClassify {
+    fn silence_result(pts: gst::ClockTime, duration: gst::ClockTime, n: usize) -> WindowResult {
+        WindowResult {
+            pts,
+            duration,
+            label: "silence".into(),
+            confidence: 0.0,
+            probabilities: vec![1.0 / n as f64; n],
+        }
+    }
+
+    fn make_result(
+        state: &State,
+        pts: gst::ClockTime,
+        duration: gst::ClockTime,
+        probs: &[f32],
+    ) -> WindowResult {
+        let (best, p) = probs
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |a, (i, &p)| if p > a.1 { (i, p) } else { a });
+        WindowResult {
+            pts,
+            duration,
+            label: state.model.labels.get(best).cloned().unwrap_or_default(),
+            confidence: p as f64,
+            probabilities: probs.iter().map(|&p| p as f64).collect(),
+        }
+    }
+
+    /// The result structure shared by the bus message and the meta, fields in documented order.
+    fn result_structure(&self, state: &State, r: &WindowResult) -> gst::Structure {
+        let segment = self.obj().segment();
+        let (stream_time, running_time) = match segment.downcast_ref::<gst::ClockTime>() {
+            Some(seg) => (seg.to_stream_time(r.pts), seg.to_running_time(r.pts)),
+            None => (None, None),
+        };
+        let mut s = gst::Structure::builder("valence")
+            .field("timestamp", r.pts.nseconds())
+            .field(
+                "stream-time",
+                stream_time.map(|t| t.nseconds()).unwrap_or(u64::MAX),
+            )
+            .field(
+                "running-time",
+                running_time.map(|t| t.nseconds()).unwrap_or(u64::MAX),
+            )
+            .field("duration", r.duration.nseconds())
+            .field("label", r.label.as_str())
+            .field("confidence", r.confidence)
+            .build();
+        for (name, p) in state.model.labels.iter().zip(&r.probabilities) {
+            s.set(name.as_str(), *p);
+        }
+        s.set("model", state.model.name.as_str());
+        s
+    }
+
+    fn publish(
+        &self,
+        state: &State,
+        results: &[WindowResult],
+        buffer: Option<&mut gst::BufferRef>,
+    ) {
+        let mut buffer = buffer;
+        for r in results {
+            let s = self.result_structure(state, r);
+            if state.attach_meta
+                && let Some(buf) = buffer.as_deref_mut()
+            {
+                crate::register_meta();
+                match gst::meta::CustomMeta::add(buf, crate::META_NAME) {
+                    Ok(mut m) => {
+                        let ms = m.mut_structure();
+                        for (k, v) in s.iter() {
+                            ms.set_value(k, v.clone());
+                        }
+                    }
+                    Err(e) => gst::warning!(CAT, imp = self, "cannot add meta: {e}"),
+                }
+            }
+            if state.post_messages {
+                let msg = gst::message::Element::builder(s).src(&*self.obj()).build();
+                let _ = self.obj().post_message(msg);
+            }
+        }
+    }
+
+    /// Moves finished jobs into `pending` and returns the ready results at its head, in order.
+    fn collect_ready(&self, state: &mut State, block: bool) -> Vec<WindowResult> {
+        let mut out = Vec::new();
+        loop {
+            // Take everything already done.
+            while let Ok(done) = state.worker.done.try_recv() {
+                self.resolve(state, done);
+            }
+            while let Some(Pending::Ready(_)) = state.pending.front() {
+                if let Some(Pending::Ready(r)) = state.pending.pop_front() {
+                    out.push(r);
+                }
+            }
+            if !block || state.pending.is_empty() {
+                return out;
+            }
+            match state.worker.done.recv() {
+                Ok(done) => self.resolve(state, done),
+                Err(_) => {
+                    state.pending.clear();
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn resolve(&self, state: &mut State, done: JobDone) {
+        let Some(idx) = state
+            .pending
+            .iter()
+            .position(|p| matches!(p, Pending::InFlight { id, .. } if *id == done.id))
+        else {
+            return; // from before a flush
+        };
+        let Pending::InFlight { pts, duration, .. } = state.pending[idx] else {
+            return;
+        };
+        match done.outcome {
+            Ok(probs) => {
+                state.pending[idx] =
+                    Pending::Ready(Self::make_result(state, pts, duration, &probs));
+            }
+            Err(e) => {
+                gst::element_imp_warning!(
+                    self,
+                    gst::StreamError::Decode,
+                    ["Window at {} not classified: {}", pts, e]
+                );
+                state.pending.remove(idx);
+            }
+        }
+    }
+
+    /// Queues windows for inference (or reports them as silence).
+    fn submit(&self, state: &mut State, windows: Vec<Window>) {
+        let live = state.live.unwrap_or(false);
+        let min = state.model.encoder.min_samples();
+        for w in windows {
+            let (pts, duration) = state.window_pts(&w);
+            if audio::rms_dbfs(&w.samples) < state.silence_threshold || w.samples.len() < min {
+                self.stats.silent.fetch_add(1, Ordering::Relaxed);
+                let n = state.model.labels.len();
+                state
+                    .pending
+                    .push_back(Pending::Ready(Self::silence_result(pts, duration, n)));
+                continue;
+            }
+            let id = state.next_job;
+            state.next_job += 1;
+            let Some(jobs) = state.worker.jobs.as_ref() else {
+                return;
+            };
+            let job = Job {
+                id,
+                samples: w.samples,
+            };
+            let sent = if live {
+                match jobs.try_send(job) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) => false,
+                    Err(TrySendError::Disconnected(_)) => false,
+                }
+            } else {
+                jobs.send(job).is_ok()
+            };
+            if sent {
+                state
+                    .pending
+                    .push_back(Pending::InFlight { id, pts, duration });
+                if !live {
+                    // Keep at most one window in flight: wait for it before cutting the next.
+                    let ready = self.collect_ready(state, true);
+                    for r in ready {
+                        state.pending.push_back(Pending::Ready(r));
+                    }
+                }
+            } else {
+                self.skip_window(state, pts, duration);
+            }
+        }
+    }
+
+    fn skip_window(&self, state: &mut State, pts: gst::ClockTime, duration: gst::ClockTime) {
+        let skipped = self.stats.skipped.fetch_add(1, Ordering::Relaxed) + 1;
+        let processed = self.stats.classified.load(Ordering::Relaxed);
+        gst::debug!(
+            CAT,
+            imp = self,
+            "inference behind: skipping window at {pts}"
+        );
+        let segment = self.obj().segment();
+        let seg = segment.downcast_ref::<gst::ClockTime>();
+        let msg = gst::message::Qos::builder(true)
+            .running_time(seg.and_then(|s| s.to_running_time(pts)))
+            .stream_time(seg.and_then(|s| s.to_stream_time(pts)))
+            .timestamp(pts)
+            .duration(duration)
+            .stats(
+                gst::format::Default::from_u64(processed),
+                gst::format::Default::from_u64(skipped),
+            )
+            .src(&*self.obj())
+            .build();
+        let _ = self.obj().post_message(msg);
+        if !state.warned_behind {
+            state.warned_behind = true;
+            gst::element_imp_warning!(
+                self,
+                gst::CoreError::TooLazy,
+                [
+                    "Inference is slower than real time: skipping whole windows (see windows-skipped)"
+                ]
+            );
+        }
+    }
+
+    fn query_live(&self) -> bool {
+        let mut q = gst::query::Latency::new();
+        if self
+            .obj()
+            .sink_pads()
+            .first()
+            .is_some_and(|p| p.peer_query(&mut q))
+        {
+            q.result().0
+        } else {
+            false
+        }
+    }
+
+    /// Analyses one input buffer's samples; returns results to publish now.
+    fn analyse(
+        &self,
+        state: &mut State,
+        buf: &gst::BufferRef,
+    ) -> Result<Vec<WindowResult>, gst::FlowError> {
+        let Some(info) = state.info.clone() else {
+            gst::element_imp_error!(self, gst::CoreError::Negotiation, ["No caps before data"]);
+            return Err(gst::FlowError::NotNegotiated);
+        };
+        let map = buf.map_readable().map_err(|_| {
+            gst::element_imp_error!(self, gst::ResourceError::Read, ["Cannot map buffer"]);
+            gst::FlowError::Error
+        })?;
+        let bpf = info.bpf() as usize;
+        let frames = map.len() / bpf.max(1);
+        let data = &map[..frames * bpf];
+        if state.live.is_none() {
+            state.live = Some(self.query_live());
+            gst::debug!(CAT, imp = self, "live: {:?}", state.live);
+        }
+
+        // Discontinuities restart the windows: nothing is smeared across a gap.
+        let pts = buf.pts();
+        let jumped = match (pts, state.expected_pts()) {
+            (Some(p), Some(e)) => p.nseconds().abs_diff(e.nseconds()) > DISCONT_TOLERANCE_NS,
+            _ => false,
+        };
+        if (buf.flags().contains(gst::BufferFlags::DISCONT) && state.anchor.is_some()) || jumped {
+            gst::debug!(
+                CAT,
+                imp = self,
+                "discontinuity at {:?}: restarting windows",
+                pts
+            );
+            state.restart_windows();
+        }
+        if frames == 0 {
+            return Ok(self.collect_ready(state, false));
+        }
+        if state.anchor.is_none() {
+            let seg_start = self
+                .obj()
+                .segment()
+                .downcast_ref::<gst::ClockTime>()
+                .and_then(|s| s.start())
+                .unwrap_or(gst::ClockTime::ZERO);
+            state.anchor = Some(pts.unwrap_or(seg_start));
+        }
+        state.anchor_frames += frames as u64;
+
+        let channels = info.channels() as usize;
+        let mono = match info.format() {
+            gst_audio::AudioFormat::F32le => {
+                let s: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                audio::downmix(&s, channels, |x| x)
+            }
+            gst_audio::AudioFormat::S16le => {
+                let s: Vec<i16> = data
+                    .chunks_exact(2)
+                    .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                    .collect();
+                audio::downmix(&s, channels, |x| x as f32 / 32768.0)
+            }
+            other => {
+                gst::element_imp_error!(
+                    self,
+                    gst::CoreError::Negotiation,
+                    ["Unsupported format {other:?}"]
+                );
+                return Err(gst::FlowError::NotNegotiated);
+            }
+        };
+        drop(map);
+        let resampled = match state.resampler.as_mut() {
+            Some(r) => r.process(&mono),
+            None => mono,
+        };
+        let windows = state.windower.push(&resampled);
+        self.submit(state, windows);
+        Ok(self.collect_ready(state, !state.live.unwrap_or(false)))
+    }
+
+    /// End of stream: what is left in the resampler, the tail window, everything in flight.
+    fn drain(&self, state: &mut State) -> Vec<WindowResult> {
+        if let Some(r) = state.resampler.as_mut() {
+            let rest = r.flush();
+            let windows = state.windower.push(&rest);
+            self.submit(state, windows);
+        }
+        let min_tail = audio::ns_to_samples(MIN_TAIL_NS) as usize;
+        if let Some(w) = state.windower.finish(min_tail) {
+            self.submit(state, vec![w]);
+        }
+        let out = self.collect_ready(state, true);
+        state.restart_windows();
+        out
+    }
+}
+
+impl ObjectImpl for ValenceClassify {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: Lazy<Vec<glib::ParamSpec>> = Lazy::new(|| {
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb(
+                        "Model directory (holding valence.json) or the name of a model installed \
+                         in the valence cache; `default` is the model `valence setup` installs",
+                    )
+                    .default_value(Some(DEFAULT_MODEL))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb(
+                        "Where inference runs: auto (CUDA when built with it and a GPU exists, \
+                         else CPU), cpu, cuda or cuda:N",
+                    )
+                    .default_value(Some(DEFAULT_DEVICE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("window")
+                    .nick("Window")
+                    .blurb("Length of each analysis window in nanoseconds")
+                    .minimum(500_000_000)
+                    .maximum(30_000_000_000)
+                    .default_value(DEFAULT_WINDOW)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("hop")
+                    .nick("Hop")
+                    .blurb("Time between the starts of successive windows in nanoseconds")
+                    .minimum(100_000_000)
+                    .maximum(30_000_000_000)
+                    .default_value(DEFAULT_HOP)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecBoolean::builder("post-messages")
+                    .nick("Post messages")
+                    .blurb("Post a `valence` element message on the bus for every window")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("attach-meta")
+                    .nick("Attach meta")
+                    .blurb("Attach each window's result to a buffer as ValenceMeta")
+                    .default_value(true)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("silence-threshold")
+                    .nick("Silence threshold")
+                    .blurb(
+                        "RMS level in dBFS under which a window is reported as `silence` and \
+                         not classified",
+                    )
+                    .minimum(-144.0)
+                    .maximum(0.0)
+                    .default_value(DEFAULT_SILENCE_THRESHOLD)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("windows-classified")
+                    .nick("Windows classified")
+                    .blurb("Windows the model classified since the element started")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("windows-skipped")
+                    .nick("Windows skipped")
+                    .blurb("Windows dropped because inference fell behind a live stream")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("windows-silent")
+                    .nick("Windows silent")
+                    .blurb("Windows reported as silence without inference")
+                    .read_only()
+                    .build(),
+                glib::ParamSpecUInt64::builder("average-inference-time")
+                    .nick("Average inference time")
+                    .blurb("Mean time the model took per classified window, in nanoseconds")
+                    .read_only()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let mut s = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        match pspec.name() {
+            "model" => {
+                s.model = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| DEFAULT_MODEL.into())
+            }
+            "device" => {
+                s.device = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| DEFAULT_DEVICE.into())
+            }
+            "window" => s.window = value.get().unwrap_or(DEFAULT_WINDOW),
+            "hop" => s.hop = value.get().unwrap_or(DEFAULT_HOP),
+            "post-messages" => {
+                s.post_messages = value.get().unwrap_or(true);
+                if let Some(st) = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    st.post_messages = s.post_messages;
+                }
+            }
+            "attach-meta" => {
+                s.attach_meta = value.get().unwrap_or(true);
+                if let Some(st) = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    st.attach_meta = s.attach_meta;
+                }
+            }
+            "silence-threshold" => {
+                s.silence_threshold = value.get().unwrap_or(DEFAULT_SILENCE_THRESHOLD);
+                if let Some(st) = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    st.silence_threshold = s.silence_threshold;
+                }
+            }
+            other => gst::warning!(CAT, imp = self, "unknown property {other}"),
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        match pspec.name() {
+            "model" => s.model.to_value(),
+            "device" => s.device.to_value(),
+            "window" => s.window.to_value(),
+            "hop" => s.hop.to_value(),
+            "post-messages" => s.post_messages.to_value(),
+            "attach-meta" => s.attach_meta.to_value(),
+            "silence-threshold" => s.silence_threshold.to_value(),
+            "windows-classified" => self.stats.classified.load(Ordering::Relaxed).to_value(),
+            "windows-skipped" => self.stats.skipped.load(Ordering::Relaxed).to_value(),
+            "windows-silent" => self.stats.silent.load(Ordering::Relaxed).to_value(),
+            "average-inference-time" => {
+                let n = self.stats.classified.load(Ordering::Relaxed);
+                let t = self.stats.inference_ns.load(Ordering::Relaxed);
+                (if n == 0 { 0 } else { t / n }).to_value()
+            }
+            _ => glib::Value::from_type(pspec.value_type()),
+        }
+    }
+}
+
+impl GstObjectImpl for ValenceClassify {}
+
+impl ElementImpl for ValenceClassify {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static META: Lazy<gst::subclass::ElementMetadata> = Lazy::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Speech valence classifier",
+                "Filter/Analyzer/Audio",
+                "Classifies the emotional valence of speech (negative, neutral, positive) in \
+                 windows, posting element messages and attaching ValenceMeta; audio passes \
+                 through unchanged",
+                "gst-plugin-valence developers",
+            )
+        });
+        Some(&*META)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static TEMPLATES: Lazy<Vec<gst::PadTemplate>> = Lazy::new(|| {
+            let caps = gst_audio::AudioCapsBuilder::new_interleaved()
+                .format_list([gst_audio::AudioFormat::F32le, gst_audio::AudioFormat::S16le])
+                .rate_range(8000..=96000)
+                .channels_range(1..=8)
+                .build();
+            vec![
+                gst::PadTemplate::new(
+                    "src",
+                    gst::PadDirection::Src,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid src template"),
+                gst::PadTemplate::new(
+                    "sink",
+                    gst::PadDirection::Sink,
+                    gst::PadPresence::Always,
+                    &caps,
+                )
+                .expect("valid sink template"),
+            ]
+        });
+        TEMPLATES.as_ref()
+    }
+}
+
+impl BaseTransformImpl for ValenceClassify {
+    const MODE: gst_base::subclass::BaseTransformMode =
+        gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const PASSTHROUGH_ON_SAME_CAPS: bool = false;
+    const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        let settings = self
+            .settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if settings.hop == 0 || settings.window == 0 {
+            return Err(gst::error_msg!(
+                gst::LibraryError::Settings,
+                ["window and hop must be > 0"]
+            ));
+        }
+        let device = crate::model::parse_device(&settings.device).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ["Bad device `{}`: {:#}", settings.device, e]
+            )
+        })?;
+        let dir = registry::resolve_model(&settings.model).map_err(|e| {
+            gst::error_msg!(gst::ResourceError::NotFound, ["Cannot find model: {:#}", e])
+        })?;
+        let model = registry::shared_model(&dir, &device).map_err(|e| {
+            gst::error_msg!(
+                gst::ResourceError::OpenRead,
+                ["Cannot load model {}: {:#}", dir.display(), e]
+            )
+        })?;
+        gst::info!(
+            CAT,
+            imp = self,
+            "model {} on {}",
+            model.name,
+            crate::model::device_name(&device)
+        );
+        let worker = Worker::spawn(model.clone(), self.stats.clone()).map_err(|e| {
+            gst::error_msg!(
+                gst::CoreError::Failed,
+                ["Cannot start inference thread: {}", e]
+            )
+        })?;
+        for c in [
+            &self.stats.classified,
+            &self.stats.skipped,
+            &self.stats.silent,
+            &self.stats.inference_ns,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        let window_samples = audio::ns_to_samples(settings.window) as usize;
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(State {
+            model,
+            worker,
+            info: None,
+            resampler: None,
+            windower: Windower::new(window_samples, audio::ns_to_samples(settings.hop) as usize),
+            anchor: None,
+            anchor_frames: 0,
+            anchor_offset_ns: 0,
+            live: None,
+            next_job: 0,
+            pending: VecDeque::new(),
+            warned_behind: false,
+            silence_threshold: settings.silence_threshold,
+            post_messages: settings.post_messages,
+            attach_meta: settings.attach_meta,
+        });
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        // Dropping the state joins the worker after its current window.
+        let _ = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
+        Ok(())
+    }
+
+    fn set_caps(&self, incaps: &gst::Caps, _outcaps: &gst::Caps) -> Result<(), gst::LoggableError> {
+        let info = gst_audio::AudioInfo::from_caps(incaps)
+            .map_err(|_| gst::loggable_error!(CAT, "Invalid caps {incaps}"))?;
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = guard.as_mut() else {
+            return Err(gst::loggable_error!(CAT, "Caps before start"));
+        };
+        // A rate change mid-stream: flush the old resampler into the windows so they continue
+        // seamlessly, and rebase the expected-timestamp bookkeeping on the new rate.
+        let mut results = Vec::new();
+        if let (Some(old), Some(r)) = (state.info.as_ref(), state.resampler.as_mut()) {
+            let rest = r.flush();
+            let windows = state.windower.push(&rest);
+            state.anchor_offset_ns +=
+                (state.anchor_frames as u128 * 1_000_000_000u128 / old.rate() as u128) as u64;
+            state.anchor_frames = 0;
+            self.submit(state, windows);
+            results = self.collect_ready(state, !state.live.unwrap_or(false));
+        }
+        state.resampler =
+            Some(StreamResampler::new(info.rate()).map_err(|e| {
+                gst::loggable_error!(CAT, "Cannot resample from {}: {e}", info.rate())
+            })?);
+        state.info = Some(info);
+        for r in results {
+            state.pending.push_front(Pending::Ready(r));
+        }
+        Ok(())
+    }
+
+    fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(state) = guard.as_mut() else {
+            return Err(gst::FlowError::Flushing);
+        };
+        let results = self.analyse(state, buf)?;
+        self.publish(state, &results, Some(buf));
+        Ok(gst::FlowSuccess::Ok)
+    }
+
+    fn sink_event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::Eos(_) => {
+                let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(state) = guard.as_mut() {
+                    let results = self.drain(state);
+                    self.publish(state, &results, None);
+                }
+            }
+            gst::EventView::FlushStop(_) => {
+                let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(state) = guard.as_mut() {
+                    // Results of windows before the flush are dropped; their ids no longer match.
+                    state.pending.clear();
+                    state.restart_windows();
+                    state.live = None;
+                }
+            }
+            gst::EventView::Gap(_) => {
+                let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(state) = guard.as_mut() {
+                    state.restart_windows();
+                }
+            }
+            _ => (),
+        }
+        self.parent_sink_event(event)
+    }
+
+    fn query(&self, direction: gst::PadDirection, query: &mut gst::QueryRef) -> bool {
+        if direction == gst::PadDirection::Src
+            && let gst::QueryViewMut::Latency(q) = query.view_mut()
+        {
+            // Audio is never held back: buffers leave as soon as they arrive (results ride on
+            // later buffers in live mode), so the element adds no latency to upstream's.
+            let mut upstream = gst::query::Latency::new();
+            if self
+                .obj()
+                .sink_pads()
+                .first()
+                .is_some_and(|p| p.peer_query(&mut upstream))
+            {
+                let (live, min, max) = upstream.result();
+                q.set(live, min, max);
+                return true;
+            }
+            return false;
+        }
+        BaseTransformImplExt::parent_query(self, direction, query)
+    }
+}
