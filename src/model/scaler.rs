@@ -376,6 +376,24 @@ fn global(name: String) -> Result<Value> {
     Ok(Value::Global(name))
 }
 
+/// Bytes as pickled: plain bytes (protocol 3+), or protocol 2's `_codecs.encode(text, "latin1")`.
+fn raw_bytes(v: &Value) -> Option<Vec<u8>> {
+    match v {
+        Value::Bytes(b) => Some(b.clone()),
+        Value::Call(f, args) if matches!(&**f, Value::Global(n) if n == "_codecs.encode") => {
+            match (args.first(), args.get(1)) {
+                (Some(Value::Str(t)), Some(Value::Str(enc)))
+                    if enc == "latin1" || enc == "latin-1" =>
+                {
+                    t.chars().map(|c| u8::try_from(c as u32).ok()).collect()
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Turns a recorded NumPy array construction into f64 values.
 fn ndarray_values(v: &Value) -> Result<Vec<f64>> {
     fn dtype_code(d: &Value) -> Option<(String, char)> {
@@ -404,21 +422,14 @@ fn ndarray_values(v: &Value) -> Result<Vec<f64>> {
         Value::Built(_, state) => match &**state {
             Value::Tuple(s) if s.len() >= 5 => (
                 dtype_code(&s[2]).context("array dtype unreadable")?,
-                match &s[4] {
-                    Value::Bytes(b) => b.clone(),
-                    Value::Str(t) => t.chars().map(|c| c as u32 as u8).collect(),
-                    _ => bail!("array data is not raw bytes"),
-                },
+                raw_bytes(&s[4]).context("array data is not raw bytes")?,
             ),
             _ => bail!("unexpected array state"),
         },
         // _frombuffer(bytes, dtype, shape, order)
         Value::Call(_, args) if args.len() >= 2 => (
             dtype_code(&args[1]).context("array dtype unreadable")?,
-            match &args[0] {
-                Value::Bytes(b) => b.clone(),
-                _ => bail!("array buffer is not bytes"),
-            },
+            raw_bytes(&args[0]).context("array buffer is not bytes")?,
         ),
         _ => bail!("not a NumPy array"),
     };
