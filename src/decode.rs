@@ -47,18 +47,14 @@ pub fn decode_to_16k_mono(path: &Path) -> Result<Vec<f32>> {
     pipeline.set_state(gst::State::Playing)?;
     let mut samples = Vec::new();
     let result = (|| -> Result<()> {
-        loop {
-            match sink.pull_sample() {
-                Ok(s) => {
-                    let buf = s.buffer().context("sample without buffer")?;
-                    let map = buf.map_readable()?;
-                    samples.extend(
-                        map.chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                    );
-                }
-                Err(_) => break,
-            }
+        // pull_sample fails at EOS or on error; errors are read from the bus below.
+        while let Ok(s) = sink.pull_sample() {
+            let buf = s.buffer().context("sample without buffer")?;
+            let map = buf.map_readable()?;
+            samples.extend(
+                map.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
         }
         let bus = pipeline.bus().context("pipeline without bus")?;
         while let Some(msg) = bus.pop() {

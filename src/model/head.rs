@@ -234,7 +234,7 @@ struct TransformerHead {
 
 impl TransformerHead {
     fn new(cfg: &TransformerHeadConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.patch_size == 0 || cfg.d_model % cfg.nhead.max(1) != 0 {
+        if cfg.patch_size == 0 || !cfg.d_model.is_multiple_of(cfg.nhead.max(1)) {
             bail!(
                 "transformer head: d_model {} must be divisible by nhead {} and patch_size > 0",
                 cfg.d_model,

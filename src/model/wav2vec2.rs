@@ -135,7 +135,7 @@ struct Attention {
 impl Attention {
     fn load(cfg: &Wav2Vec2Config, vb: VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "hidden_size {h} is not divisible by num_attention_heads {}",
                 cfg.num_attention_heads
@@ -359,7 +359,7 @@ impl Wav2Vec2Model {
         let pc = enc.pp("pos_conv_embed.conv");
         let k = cfg.num_conv_pos_embeddings;
         let groups = cfg.num_conv_pos_embedding_groups;
-        if h % groups != 0 {
+        if !h.is_multiple_of(groups) {
             bail!("hidden_size {h} is not divisible by num_conv_pos_embedding_groups {groups}");
         }
         // Weight norm with dim=2: w = g * v / ||v||, the norm taken over dims 0 and 1.
@@ -396,7 +396,7 @@ impl Wav2Vec2Model {
         }
         Ok(Self {
             conv_act: Activation::parse(&cfg.feat_extract_activation)?,
-            pos_conv_drop_last: k % 2 == 0,
+            pos_conv_drop_last: k.is_multiple_of(2),
             config: cfg,
             preprocessor,
             convs,

@@ -286,7 +286,7 @@ impl WhisperEncoder {
             );
         }
         let d = cfg.d_model;
-        if d % cfg.encoder_attention_heads != 0 {
+        if !d.is_multiple_of(cfg.encoder_attention_heads) {
             bail!(
                 "d_model {d} is not divisible by {} heads",
                 cfg.encoder_attention_heads

@@ -18,6 +18,7 @@ use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::prelude::*;
+use gst_base::subclass::base_transform::GenerateOutputSuccess;
 use gst_base::subclass::prelude::*;
 use once_cell::sync::Lazy;
 
@@ -180,6 +181,9 @@ struct State {
     live: Option<bool>,
     next_job: u64,
     pending: VecDeque<Pending>,
+    /// Non-live: the last buffer, held until the next one or EOS so that windows completed by
+    /// the end of the stream still have a buffer to ride on.
+    held: Option<gst::Buffer>,
     warned_behind: bool,
     silence_threshold: f64,
     post_messages: bool,
@@ -286,19 +290,21 @@ impl ValenceClassify {
         s
     }
 
-    fn publish(
-        &self,
-        state: &State,
-        results: &[WindowResult],
-        buffer: Option<&mut gst::BufferRef>,
-    ) {
-        let mut buffer = buffer;
-        for r in results {
-            let s = self.result_structure(state, r);
-            if state.attach_meta
-                && let Some(buf) = buffer.as_deref_mut()
-            {
-                crate::register_meta();
+    /// Attaches results to `buf` as ValenceMeta (making it writable only then) and posts them.
+    fn publish(&self, state: &State, results: &[WindowResult], buf: Option<&mut gst::Buffer>) {
+        if results.is_empty() {
+            return;
+        }
+        let structures: Vec<gst::Structure> = results
+            .iter()
+            .map(|r| self.result_structure(state, r))
+            .collect();
+        if state.attach_meta
+            && let Some(buf) = buf
+        {
+            crate::register_meta();
+            let buf = buf.make_mut();
+            for s in &structures {
                 match gst::meta::CustomMeta::add(buf, crate::META_NAME) {
                     Ok(mut m) => {
                         let ms = m.mut_structure();
@@ -309,10 +315,26 @@ impl ValenceClassify {
                     Err(e) => gst::warning!(CAT, imp = self, "cannot add meta: {e}"),
                 }
             }
-            if state.post_messages {
+        }
+        if state.post_messages {
+            for s in structures {
                 let msg = gst::message::Element::builder(s).src(&*self.obj()).build();
                 let _ = self.obj().post_message(msg);
             }
+        }
+    }
+
+    /// Sends the buffer held back in non-live mode downstream (before a serialized event).
+    fn push_held(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let held = self
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|s| s.held.take());
+        match (held, self.obj().static_pad("src")) {
+            (Some(b), Some(pad)) => pad.push(b),
+            _ => Ok(gst::FlowSuccess::Ok),
         }
     }
 
@@ -501,7 +523,7 @@ impl ValenceClassify {
                 "discontinuity at {:?}: restarting windows",
                 pts
             );
-            state.restart_windows();
+            self.close_window_stream(state);
         }
         if frames == 0 {
             return Ok(self.collect_ready(state, false));
@@ -552,8 +574,9 @@ impl ValenceClassify {
         Ok(self.collect_ready(state, !state.live.unwrap_or(false)))
     }
 
-    /// End of stream: what is left in the resampler, the tail window, everything in flight.
-    fn drain(&self, state: &mut State) -> Vec<WindowResult> {
+    /// Ends the current window stream: what is left in the resampler goes into the windows,
+    /// and audio not yet in any window becomes a last window when it is long enough.
+    fn close_window_stream(&self, state: &mut State) {
         if let Some(r) = state.resampler.as_mut() {
             let rest = r.flush();
             let windows = state.windower.push(&rest);
@@ -563,9 +586,13 @@ impl ValenceClassify {
         if let Some(w) = state.windower.finish(min_tail) {
             self.submit(state, vec![w]);
         }
-        let out = self.collect_ready(state, true);
         state.restart_windows();
-        out
+    }
+
+    /// End of stream: close the windows and wait for everything in flight.
+    fn drain(&self, state: &mut State) -> Vec<WindowResult> {
+        self.close_window_stream(state);
+        self.collect_ready(state, true)
     }
 }
 
@@ -727,7 +754,7 @@ impl ObjectImpl for ValenceClassify {
             "average-inference-time" => {
                 let n = self.stats.classified.load(Ordering::Relaxed);
                 let t = self.stats.inference_ns.load(Ordering::Relaxed);
-                (if n == 0 { 0 } else { t / n }).to_value()
+                t.checked_div(n).unwrap_or(0).to_value()
             }
             _ => glib::Value::from_type(pspec.value_type()),
         }
@@ -846,6 +873,7 @@ impl BaseTransformImpl for ValenceClassify {
             live: None,
             next_job: 0,
             pending: VecDeque::new(),
+            held: None,
             warned_behind: false,
             silence_threshold: settings.silence_threshold,
             post_messages: settings.post_messages,
@@ -890,14 +918,23 @@ impl BaseTransformImpl for ValenceClassify {
         Ok(())
     }
 
-    fn transform_ip(&self, buf: &mut gst::BufferRef) -> Result<gst::FlowSuccess, gst::FlowError> {
+    fn generate_output(&self) -> Result<GenerateOutputSuccess, gst::FlowError> {
+        let Some(mut buf) = self.take_queued_buffer() else {
+            return Ok(GenerateOutputSuccess::NoOutput);
+        };
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let Some(state) = guard.as_mut() else {
             return Err(gst::FlowError::Flushing);
         };
-        let results = self.analyse(state, buf)?;
-        self.publish(state, &results, Some(buf));
-        Ok(gst::FlowSuccess::Ok)
+        let results = self.analyse(state, &buf)?;
+        self.publish(state, &results, Some(&mut buf));
+        if state.live == Some(true) {
+            return Ok(GenerateOutputSuccess::Buffer(buf));
+        }
+        Ok(match state.held.replace(buf) {
+            Some(prev) => GenerateOutputSuccess::Buffer(prev),
+            None => GenerateOutputSuccess::NoOutput,
+        })
     }
 
     fn sink_event(&self, event: gst::Event) -> bool {
@@ -906,7 +943,22 @@ impl BaseTransformImpl for ValenceClassify {
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(state) = guard.as_mut() {
                     let results = self.drain(state);
-                    self.publish(state, &results, None);
+                    let mut held = state.held.take();
+                    self.publish(state, &results, held.as_mut());
+                    drop(guard);
+                    if let (Some(b), Some(pad)) = (held, self.obj().static_pad("src")) {
+                        let _ = pad.push(b);
+                    }
+                }
+            }
+            gst::EventView::FlushStart(_) => {
+                if let Some(state) = self
+                    .state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    state.held = None;
                 }
             }
             gst::EventView::FlushStop(_) => {
@@ -914,15 +966,26 @@ impl BaseTransformImpl for ValenceClassify {
                 if let Some(state) = guard.as_mut() {
                     // Results of windows before the flush are dropped; their ids no longer match.
                     state.pending.clear();
+                    state.held = None;
                     state.restart_windows();
                     state.live = None;
                 }
             }
             gst::EventView::Gap(_) => {
+                let _ = self.push_held();
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(state) = guard.as_mut() {
-                    state.restart_windows();
+                if let Some(state) = guard.as_mut()
+                    && state.anchor.is_some()
+                {
+                    self.close_window_stream(state);
+                    let block = !state.live.unwrap_or(false);
+                    let results = self.collect_ready(state, block);
+                    self.publish(state, &results, None);
                 }
+            }
+            _ if event.is_serialized() => {
+                // Caps, segments, tags...: the held buffer belongs before them.
+                let _ = self.push_held();
             }
             _ => (),
         }

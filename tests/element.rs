@@ -1,0 +1,624 @@
+//! The element in gst_check::Harness and in real pipelines, with a small random-weight model
+//! made by the project's own code (real formats, real loading and inference paths).
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Mutex, Once};
+
+use gst::prelude::*;
+use gst_check::Harness;
+
+static INIT: Once = Once::new();
+static MODEL: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn init() {
+    INIT.call_once(|| {
+        gst::init().unwrap();
+        gstvalence::plugin_register_static().unwrap();
+    });
+}
+
+/// A tiny random model, made once per test process.
+fn model_dir() -> PathBuf {
+    let mut m = MODEL.lock().unwrap();
+    if let Some(p) = m.as_ref() {
+        return p.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("valence-element-model-{}", std::process::id()));
+    gstvalence::model::synthetic::write_tiny_model(&dir, 11).unwrap();
+    *m = Some(dir.clone());
+    dir
+}
+
+fn harness(caps: &str, props: &[(&str, glib::Value)]) -> (Harness, gst::Bus) {
+    init();
+    let el = gst::ElementFactory::make("valenceclassify")
+        .property("model", model_dir().to_string_lossy().as_ref())
+        .property("device", "cpu")
+        .build()
+        .unwrap();
+    for (k, v) in props {
+        el.set_property_from_value(k, v);
+    }
+    let bus = gst::Bus::new();
+    el.set_bus(Some(&bus));
+    let mut h = Harness::with_element(&el, Some("sink"), Some("src"));
+    h.set_live(false); // the harness pretends to be live unless told otherwise
+    h.set_src_caps_str(caps);
+    (h, bus)
+}
+
+use gst::glib;
+
+/// A voiced test signal (harmonics with an envelope), interleaved.
+fn signal(rate: u32, channels: usize, secs: f64, offset: usize) -> Vec<f32> {
+    let n = (rate as f64 * secs).round() as usize;
+    let mut out = Vec::with_capacity(n * channels);
+    for i in offset..offset + n {
+        let t = i as f32 / rate as f32;
+        let env = 0.5 + 0.5 * (2.0 * std::f32::consts::PI * 2.0 * t).sin().powi(2);
+        let v = (1..6)
+            .map(|k| (2.0 * std::f32::consts::PI * 150.0 * k as f32 * t).sin() / k as f32)
+            .sum::<f32>()
+            * 0.2
+            * env;
+        for c in 0..channels {
+            out.push(v * (1.0 - 0.1 * c as f32));
+        }
+    }
+    out
+}
+
+fn f32_buffer(samples: &[f32], pts_ns: Option<u64>, dur_ns: u64) -> gst::Buffer {
+    let bytes: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    let mut b = gst::Buffer::from_mut_slice(bytes);
+    {
+        let b = b.get_mut().unwrap();
+        b.set_pts(pts_ns.map(gst::ClockTime::from_nseconds));
+        b.set_duration(gst::ClockTime::from_nseconds(dur_ns));
+    }
+    b
+}
+
+/// Pushes `secs` of audio in 100 ms buffers starting at `start_ns`; returns bytes pushed.
+fn push_audio(h: &mut Harness, rate: u32, channels: usize, secs: f64, start_ns: u64) -> Vec<u8> {
+    let per = (rate / 10) as usize;
+    let total = (rate as f64 * secs).round() as usize;
+    let mut pushed = Vec::new();
+    let mut i = 0;
+    while i < total {
+        let n = per.min(total - i);
+        let s = signal(rate, channels, n as f64 / rate as f64, i);
+        let pts = start_ns + (i as u64 * 1_000_000_000 / rate as u64);
+        let buf = f32_buffer(&s, Some(pts), n as u64 * 1_000_000_000 / rate as u64);
+        pushed.extend(buf.map_readable().unwrap().iter());
+        assert_eq!(h.push(buf), Ok(gst::FlowSuccess::Ok));
+        i += n;
+    }
+    pushed
+}
+
+fn valence_messages(bus: &gst::Bus) -> Vec<gst::Structure> {
+    let mut out = Vec::new();
+    while let Some(m) = bus.pop() {
+        if let gst::MessageView::Element(e) = m.view()
+            && let Some(s) = e.structure()
+            && s.name() == "valence"
+        {
+            out.push(s.to_owned());
+        }
+    }
+    out
+}
+
+fn ts(s: &gst::Structure) -> (u64, u64) {
+    (
+        s.get::<u64>("timestamp").unwrap(),
+        s.get::<u64>("duration").unwrap(),
+    )
+}
+
+fn drain_output(h: &mut Harness) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(b) = h.try_pull() {
+        out.extend(b.map_readable().unwrap().iter());
+    }
+    out
+}
+
+#[test]
+fn ten_seconds_stereo_44k_gives_eight_windows_with_exact_timestamps() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=44100,channels=2,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 44100, 2, 10.0, 0);
+    assert!(h.push_event(gst::event::Eos::new()));
+    let msgs = valence_messages(&bus);
+    let times: Vec<(u64, u64)> = msgs.iter().map(ts).collect();
+    let expected: Vec<(u64, u64)> = (0..8).map(|i| (i * 1_000_000_000, 3_000_000_000)).collect();
+    assert_eq!(times, expected);
+    let s = &msgs[0];
+    let names: Vec<&str> = s.fields().map(|f| f.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "timestamp",
+            "stream-time",
+            "running-time",
+            "duration",
+            "label",
+            "confidence",
+            "negative",
+            "neutral",
+            "positive",
+            "model"
+        ]
+    );
+    for s in &msgs {
+        let p: f64 = ["negative", "neutral", "positive"]
+            .iter()
+            .map(|k| s.get::<f64>(*k).unwrap())
+            .sum();
+        assert!((p - 1.0).abs() < 1e-5, "probabilities sum to {p}");
+        let label: String = s.get("label").unwrap();
+        assert!(["negative", "neutral", "positive"].contains(&label.as_str()));
+        assert_eq!(
+            s.get::<u64>("running-time").unwrap(),
+            s.get::<u64>("timestamp").unwrap()
+        );
+    }
+    let el = h.element().unwrap();
+    assert_eq!(el.property::<u64>("windows-classified"), 8);
+    assert!(el.property::<u64>("average-inference-time") > 0);
+}
+
+#[test]
+fn audio_leaves_byte_identical_in_s16_and_f32() {
+    // F32
+    let (mut h, _bus) = harness(
+        "audio/x-raw,format=F32LE,rate=48000,channels=1,layout=interleaved",
+        &[],
+    );
+    let pushed = push_audio(&mut h, 48000, 1, 4.0, 0);
+    h.push_event(gst::event::Eos::new());
+    let out = drain_output(&mut h);
+    assert!(
+        pushed == out,
+        "F32 output differs ({} vs {} bytes)",
+        pushed.len(),
+        out.len()
+    );
+    // S16, 8 kHz, 6 channels
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=S16LE,rate=8000,channels=6,channel-mask=(bitmask)0x3f,layout=interleaved",
+        &[],
+    );
+    let mut pushed: Vec<u8> = Vec::new();
+    for k in 0..40u64 {
+        let s: Vec<u8> = signal(8000, 6, 0.1, (k * 800) as usize)
+            .iter()
+            .flat_map(|v| ((v * 32767.0) as i16).to_le_bytes())
+            .collect();
+        pushed.extend(&s);
+        let mut b = gst::Buffer::from_mut_slice(s);
+        b.get_mut()
+            .unwrap()
+            .set_pts(gst::ClockTime::from_mseconds(k * 100));
+        h.push(b).unwrap();
+    }
+    h.push_event(gst::event::Eos::new());
+    let out = drain_output(&mut h);
+    assert!(
+        pushed == out,
+        "S16 output differs ({} vs {} bytes)",
+        pushed.len(),
+        out.len()
+    );
+    assert_eq!(
+        valence_messages(&bus).len(),
+        2,
+        "4 s of S16 gives windows at 0 and 1 s"
+    );
+}
+
+#[test]
+fn eos_classifies_a_tail_of_at_least_one_second_before_eos_goes_on() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 16000, 1, 2.5, 0);
+    assert!(valence_messages(&bus).is_empty());
+    h.push_event(gst::event::Eos::new());
+    // The message is on the bus by the time EOS comes out of the element.
+    let mut saw_eos = false;
+    while let Some(e) = h.try_pull_event() {
+        saw_eos |= e.type_() == gst::EventType::Eos;
+    }
+    assert!(saw_eos);
+    let msgs = valence_messages(&bus);
+    assert_eq!(
+        msgs.iter().map(ts).collect::<Vec<_>>(),
+        vec![(0, 2_500_000_000)]
+    );
+
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 16000, 1, 0.9, 0);
+    h.push_event(gst::event::Eos::new());
+    assert!(
+        valence_messages(&bus).is_empty(),
+        "under 1 s is not classified"
+    );
+}
+
+#[test]
+fn flush_forgets_audio_from_before() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 16000, 1, 2.0, 0);
+    h.push_event(gst::event::FlushStart::new());
+    h.push_event(gst::event::FlushStop::new(true));
+    h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<
+        gst::ClockTime,
+    >::new()));
+    push_audio(&mut h, 16000, 1, 3.0, 0);
+    let msgs = valence_messages(&bus);
+    // Without the reset, 2 s + 3 s would have made windows at 0, 1 and 2 s.
+    assert_eq!(
+        msgs.iter().map(ts).collect::<Vec<_>>(),
+        vec![(0, 3_000_000_000)]
+    );
+}
+
+#[test]
+fn discont_restarts_windows_without_smearing_across_the_gap() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 16000, 1, 2.0, 0);
+    // 8 s later, flagged DISCONT.
+    let mut b = f32_buffer(
+        &signal(16000, 1, 2.0, 0),
+        Some(10_000_000_000),
+        2_000_000_000,
+    );
+    b.get_mut().unwrap().set_flags(gst::BufferFlags::DISCONT);
+    h.push(b).unwrap();
+    // A jump in timestamps without the flag is a discontinuity too.
+    h.push(f32_buffer(
+        &signal(16000, 1, 1.5, 0),
+        Some(20_000_000_000),
+        1_500_000_000,
+    ))
+    .unwrap();
+    h.push_event(gst::event::Eos::new());
+    let times: Vec<(u64, u64)> = valence_messages(&bus).iter().map(ts).collect();
+    assert_eq!(
+        times,
+        vec![
+            (0, 2_000_000_000),
+            (10_000_000_000, 2_000_000_000),
+            (20_000_000_000, 1_500_000_000)
+        ]
+    );
+}
+
+#[test]
+fn rate_and_channel_change_mid_stream_keeps_windows_going() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=44100,channels=2,layout=interleaved",
+        &[],
+    );
+    push_audio(&mut h, 44100, 2, 2.0, 0);
+    h.set_src_caps_str("audio/x-raw,format=F32LE,rate=22050,channels=1,layout=interleaved");
+    push_audio(&mut h, 22050, 1, 2.0, 2_000_000_000);
+    h.push_event(gst::event::Eos::new());
+    let times: Vec<(u64, u64)> = valence_messages(&bus).iter().map(ts).collect();
+    assert_eq!(
+        times,
+        vec![(0, 3_000_000_000), (1_000_000_000, 3_000_000_000)]
+    );
+}
+
+#[test]
+fn silence_nan_empty_unstamped_and_huge_buffers_are_handled() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    // Digital silence is reported as such, not classified.
+    h.push(f32_buffer(&vec![0.0; 48000], Some(0), 3_000_000_000))
+        .unwrap();
+    // NaN / Inf, an empty buffer, buffers without PTS (timestamps continue from sample counts).
+    h.push(f32_buffer(&vec![f32::NAN; 16000], None, 1_000_000_000))
+        .unwrap();
+    h.push(f32_buffer(&[], None, 0)).unwrap();
+    let mut inf = signal(16000, 1, 1.0, 0);
+    inf[100] = f32::INFINITY;
+    h.push(f32_buffer(&inf, None, 1_000_000_000)).unwrap();
+    let msgs = valence_messages(&bus);
+    assert_eq!(msgs[0].get::<String>("label").unwrap(), "silence");
+    assert_eq!(msgs[0].get::<f64>("confidence").unwrap(), 0.0);
+    assert_eq!(
+        msgs.iter().map(ts).collect::<Vec<_>>()[..3],
+        [
+            (0, 3_000_000_000),
+            (1_000_000_000, 3_000_000_000),
+            (2_000_000_000, 3_000_000_000)
+        ]
+    );
+    let el = h.element().unwrap();
+    assert!(el.property::<u64>("windows-silent") >= 2);
+
+    // A 10-minute buffer (8 kHz S16 mono) in one piece.
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=S16LE,rate=8000,channels=1,layout=interleaved",
+        &[
+            ("window", 10_000_000_000u64.to_value()),
+            ("hop", 10_000_000_000u64.to_value()),
+        ],
+    );
+    let s: Vec<u8> = signal(8000, 1, 600.0, 0)
+        .iter()
+        .flat_map(|v| ((v * 32767.0) as i16).to_le_bytes())
+        .collect();
+    let mut b = gst::Buffer::from_mut_slice(s);
+    b.get_mut().unwrap().set_pts(gst::ClockTime::ZERO);
+    h.push(b).unwrap();
+    h.push_event(gst::event::Eos::new());
+    assert_eq!(valence_messages(&bus).len(), 60);
+}
+
+#[test]
+fn live_stream_skips_whole_windows_when_inference_falls_behind() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[
+            ("window", 500_000_000u64.to_value()),
+            ("hop", 100_000_000u64.to_value()),
+        ],
+    );
+    h.set_live(true);
+    h.set_upstream_latency(gst::ClockTime::from_mseconds(20));
+    // 60 s arriving at once: ~600 windows in one call, far faster than any model.
+    h.push(f32_buffer(
+        &signal(16000, 1, 60.0, 0),
+        Some(0),
+        60_000_000_000,
+    ))
+    .unwrap();
+    let el = h.element().unwrap();
+    let skipped = el.property::<u64>("windows-skipped");
+    assert!(skipped > 0, "windows must be skipped, not queued");
+    let mut qos = 0;
+    let mut warned = false;
+    while let Some(m) = bus.pop() {
+        match m.view() {
+            gst::MessageView::Qos(_) => qos += 1,
+            gst::MessageView::Warning(_) => warned = true,
+            _ => {}
+        }
+    }
+    assert_eq!(qos as u64, skipped);
+    assert!(warned);
+    h.push_event(gst::event::Eos::new());
+    let classified = el.property::<u64>("windows-classified");
+    assert!(
+        classified >= 1 && classified + skipped <= 596,
+        "{classified} + {skipped}"
+    );
+    // The element holds no audio back, so it adds nothing to upstream's latency.
+    assert_eq!(h.query_latency(), Some(gst::ClockTime::from_mseconds(20)));
+}
+
+fn run_pipeline(desc: &str) -> (Vec<gst::Structure>, Vec<gst::Buffer>, Option<String>) {
+    init();
+    let pipeline = gst::parse::launch(desc)
+        .unwrap()
+        .downcast::<gst::Pipeline>()
+        .unwrap();
+    let sink = pipeline
+        .by_name("sink")
+        .and_then(|s| s.downcast::<gst_app::AppSink>().ok());
+    let buffers = std::sync::Arc::new(Mutex::new(Vec::new()));
+    if let Some(sink) = &sink {
+        let b = buffers.clone();
+        sink.set_callbacks(
+            gst_app::AppSinkCallbacks::builder()
+                .new_sample(move |s| {
+                    let smp = s.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    b.lock().unwrap().push(smp.buffer_owned().unwrap());
+                    Ok(gst::FlowSuccess::Ok)
+                })
+                .build(),
+        );
+    }
+    let bus = pipeline.bus().unwrap();
+    let mut msgs = Vec::new();
+    let mut error = None;
+    // A failed state change still leaves its error on the bus.
+    let _ = pipeline.set_state(gst::State::Playing);
+    for m in bus.iter_timed(gst::ClockTime::from_seconds(60)) {
+        match m.view() {
+            gst::MessageView::Element(e) => {
+                if let Some(s) = e.structure().filter(|s| s.name() == "valence") {
+                    msgs.push(s.to_owned());
+                }
+            }
+            gst::MessageView::Error(e) => {
+                error = Some(format!("{} {:?}", e.error(), e.debug()));
+                break;
+            }
+            gst::MessageView::Eos(_) => break,
+            _ => {}
+        }
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    let b = buffers.lock().unwrap().clone();
+    (msgs, b, error)
+}
+
+#[test]
+fn meta_survives_audioconvert_and_is_readable_downstream() {
+    let desc = format!(
+        "audiotestsrc num-buffers=431 wave=sine freq=220 ! audio/x-raw,format=F32LE,rate=44100,channels=2 ! \
+         valenceclassify model={} device=cpu ! audioconvert ! audio/x-raw,format=S16LE ! appsink name=sink sync=false",
+        model_dir().display()
+    );
+    let (msgs, buffers, err) = run_pipeline(&desc);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(msgs.len(), 8);
+    let metas: Vec<gst::Structure> = buffers
+        .iter()
+        .flat_map(|b| {
+            b.iter_meta::<gst::Meta>()
+                .filter_map(|m| {
+                    m.try_as_custom_meta()
+                        .filter(|c| c.has_name(gstvalence::META_NAME))
+                        .map(|c| c.structure().to_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(metas.len(), 8, "one meta per window after audioconvert");
+    for (m, s) in metas.iter().zip(&msgs) {
+        assert_eq!(
+            m.get::<u64>("timestamp").unwrap(),
+            s.get::<u64>("timestamp").unwrap()
+        );
+        assert_eq!(
+            m.get::<String>("label").unwrap(),
+            s.get::<String>("label").unwrap()
+        );
+        assert_eq!(
+            m.get::<f64>("positive").unwrap(),
+            s.get::<f64>("positive").unwrap()
+        );
+    }
+}
+
+#[test]
+fn missing_and_corrupt_models_fail_the_state_change_with_a_clear_error() {
+    let (_, _, err) = run_pipeline(
+        "audiotestsrc num-buffers=10 ! valenceclassify model=/nonexistent/model device=cpu ! fakesink",
+    );
+    let err = err.expect("must fail");
+    assert!(err.contains("/nonexistent/model"), "{err}");
+
+    let broken = std::env::temp_dir().join(format!("valence-broken-{}", std::process::id()));
+    gstvalence::model::synthetic::write_tiny_model(&broken, 3).unwrap();
+    std::fs::write(broken.join("head.safetensors"), b"\x00garbage").unwrap();
+    let (_, _, err) = run_pipeline(&format!(
+        "audiotestsrc num-buffers=10 ! valenceclassify model={} device=cpu ! fakesink",
+        broken.display()
+    ));
+    let err = err.expect("must fail");
+    assert!(err.contains("head.safetensors"), "{err}");
+}
+
+#[test]
+fn sixteen_pipelines_share_one_loaded_model() {
+    init();
+    let dir = std::env::temp_dir().join(format!("valence-shared-{}", std::process::id()));
+    gstvalence::model::synthetic::write_tiny_model(&dir, 5).unwrap();
+    let before = gstvalence::model::registry::load_count();
+    let pipelines: Vec<gst::Pipeline> = (0..16)
+        .map(|i| {
+            gst::parse::launch(&format!(
+                "audiotestsrc num-buffers=160 samplesperbuffer=1600 freq={} ! audio/x-raw,rate=16000 ! \
+                 valenceclassify model={} device=cpu ! fakesink",
+                200 + 10 * i,
+                dir.display()
+            ))
+            .unwrap()
+            .downcast()
+            .unwrap()
+        })
+        .collect();
+    for p in &pipelines {
+        p.set_state(gst::State::Playing).unwrap();
+    }
+    let mut windows = 0;
+    for p in &pipelines {
+        for m in p
+            .bus()
+            .unwrap()
+            .iter_timed(gst::ClockTime::from_seconds(120))
+        {
+            match m.view() {
+                gst::MessageView::Element(e)
+                    if e.structure().is_some_and(|s| s.name() == "valence") =>
+                {
+                    windows += 1
+                }
+                gst::MessageView::Eos(_) => break,
+                gst::MessageView::Error(e) => panic!("{}", e.error()),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(
+        gstvalence::model::registry::load_count() - before,
+        1,
+        "one load for 16 pipelines"
+    );
+    for p in &pipelines {
+        p.set_state(gst::State::Null).unwrap();
+    }
+    assert_eq!(windows, 16 * 14, "16 s each: windows at 0..=13 s");
+}
+
+#[test]
+fn rtp_stream_over_loopback_is_classified() {
+    init();
+    let port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let receiver = gst::parse::launch(&format!(
+        "udpsrc address=127.0.0.1 port={port} caps=\"application/x-rtp,media=audio,clock-rate=44100,encoding-name=L16,channels=2\" ! \
+         rtpjitterbuffer latency=50 ! rtpL16depay ! audioconvert ! valenceclassify model={} device=cpu ! fakesink sync=true",
+        model_dir().display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sender = gst::parse::launch(&format!(
+        "audiotestsrc is-live=true wave=sine freq=300 samplesperbuffer=441 num-buffers=600 ! \
+         audio/x-raw,rate=44100,channels=2 ! audioconvert ! rtpL16pay ! udpsink host=127.0.0.1 port={port}"
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    receiver.set_state(gst::State::Playing).unwrap();
+    sender.set_state(gst::State::Playing).unwrap();
+    // 6 s of live audio: windows at 0, 1, 2, 3 s at least must come through.
+    let mut windows = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let bus = receiver.bus().unwrap();
+    while std::time::Instant::now() < deadline && windows.len() < 3 {
+        if let Some(m) = bus.timed_pop(gst::ClockTime::from_mseconds(200)) {
+            match m.view() {
+                gst::MessageView::Element(e) => {
+                    if let Some(s) = e.structure().filter(|s| s.name() == "valence") {
+                        windows.push(s.get::<u64>("duration").unwrap());
+                    }
+                }
+                gst::MessageView::Error(e) => panic!("{} {:?}", e.error(), e.debug()),
+                _ => {}
+            }
+        }
+    }
+    sender.set_state(gst::State::Null).unwrap();
+    receiver.set_state(gst::State::Null).unwrap();
+    assert!(windows.len() >= 3, "got {} windows over RTP", windows.len());
+    assert!(windows.iter().all(|&d| d == 3_000_000_000));
+}
