@@ -7,9 +7,11 @@
 use gst::glib;
 
 pub mod audio;
+pub mod dataset;
 pub mod decode;
 pub mod metrics;
 pub mod model;
+pub mod train;
 pub mod valenceclassify;
 
 /// Name of the custom meta that carries a window's result on buffers.

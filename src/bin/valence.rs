@@ -68,6 +68,46 @@ enum Command {
     /// Turn checkpoints into encoder or model directories.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Speaker-independent model selection: grouped-by-speaker k-fold CV and
+    /// leave-one-corpus-out, on cached pooled features.
+    Cv {
+        #[command(flatten)]
+        features: cli::train::FeatureArgs,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Standardise features per speaker (what a running per-stream normalisation approximates).
+        #[arg(long)]
+        speaker_norm: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Train a head on pooled encoder features and write a model directory.
+    Train {
+        #[command(flatten)]
+        features: cli::train::FeatureArgs,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Encoder path to write into valence.json (default: the --encoder path);
+        /// `@cache/encoders/whisper-base` for the shipped default model.
+        #[arg(long)]
+        encoder_ref: Option<String>,
+    },
+    /// Classify each clip of a manifest as one utterance and report figures.
+    Eval {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        model: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Confusion matrix and per-language bars as a PNG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
         output: PathBuf,
@@ -190,6 +230,32 @@ fn run() -> Result<()> {
             );
             Ok(())
         }
+        Command::Cv {
+            features,
+            folds,
+            speaker_norm,
+            json,
+        } => cli::train::cv(&features, folds, speaker_norm, json.as_deref()),
+        Command::Train {
+            features,
+            output,
+            encoder_ref,
+        } => cli::train::train_model(&features, &output, encoder_ref.as_deref()),
+        Command::Eval {
+            manifest,
+            root,
+            model,
+            device,
+            json,
+            plot,
+        } => cli::train::eval(
+            &manifest,
+            root.as_deref(),
+            &model,
+            &model::parse_device(&device)?,
+            json.as_deref(),
+            plot.as_deref(),
+        ),
         Command::MakeTestModel { output, seed } => {
             model::synthetic::write_tiny_model(&output, seed)?;
             eprintln!("random-weight test model written to {}", output.display());

@@ -108,7 +108,6 @@ pub fn timeline(rows: &[Row], out: &Path) -> Result<()> {
 }
 
 /// Confusion matrix (rows = actual) beside macro-F1 bars per language.
-#[allow(dead_code)] // wired into `valence eval` next
 pub fn evaluation(
     confusion: &[Vec<usize>],
     labels: &[&str],

@@ -122,12 +122,32 @@ impl Mlp {
     }
 }
 
+thread_local! {
+    /// Dropout masks come from a seeded generator so that training is reproducible
+    /// (candle's CPU random numbers cannot be seeded).
+    static DROPOUT_RNG: std::cell::RefCell<super::synthetic::SeededNormal> =
+        std::cell::RefCell::new(super::synthetic::SeededNormal::new(0));
+}
+
+/// Seeds this thread's dropout masks.
+pub fn seed_dropout(seed: u64) {
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = super::synthetic::SeededNormal::new(seed));
+}
+
 fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p)
-    } else {
-        Ok(x.clone())
+    if !(train && p > 0.0) {
+        return Ok(x.clone());
     }
+    let n = x.elem_count();
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = DROPOUT_RNG.with(|r| {
+        let mut r = r.borrow_mut();
+        (0..n)
+            .map(|_| if r.uniform() as f32 >= p { scale } else { 0.0 })
+            .collect()
+    });
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
 }
 
 fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {

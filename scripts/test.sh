@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The test command: system packages, formatting, lints, then every test (release profile, so
+# candle runs at full speed and the build is shared with the CLI and the plugin).
+# Tests that need ../shared/data skip with a message where it is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gst-plugin-valence/target}"
+cargo fmt --check
+cargo clippy --release --all-targets --locked -- -D warnings
+cargo test --release --locked
