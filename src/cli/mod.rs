@@ -1,4 +1,5 @@
 pub mod classify;
 pub mod embed;
 pub mod plot;
+pub mod setup;
 pub mod train;
