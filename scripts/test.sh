@@ -8,4 +8,7 @@ bash scripts/deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gst-plugin-valence/target}"
 cargo fmt --check
 cargo clippy --release --all-targets --locked -- -D warnings
+# The default model's tests need the imported encoder: fetch it (once; cached) first.
+cargo build --release --locked
+"$CARGO_TARGET_DIR/release/valence" setup
 cargo test --release --locked

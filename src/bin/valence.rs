@@ -118,6 +118,18 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Speed of candle beside PyTorch on the same models and inputs, in one run.
+    Bench {
+        /// A Python with torch and transformers for the reference timings.
+        #[arg(long)]
+        python: Option<String>,
+        /// whisper, xlsr or all.
+        #[arg(long, default_value = "whisper")]
+        what: String,
+        /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
         output: PathBuf,
@@ -267,6 +279,15 @@ fn run() -> Result<()> {
             plot.as_deref(),
         ),
         Command::Setup { wheels, force } => cli::setup::run(wheels.as_deref(), force).map(|_| ()),
+        Command::Bench {
+            python,
+            what,
+            work_dir,
+        } => cli::bench::run(
+            python.as_deref(),
+            &what,
+            &work_dir.unwrap_or_else(cli::bench::default_work_dir),
+        ),
         Command::MakeTestModel { output, seed } => {
             model::synthetic::write_tiny_model(&output, seed)?;
             eprintln!("random-weight test model written to {}", output.display());

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""PyTorch side of `valence bench`: times the same models on the same inputs.
+
+    python bench/torch_reference.py xlsr OUT_DIR       # random xlsr-53-sized Wav2Vec2, saved for candle
+    python bench/torch_reference.py whisper ENCODER_DIR  # the imported Whisper base encoder
+
+Prints one JSON line: seconds per run (median of several) for each input length.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+torch.manual_seed(0)
+
+
+def median_time(fn, repeats):
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def xlsr(out_dir):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    cfg = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                         feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
+                         conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                         num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, hidden_act="gelu",
+                         feat_extract_activation="gelu")
+    model = Wav2Vec2Model(cfg).eval()
+    params = sum(p.numel() for p in model.parameters())
+    if not os.path.exists(os.path.join(out_dir, "model.safetensors")):
+        model.save_pretrained(out_dir, safe_serialization=True)
+        with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+            json.dump({"do_normalize": True, "sampling_rate": 16000}, f)
+    else:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=False)
+    res = {"params": params}
+    for secs in (10, 3):
+        x = torch.randn(1, 16000 * secs)
+        with torch.inference_mode():
+            res[f"{secs}s"] = median_time(lambda: model(x), 3 if secs == 10 else 5)
+    return res
+
+
+def whisper(enc_dir):
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    c = json.load(open(os.path.join(enc_dir, "config.json")))
+    cfg = WhisperConfig(num_mel_bins=c["num_mel_bins"], d_model=c["d_model"], encoder_layers=c["encoder_layers"],
+                        encoder_attention_heads=c["encoder_attention_heads"], encoder_ffn_dim=c["encoder_ffn_dim"],
+                        max_source_positions=c["max_source_positions"])
+    enc = WhisperEncoder(cfg).eval()
+    sd = {k[len("model.encoder."):]: v.float() for k, v in load_file(os.path.join(enc_dir, "model.safetensors")).items()}
+    enc.load_state_dict(sd, strict=False)
+    mel = torch.randn(1, c["num_mel_bins"], 300)  # 3 s, real length (not padded to 30 s)
+
+    def run():
+        x = torch.nn.functional.gelu(enc.conv1(mel))
+        x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        for layer in enc.layers:
+            y = layer(x, attention_mask=None)
+            x = y[0] if isinstance(y, tuple) else y
+        return enc.layer_norm(x)
+
+    with torch.inference_mode():
+        return {"3s": median_time(run, 20)}
+
+
+if __name__ == "__main__":
+    what, path = sys.argv[1], sys.argv[2]
+    out = xlsr(path) if what == "xlsr" else whisper(path)
+    out.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
+    print(json.dumps(out))
