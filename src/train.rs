@@ -379,7 +379,7 @@ pub fn speaker_folds(speakers: &[String], k: usize, seed: u64) -> Vec<usize> {
     let mut list: Vec<(&String, usize)> = counts.into_iter().collect();
     let mut rng = SeededNormal::new(seed ^ 0xf01d);
     shuffle(&mut list, &mut rng);
-    list.sort_by(|a, b| b.1.cmp(&a.1));
+    list.sort_by_key(|e| std::cmp::Reverse(e.1));
     let mut fold_size = vec![0usize; k];
     let mut fold_of: HashMap<&String, usize> = HashMap::new();
     for (s, c) in list {
