@@ -25,6 +25,9 @@ pub enum HeadKind {
     Transformer,
 }
 
+/// Clips with their feature rows and label indices.
+pub type Labelled = (Vec<Clip>, Vec<Vec<f32>>, Vec<usize>);
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct FeatureArgs {
     /// Dataset manifest (path,corpus,language,speaker,gender,emotion,valence,duration_s).
@@ -96,7 +99,7 @@ impl FeatureArgs {
     }
 
     /// Clips, their feature rows, labels.
-    pub fn load(&self) -> Result<(Vec<Clip>, Vec<Vec<f32>>, Vec<usize>)> {
+    pub fn load(&self) -> Result<Labelled> {
         let clips = dataset::read_manifest(&self.manifest)?;
         let cache = self
             .feature_cache
