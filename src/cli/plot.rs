@@ -89,6 +89,9 @@ pub fn timeline(rows: &[Row], out: &Path) -> Result<()> {
                 })
                 .collect();
             chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(err)?;
+            chart
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(err)?
                 .label(*label)
