@@ -79,9 +79,16 @@ impl Encoder {
     }
 
     pub fn encode(&self, samples: &[f32]) -> Result<EncoderOutput> {
+        self.encode_upto(samples, None)
+    }
+
+    /// Runs only the layers up to `upto` (all when None): a head that reads layers 2-4 of a
+    /// 6-layer encoder does not pay for layers 5 and 6. When cut short, `last_hidden_state` is
+    /// the state of layer `upto`, not the model output.
+    pub fn encode_upto(&self, samples: &[f32], upto: Option<usize>) -> Result<EncoderOutput> {
         match self {
-            Self::Wav2Vec2(m) => m.encode(samples),
-            Self::Whisper(m) => m.encode(samples),
+            Self::Wav2Vec2(m) => m.encode_upto(samples, upto),
+            Self::Whisper(m) => m.encode_upto(samples, upto),
         }
     }
 
@@ -230,7 +237,12 @@ impl ValenceModel {
 
     /// Encoder features for `samples` (16 kHz mono): [1, feature_dim], before the scaler.
     pub fn features(&self, samples: &[f32]) -> Result<Tensor> {
-        let out = self.encoder.encode(samples)?;
+        let spec = &self.manifest.features;
+        let upto = match spec.source {
+            FeatureSource::HiddenStates => spec.layers.iter().max().copied(),
+            FeatureSource::LastHiddenState => None,
+        };
+        let out = self.encoder.encode_upto(samples, upto)?;
         self.pooled_features(&out)
     }
 

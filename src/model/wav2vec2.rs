@@ -446,6 +446,11 @@ impl Wav2Vec2Model {
 
     /// Runs the model on 16 kHz mono samples (preprocessing included).
     pub fn encode(&self, samples: &[f32]) -> Result<EncoderOutput> {
+        self.encode_upto(samples, None)
+    }
+
+    /// Like [`Self::encode`], stopping after layer `upto` when given.
+    pub fn encode_upto(&self, samples: &[f32], upto: Option<usize>) -> Result<EncoderOutput> {
         if samples.len() < self.receptive_field() {
             bail!(
                 "audio too short for Wav2Vec2: {} samples, at least {} needed",
@@ -455,11 +460,15 @@ impl Wav2Vec2Model {
         }
         let x = self.preprocess(samples);
         let x = Tensor::from_vec(x, (1, 1, samples.len()), &self.device)?.to_dtype(self.dtype)?;
-        self.forward(&x)
+        self.forward_upto(&x, upto)
     }
 
     /// `input` is [batch, 1, samples], already preprocessed.
     pub fn forward(&self, input: &Tensor) -> Result<EncoderOutput> {
+        self.forward_upto(input, None)
+    }
+
+    fn forward_upto(&self, input: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
         let mut x = input.clone();
         for c in &self.convs {
             x = c.conv.forward(&x)?;
@@ -487,11 +496,14 @@ impl Wav2Vec2Model {
         }
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(h.clone());
-        for layer in &self.layers {
+        let n = upto.unwrap_or(self.layers.len()).min(self.layers.len());
+        for layer in &self.layers[..n] {
             h = layer.forward(&h)?;
             hidden_states.push(h.clone());
         }
-        let last_hidden_state = if self.config.do_stable_layer_norm {
+        let last_hidden_state = if n < self.layers.len() {
+            h
+        } else if self.config.do_stable_layer_norm {
             self.encoder_norm.forward(&h)?
         } else {
             h

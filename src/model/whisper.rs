@@ -345,6 +345,12 @@ impl WhisperEncoder {
     /// Encodes 16 kHz mono samples. Audio longer than 30 s is encoded in 30 s pieces whose
     /// frames are concatenated, so every frame has positions the model was trained with.
     pub fn encode(&self, samples: &[f32]) -> Result<EncoderOutput> {
+        self.encode_upto(samples, None)
+    }
+
+    /// Like [`Self::encode`], stopping after layer `upto` when given (see
+    /// [`super::Encoder::encode_upto`]).
+    pub fn encode_upto(&self, samples: &[f32], upto: Option<usize>) -> Result<EncoderOutput> {
         if LogMel::frames(samples.len()) < 2 {
             bail!(
                 "audio too short for Whisper: {} samples, at least {} needed",
@@ -361,13 +367,17 @@ impl WhisperEncoder {
             let frames = mel.len() / self.mel.n_mels();
             let mel = Tensor::from_vec(mel, (1, self.mel.n_mels(), frames), &self.device)?
                 .to_dtype(self.dtype)?;
-            pieces.push(self.forward_mel(&mel)?);
+            pieces.push(self.forward_mel_upto(&mel, upto)?);
         }
         EncoderOutput::concat_time(pieces)
     }
 
     /// `mel` is [batch, n_mels, frames] with frames <= 3000.
     pub fn forward_mel(&self, mel: &Tensor) -> Result<EncoderOutput> {
+        self.forward_mel_upto(mel, None)
+    }
+
+    fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
         let x = self.conv1.forward(mel)?.gelu_erf()?;
         let x = self.conv2.forward(&x)?.gelu_erf()?;
         let x = x.transpose(1, 2)?;
@@ -381,11 +391,16 @@ impl WhisperEncoder {
         let mut h = x.broadcast_add(&self.positions.narrow(0, 0, t)?)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(h.clone());
-        for layer in &self.layers {
+        let n = upto.unwrap_or(self.layers.len()).min(self.layers.len());
+        for layer in &self.layers[..n] {
             h = layer.forward(&h)?;
             hidden_states.push(h.clone());
         }
-        let last_hidden_state = self.final_norm.forward(&h)?;
+        let last_hidden_state = if n == self.layers.len() {
+            self.final_norm.forward(&h)?
+        } else {
+            h
+        };
         Ok(EncoderOutput {
             hidden_states,
             last_hidden_state,
