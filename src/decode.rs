@@ -28,22 +28,7 @@ pub fn decode_to_16k_mono(path: &Path) -> Result<Vec<f32>> {
     pipeline.add_many([&src, &decode, &convert, &resample, sink.upcast_ref()])?;
     src.link(&decode)?;
     gst::Element::link_many([&convert, &resample, sink.upcast_ref()])?;
-    let convert_weak = convert.downgrade();
-    decode.connect_pad_added(move |_, pad| {
-        let Some(convert) = convert_weak.upgrade() else {
-            return;
-        };
-        let is_audio = pad
-            .current_caps()
-            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("audio/")))
-            .unwrap_or(false);
-        if let Some(sinkpad) = convert.static_pad("sink")
-            && is_audio
-            && !sinkpad.is_linked()
-        {
-            let _ = pad.link(&sinkpad);
-        }
-    });
+    link_audio_pads(&decode, &convert);
     pipeline.set_state(gst::State::Playing)?;
     let mut samples = Vec::new();
     let result = (|| -> Result<()> {
@@ -70,4 +55,24 @@ pub fn decode_to_16k_mono(path: &Path) -> Result<Vec<f32>> {
         bail!("{}: no audio decoded", path.display());
     }
     Ok(samples)
+}
+
+/// Links `decodebin`'s first audio pad, when it appears, to `next`'s sink pad.
+pub fn link_audio_pads(decodebin: &gst::Element, next: &gst::Element) {
+    let next_weak = next.downgrade();
+    decodebin.connect_pad_added(move |_, pad| {
+        let Some(next) = next_weak.upgrade() else {
+            return;
+        };
+        let is_audio = pad
+            .current_caps()
+            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("audio/")))
+            .unwrap_or(false);
+        if let Some(sinkpad) = next.static_pad("sink")
+            && is_audio
+            && !sinkpad.is_linked()
+        {
+            let _ = pad.link(&sinkpad);
+        }
+    });
 }

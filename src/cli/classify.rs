@@ -60,22 +60,7 @@ pub fn classify_file(path: &Path, opts: &Options, mut on_row: impl FnMut(Row)) -
     pipeline.add_many([&src, &decode, &convert, &classify, &sink])?;
     src.link(&decode)?;
     gst::Element::link_many([&convert, &classify, &sink])?;
-    let convert_weak = convert.downgrade();
-    decode.connect_pad_added(move |_, pad| {
-        let Some(convert) = convert_weak.upgrade() else {
-            return;
-        };
-        let audio = pad
-            .current_caps()
-            .and_then(|c| c.structure(0).map(|s| s.name().starts_with("audio/")))
-            .unwrap_or(false);
-        if let Some(sinkpad) = convert.static_pad("sink")
-            && audio
-            && !sinkpad.is_linked()
-        {
-            let _ = pad.link(&sinkpad);
-        }
-    });
+    gstvalence::decode::link_audio_pads(&decode, &convert);
 
     let progress = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s ({eta})")
