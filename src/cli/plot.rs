@@ -139,9 +139,9 @@ pub fn evaluation(
         let (w, h) = cell.dim_in_pixel();
         let color = if frac > 0.5 { WHITE } else { BLACK };
         cell.draw_text(
-            &format!("{}\n{:.0}%", confusion[r][c], frac * 100.0),
+            &format!("{}  ({:.0}%)", confusion[r][c], frac * 100.0),
             &("sans-serif", 20).into_font().color(&color),
-            (w as i32 / 2 - 20, h as i32 / 2 - 10),
+            (w as i32 / 2 - 35, h as i32 / 2 - 10),
         )
         .map_err(err)?;
         if c == 0 {
@@ -166,20 +166,28 @@ pub fn evaluation(
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(40)
-        .build_cartesian_2d(0..per_language.len().max(1), 0.0..1.0)
+        .build_cartesian_2d(-0.5..per_language.len().max(1) as f64 - 0.5, 0.0..1.0)
         .map_err(err)?;
     let names: Vec<String> = per_language.iter().map(|(l, _)| l.clone()).collect();
     chart
         .configure_mesh()
         .x_labels(per_language.len().max(1))
-        .x_label_formatter(&|i| names.get(*i).cloned().unwrap_or_default())
+        .x_label_formatter(&|x| {
+            let i = x.round();
+            if (x - i).abs() < 0.01 && i >= 0.0 {
+                names.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
         .draw()
         .map_err(err)?;
     chart
         .draw_series(per_language.iter().enumerate().map(|(i, (_, f1))| {
-            let mut bar = Rectangle::new([(i, 0.0), (i + 1, *f1)], BLUE.mix(0.6).filled());
-            bar.set_margin(0, 0, 8, 8);
-            bar
+            Rectangle::new(
+                [(i as f64 - 0.35, 0.0), (i as f64 + 0.35, *f1)],
+                BLUE.mix(0.6).filled(),
+            )
         }))
         .map_err(err)?;
     root.present().map_err(err)?;
