@@ -278,6 +278,39 @@ fn flush_forgets_audio_from_before() {
 }
 
 #[test]
+fn stream_and_running_time_follow_the_segment() {
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
+    // A segment starting at 5 s (as after a seek), with stream time 100 s there.
+    let mut seg = gst::FormattedSegment::<gst::ClockTime>::new();
+    seg.set_start(gst::ClockTime::from_seconds(5));
+    seg.set_time(gst::ClockTime::from_seconds(100));
+    h.push_event(gst::event::Segment::new(&seg));
+    push_audio(&mut h, 16000, 1, 4.0, 5_000_000_000);
+    h.push_event(gst::event::Eos::new());
+    let msgs = valence_messages(&bus);
+    let got: Vec<(u64, u64, u64)> = msgs
+        .iter()
+        .map(|s| {
+            (
+                s.get::<u64>("timestamp").unwrap(),
+                s.get::<u64>("stream-time").unwrap(),
+                s.get::<u64>("running-time").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (5_000_000_000, 100_000_000_000, 0),
+            (6_000_000_000, 101_000_000_000, 1_000_000_000)
+        ]
+    );
+}
+
+#[test]
 fn discont_restarts_windows_without_smearing_across_the_gap() {
     let (mut h, bus) = harness(
         "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
