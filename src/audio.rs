@@ -148,6 +148,15 @@ impl Window {
 }
 
 /// Cuts a sample stream into windows of `window` samples every `hop` samples.
+///
+/// ```
+/// use gstvalence::audio::Windower;
+/// let mut w = Windower::new(4, 2);
+/// let starts: Vec<u64> = w.push(&[0.0; 9]).iter().map(|w| w.start).collect();
+/// assert_eq!(starts, [0, 2, 4]);
+/// // 1 sample was never in a window: a tail needs at least `min_tail`.
+/// assert!(w.finish(2).is_none());
+/// ```
 #[derive(Debug, Clone)]
 pub struct Windower {
     window: usize,
@@ -221,6 +230,12 @@ impl Windower {
 }
 
 /// RMS level in dBFS (full scale = 1.0); -inf for digital silence.
+///
+/// ```
+/// use gstvalence::audio::rms_dbfs;
+/// assert!((rms_dbfs(&[0.5, -0.5]) - (-6.0206)).abs() < 1e-3);
+/// assert_eq!(rms_dbfs(&[0.0; 4]), f64::NEG_INFINITY);
+/// ```
 pub fn rms_dbfs(samples: &[f32]) -> f64 {
     if samples.is_empty() {
         return f64::NEG_INFINITY;

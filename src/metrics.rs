@@ -22,6 +22,12 @@ pub struct Report {
 }
 
 /// `actual` and `predicted` are class indices below `n_classes`.
+///
+/// ```
+/// let r = gstvalence::metrics::report(&[0, 1, 2, 2], &[0, 1, 2, 1], 3);
+/// assert_eq!(r.confusion[2], vec![0, 1, 1]);
+/// assert_eq!(r.accuracy, 0.75);
+/// ```
 pub fn report(actual: &[usize], predicted: &[usize], n_classes: usize) -> Report {
     let mut confusion = vec![vec![0usize; n_classes]; n_classes];
     for (&a, &p) in actual.iter().zip(predicted) {
