@@ -912,7 +912,8 @@ impl BaseTransformImpl for ValenceClassify {
                 gst::loggable_error!(CAT, "Cannot resample from {}: {e}", info.rate())
             })?);
         state.info = Some(info);
-        for r in results {
+        // Ahead of anything still pending, in window order.
+        for r in results.into_iter().rev() {
             state.pending.push_front(Pending::Ready(r));
         }
         Ok(())
