@@ -562,7 +562,7 @@ fn sixteen_pipelines_share_one_loaded_model() {
     init();
     let dir = std::env::temp_dir().join(format!("valence-shared-{}", std::process::id()));
     gstvalence::model::synthetic::write_tiny_model(&dir, 5).unwrap();
-    let before = gstvalence::model::registry::load_count();
+    let before = gstvalence::model::registry::load_count(&dir);
     let pipelines: Vec<gst::Pipeline> = (0..16)
         .map(|i| {
             gst::parse::launch(&format!(
@@ -599,7 +599,7 @@ fn sixteen_pipelines_share_one_loaded_model() {
         }
     }
     assert_eq!(
-        gstvalence::model::registry::load_count() - before,
+        gstvalence::model::registry::load_count(&dir) - before,
         1,
         "one load for 16 pipelines"
     );

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{Result, bail};
@@ -61,7 +60,7 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 type Key = (PathBuf, String);
 
 static MODELS: Lazy<Mutex<HashMap<Key, Weak<ValenceModel>>>> = Lazy::new(Default::default);
-static LOADS: AtomicUsize = AtomicUsize::new(0);
+static LOADS: Lazy<Mutex<HashMap<PathBuf, usize>>> = Lazy::new(Default::default);
 
 /// The process-wide copy of a model, loading it on first use. The lock is held while loading
 /// so that concurrent first users wait for one load instead of starting their own.
@@ -73,13 +72,23 @@ pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
         return Ok(m);
     }
     let model = Arc::new(ValenceModel::load(&canonical, device)?);
-    LOADS.fetch_add(1, Ordering::SeqCst);
+    *LOADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(canonical.clone())
+        .or_default() += 1;
     models.retain(|_, w| w.strong_count() > 0);
     models.insert(key, Arc::downgrade(&model));
     Ok(model)
 }
 
-/// How many times any model has been loaded from disk in this process.
-pub fn load_count() -> usize {
-    LOADS.load(Ordering::SeqCst)
+/// How many times the model in `dir` has been loaded from disk in this process (any device).
+pub fn load_count(dir: &Path) -> usize {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    LOADS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&canonical)
+        .copied()
+        .unwrap_or(0)
 }
