@@ -117,7 +117,11 @@ pub fn classify_file(path: &Path, opts: &Options, mut on_row: impl FnMut(Row)) -
 fn first_error(bus: &gst::Bus) -> Option<anyhow::Error> {
     while let Some(msg) = bus.pop() {
         if let gst::MessageView::Error(e) = msg.view() {
-            return Some(anyhow::anyhow!("{}", e.error()));
+            return Some(anyhow::anyhow!(
+                "{}{}",
+                e.error(),
+                e.debug().map(|d| format!(" ({d})")).unwrap_or_default()
+            ));
         }
     }
     None

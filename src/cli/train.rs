@@ -57,6 +57,12 @@ pub struct FeatureArgs {
     /// Learning rate (the card's 2e-4 unless given).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
+    /// Hidden layer widths of the MLP head (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    pub hidden: Vec<usize>,
+    /// Dropout of the MLP and Transformer heads.
+    #[arg(long, default_value_t = 0.2)]
+    pub dropout: f32,
     /// Where pooled features are cached.
     #[arg(long)]
     pub feature_cache: Option<PathBuf>,
@@ -122,8 +128,8 @@ impl FeatureArgs {
             }),
             HeadKind::Mlp => HeadConfig::Mlp(MlpHeadConfig {
                 input_dim,
-                hidden: vec![256],
-                dropout: 0.2,
+                hidden: self.hidden.clone(),
+                dropout: self.dropout,
                 head_activation: Activation::Relu,
                 num_classes: 3,
             }),
@@ -134,7 +140,7 @@ impl FeatureArgs {
                 nhead: 8,
                 num_layers: 4,
                 dim_feedforward: 1024,
-                dropout: 0.2,
+                dropout: self.dropout,
                 norm_first: false,
                 activation: Activation::Relu,
                 final_norm: false,

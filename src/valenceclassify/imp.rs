@@ -821,22 +821,22 @@ impl BaseTransformImpl for ValenceClassify {
         if settings.hop == 0 || settings.window == 0 {
             return Err(gst::error_msg!(
                 gst::LibraryError::Settings,
-                ["window and hop must be > 0"]
+                ("window and hop must be > 0")
             ));
         }
         let device = crate::model::parse_device(&settings.device).map_err(|e| {
             gst::error_msg!(
                 gst::LibraryError::Settings,
-                ["Bad device `{}`: {:#}", settings.device, e]
+                ("Bad device `{}`: {:#}", settings.device, e)
             )
         })?;
         let dir = registry::resolve_model(&settings.model).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::NotFound, ["Cannot find model: {:#}", e])
+            gst::error_msg!(gst::ResourceError::NotFound, ("Cannot find model: {:#}", e))
         })?;
         let model = registry::shared_model(&dir, &device).map_err(|e| {
             gst::error_msg!(
                 gst::ResourceError::OpenRead,
-                ["Cannot load model {}: {:#}", dir.display(), e]
+                ("Cannot load model {}: {:#}", dir.display(), e)
             )
         })?;
         gst::info!(
@@ -849,7 +849,7 @@ impl BaseTransformImpl for ValenceClassify {
         let worker = Worker::spawn(model.clone(), self.stats.clone()).map_err(|e| {
             gst::error_msg!(
                 gst::CoreError::Failed,
-                ["Cannot start inference thread: {}", e]
+                ("Cannot start inference thread: {}", e)
             )
         })?;
         for c in [
