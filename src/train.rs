@@ -216,10 +216,7 @@ fn predict_with(
 }
 
 fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
-        .0
+    crate::model::argmax(p).0
 }
 
 /// Trains a head on rows `x` with labels `y`; `speakers` picks the validation split.

@@ -213,13 +213,17 @@ pub struct Prediction {
     pub probabilities: Vec<f32>,
 }
 
+/// Index and value of the largest entry (the first one on ties).
+pub fn argmax(values: &[f32]) -> (usize, f32) {
+    values
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a })
+}
+
 impl Prediction {
     pub fn best(&self) -> (usize, f32) {
-        self.probabilities
-            .iter()
-            .cloned()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, p)| if p > a.1 { (i, p) } else { a })
+        argmax(&self.probabilities)
     }
 }
 
@@ -253,7 +257,6 @@ impl ValenceModel {
             Some(s) => s.transform(&x)?,
             None => x,
         };
-        let x = x.to_dtype(self.head_dtype())?;
         let logits = self
             .head
             .forward(&x, false)?
@@ -265,10 +268,6 @@ impl ValenceModel {
                 probabilities: softmax(row),
             })
             .collect())
-    }
-
-    fn head_dtype(&self) -> DType {
-        DType::F32
     }
 
     /// Classifies 16 kHz mono samples as one utterance.

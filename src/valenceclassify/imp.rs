@@ -249,10 +249,7 @@ impl ValenceClassify {
         duration: gst::ClockTime,
         probs: &[f32],
     ) -> WindowResult {
-        let (best, p) = probs
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |a, (i, &p)| if p > a.1 { (i, p) } else { a });
+        let (best, p) = crate::model::argmax(probs);
         WindowResult {
             pts,
             duration,
