@@ -106,24 +106,30 @@ impl StreamResampler {
     pub fn flush(&mut self) -> Vec<f32> {
         let expected = self.expected_out();
         let mut out = Vec::new();
+        let mut produced_all = Vec::new();
+        let mut next_delay = None;
         if let Some(r) = self.inner.as_mut() {
+            // Feed zeros until the delay-free output covers all the input so far.
             let mut guard = 0;
-            while self.frames_out + (out.len() as u64) < expected && guard < 64 {
-                let need = r.input_frames_next();
+            while self.frames_out + (produced_all.len().saturating_sub(self.to_drop) as u64)
+                < expected
+                && guard < 64
+            {
                 let mut chunk = std::mem::take(&mut self.pending);
-                chunk.resize(need, 0.0);
-                let produced = match r.process(&[&chunk], None) {
-                    Ok(mut o) => std::mem::take(&mut o[0]),
+                chunk.resize(r.input_frames_next(), 0.0);
+                match r.process(&[&chunk], None) {
+                    Ok(mut o) => produced_all.append(&mut o[0]),
                     Err(_) => break,
-                };
-                let skip = self.to_drop.min(produced.len());
-                self.to_drop -= skip;
-                out.extend_from_slice(&produced[skip..]);
+                }
                 guard += 1;
             }
-            out.truncate(expected.saturating_sub(self.frames_out) as usize);
             r.reset();
-            self.to_drop = r.output_delay();
+            next_delay = Some(r.output_delay());
+        }
+        self.emit(&produced_all, &mut out);
+        out.truncate(expected.saturating_sub(self.frames_out) as usize);
+        if let Some(d) = next_delay {
+            self.to_drop = d;
         }
         self.pending.clear();
         self.frames_out += out.len() as u64;

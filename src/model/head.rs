@@ -79,6 +79,19 @@ impl HeadConfig {
             Self::Mlp(c) => c.input_dim,
         }
     }
+    /// Widths of the classifier MLP's layers, from its input (d_model for the Transformer head,
+    /// the feature width for the MLP head) through the hidden layers to the classes.
+    pub fn classifier_dims(&self) -> Vec<usize> {
+        let (input, hidden, classes) = match self {
+            Self::Transformer(c) => (c.d_model, &c.hidden, c.num_classes),
+            Self::Mlp(c) => (c.input_dim, &c.hidden, c.num_classes),
+        };
+        std::iter::once(input)
+            .chain(hidden.iter().copied())
+            .chain([classes])
+            .collect()
+    }
+
     pub fn num_classes(&self) -> usize {
         match self {
             Self::Transformer(c) => c.num_classes,
@@ -275,9 +288,7 @@ impl TransformerHead {
         } else {
             None
         };
-        let mut dims = vec![d];
-        dims.extend(&cfg.hidden);
-        dims.push(cfg.num_classes);
+        let dims = HeadConfig::Transformer(cfg.clone()).classifier_dims();
         Ok(Self {
             n_patches,
             patch_embed: candle_nn::linear(cfg.patch_size, d, vb.pp("patch_embed"))?,
@@ -331,17 +342,12 @@ impl Head {
     pub fn new(config: &HeadConfig, vb: VarBuilder) -> Result<Self> {
         let inner = match config {
             HeadConfig::Transformer(c) => HeadImpl::Transformer(TransformerHead::new(c, vb)?),
-            HeadConfig::Mlp(c) => {
-                let mut dims = vec![c.input_dim];
-                dims.extend(&c.hidden);
-                dims.push(c.num_classes);
-                HeadImpl::Mlp(Mlp::new(
-                    &dims,
-                    c.head_activation,
-                    c.dropout,
-                    vb.pp("classifier"),
-                )?)
-            }
+            HeadConfig::Mlp(c) => HeadImpl::Mlp(Mlp::new(
+                &config.classifier_dims(),
+                c.head_activation,
+                c.dropout,
+                vb.pp("classifier"),
+            )?),
         };
         Ok(Self {
             config: config.clone(),

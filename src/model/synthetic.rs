@@ -134,12 +134,7 @@ pub fn random_head_tensors(cfg: &HeadConfig, seed: u64) -> Result<HashMap<String
             Ok(())
         };
     match cfg {
-        HeadConfig::Mlp(c) => {
-            let mut dims = vec![c.input_dim];
-            dims.extend(&c.hidden);
-            dims.push(c.num_classes);
-            mlp(&mut t, &mut rng, &dims)?;
-        }
+        HeadConfig::Mlp(_) => mlp(&mut t, &mut rng, &cfg.classifier_dims())?,
         HeadConfig::Transformer(c) => {
             let d = c.d_model;
             let n = c.input_dim.div_ceil(c.patch_size);
@@ -190,10 +185,7 @@ pub fn random_head_tensors(cfg: &HeadConfig, seed: u64) -> Result<HashMap<String
                 t.insert("encoder.norm.weight".into(), ones(d)?);
                 t.insert("encoder.norm.bias".into(), rng.tensor(&[d], 0.02)?);
             }
-            let mut dims = vec![d];
-            dims.extend(&c.hidden);
-            dims.push(c.num_classes);
-            mlp(&mut t, &mut rng, &dims)?;
+            mlp(&mut t, &mut rng, &cfg.classifier_dims())?;
         }
     }
     Ok(t)
