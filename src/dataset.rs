@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -105,9 +106,18 @@ impl FeatureTable {
     }
 }
 
-fn cache_key(encoder_dir: &Path, clips: &[Clip], root: &Path) -> Result<String> {
+fn cache_key(
+    encoder_dir: &Path,
+    quantize: Option<GgmlDType>,
+    clips: &[Clip],
+    root: &Path,
+) -> Result<String> {
     let mut h = Sha256::new();
     h.update(b"valence-features-v1");
+    if let Some(q) = quantize {
+        // Only quantized runs add to the key, so f32 caches made earlier stay valid.
+        h.update(format!("quantize={q:?}").as_bytes());
+    }
     let weights = crate::model::find_weights_file(encoder_dir)?;
     let meta = std::fs::metadata(&weights)?;
     h.update(std::fs::read(encoder_dir.join("config.json"))?);
@@ -126,15 +136,17 @@ fn cache_key(encoder_dir: &Path, clips: &[Clip], root: &Path) -> Result<String> 
 }
 
 /// Runs the encoder over every clip (on its real length) and caches the pooled states in
-/// `cache_dir`; a second call with the same encoder and clips reads the cache.
+/// `cache_dir`; a second call with the same encoder and clips reads the cache. `quantize`
+/// re-stores the encoder's projections as in a manifest's `encoder.quantize` (CPU only).
 pub fn features(
     clips: &[Clip],
     root: &Path,
     encoder_dir: &Path,
+    quantize: Option<GgmlDType>,
     cache_dir: &Path,
     device: &Device,
 ) -> Result<FeatureTable> {
-    let key = cache_key(encoder_dir, clips, root)?;
+    let key = cache_key(encoder_dir, quantize, clips, root)?;
     let file = cache_dir.join(format!("{key}.safetensors"));
     if file.is_file() {
         let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
@@ -152,7 +164,12 @@ pub fn features(
             return Ok(table);
         }
     }
-    let encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    if let Some(q) = quantize
+        && device.is_cpu()
+    {
+        encoder.quantize(q)?;
+    }
     let bar = indicatif::ProgressBar::new(clips.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("encoding {pos}/{len} clips [{bar:30}] {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),

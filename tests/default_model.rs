@@ -137,7 +137,7 @@ fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
     init();
     let clips = some_clips(&data, 6);
     let cache = std::env::temp_dir().join(format!("valence-train-test-{}", std::process::id()));
-    let table = dataset::features(&clips, &data, &enc, &cache, &Device::Cpu).unwrap();
+    let table = dataset::features(&clips, &data, &enc, None, &cache, &Device::Cpu).unwrap();
     let spec = FeatureSpec {
         source: FeatureSource::HiddenStates,
         layers: vec![2, 3, 4],

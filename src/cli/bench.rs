@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use gstvalence::model::registry;
@@ -66,7 +67,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
     println!("candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2)");
     if what == "all" || what == "whisper" {
         let enc_dir = registry::cache_dir().join("encoders/whisper-base");
-        let enc = WhisperEncoder::load_dir(&enc_dir, DType::F32, &Device::Cpu)
+        let mut enc = WhisperEncoder::load_dir(&enc_dir, DType::F32, &Device::Cpu)
             .context("the Whisper base encoder is needed (run `valence setup`)")?;
         let x = noise(48000);
         let t = median(|| enc.encode(&x).map(|_| ()), 20)?;
@@ -75,6 +76,9 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
             None => None,
         };
         row("Whisper base encoder (3 s window)", 3.0, t, tr);
+        enc.quantize(GgmlDType::Q8_0)?;
+        let tq = median(|| enc.encode(&x).map(|_| ()), 20)?;
+        row("  same, q8_0 projections", 3.0, tq, tr);
         // The whole default model per window (mel + encoder + pooling + head): what
         // `valence classify` pays for every hop.
         let dir = registry::resolve_model("default")?;
@@ -94,17 +98,22 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         };
         // PyTorch saves its random model first; candle then loads those same weights.
         let tr = torch(p, "xlsr", work)?;
-        let m = Wav2Vec2Model::load_dir(work, DType::F32, &Device::Cpu)?;
+        let mut m = Wav2Vec2Model::load_dir(work, DType::F32, &Device::Cpu)?;
         println!("xlsr-53-sized Wav2Vec2: {} parameters", tr["params"]);
-        for secs in [10usize, 3] {
-            let x = noise(16000 * secs);
-            let t = median(|| m.encode(&x).map(|_| ()), if secs == 10 { 3 } else { 5 })?;
-            row(
-                &format!("xlsr-53-sized Wav2Vec2 ({secs} s)"),
-                secs as f64,
-                t,
-                tr[format!("{secs}s")].as_f64(),
-            );
+        for quantized in [false, true] {
+            if quantized {
+                m.quantize(GgmlDType::Q8_0)?;
+            }
+            for secs in [10usize, 3] {
+                let x = noise(16000 * secs);
+                let t = median(|| m.encode(&x).map(|_| ()), if secs == 10 { 3 } else { 5 })?;
+                let name = if quantized {
+                    format!("  same, q8_0 projections ({secs} s)")
+                } else {
+                    format!("xlsr-53-sized Wav2Vec2 ({secs} s)")
+                };
+                row(&name, secs as f64, t, tr[format!("{secs}s")].as_f64());
+            }
         }
     }
     Ok(())

@@ -10,6 +10,7 @@ use gstvalence::dataset::{self, Clip};
 use gstvalence::model::head::{Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig};
 use gstvalence::model::manifest::{
     Combine, EncoderKind, EncoderSpec, FeatureSource, FeatureSpec, HeadSpec, Manifest, Pooling,
+    parse_quantization,
 };
 use gstvalence::model::{LABELS, detect_encoder_kind};
 use gstvalence::train::{self, TrainConfig};
@@ -66,6 +67,10 @@ pub struct FeatureArgs {
     /// Where pooled features are cached.
     #[arg(long)]
     pub feature_cache: Option<PathBuf>,
+    /// Run the encoder with block-quantized projection weights (`q8_0`), as the model will
+    /// run (written to the trained manifest's `encoder.quantize`).
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -111,7 +116,19 @@ impl FeatureArgs {
             .feature_cache
             .clone()
             .unwrap_or_else(dataset::default_feature_cache);
-        let table = dataset::features(&clips, &self.root(), &self.encoder, &cache, &Device::Cpu)?;
+        let quantize = self
+            .quantize
+            .as_deref()
+            .map(parse_quantization)
+            .transpose()?;
+        let table = dataset::features(
+            &clips,
+            &self.root(),
+            &self.encoder,
+            quantize,
+            &cache,
+            &Device::Cpu,
+        )?;
         let x = table.select(&self.spec())?;
         let y = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
         Ok((clips, x, y))
@@ -303,7 +320,11 @@ pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>)
         ),
         labels: LABELS.iter().map(|s| s.to_string()).collect(),
         sample_rate: 16000,
-        encoder: EncoderSpec { kind, path: encoder_path },
+        encoder: EncoderSpec {
+            kind,
+            path: encoder_path,
+            quantize: args.quantize.clone(),
+        },
         features: args.spec(),
         scaler: Some("scaler.safetensors".into()),
         head: HeadSpec::Files { config: "head_config.json".into(), weights: "head.safetensors".into() },

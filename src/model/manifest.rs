@@ -19,6 +19,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,18 @@ pub struct EncoderSpec {
     pub kind: EncoderKind,
     /// An HF-layout encoder directory.
     pub path: String,
+    /// `"q8_0"`: on the CPU, the transformer layers' projections run with 8-bit block weights
+    /// (candle's Q8_0, AVX512-VNNI kernels where the CPU has them). GPUs use `dtype`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<String>,
+}
+
+/// Parses a manifest's `encoder.quantize` value.
+pub fn parse_quantization(s: &str) -> Result<GgmlDType> {
+    Ok(match s {
+        "q8_0" => GgmlDType::Q8_0,
+        other => bail!("unsupported encoder quantization `{other}` (q8_0)"),
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -267,7 +280,14 @@ impl Manifest {
                 }
             );
         }
-        let encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
+        let mut encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
+        if let Some(q) = &self.encoder.quantize {
+            let q = parse_quantization(q)
+                .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
+            if device.is_cpu() {
+                encoder.quantize(q)?;
+            }
+        }
         self.features
             .validate(encoder.num_layers())
             .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;

@@ -3,6 +3,7 @@
 
 pub mod ct2;
 pub mod head;
+pub mod layers;
 pub mod manifest;
 pub mod reference;
 pub mod registry;
@@ -80,6 +81,14 @@ impl Encoder {
 
     pub fn encode(&self, samples: &[f32]) -> Result<EncoderOutput> {
         self.encode_upto(samples, None)
+    }
+
+    /// Re-stores the transformer layers' projection weights in a block-quantized format.
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        match self {
+            Self::Wav2Vec2(m) => m.quantize(dtype),
+            Self::Whisper(m) => m.quantize(dtype),
+        }
     }
 
     /// Runs only the layers up to `upto` (all when None): a head that reads layers 2-4 of a

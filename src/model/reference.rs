@@ -105,6 +105,7 @@ pub fn write_reference_model(card: &Path, encoder: &Path, out: &Path) -> Result<
         encoder: EncoderSpec {
             kind: EncoderKind::Wav2vec2,
             path: abs(encoder).to_string_lossy().into(),
+            quantize: None,
         },
         features,
         scaler: None,

@@ -233,6 +233,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
         encoder: EncoderSpec {
             kind: EncoderKind::Whisper,
             path: "encoder".into(),
+            quantize: None,
         },
         features: FeatureSpec {
             source: FeatureSource::HiddenStates,

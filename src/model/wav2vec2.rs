@@ -8,11 +8,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, GroupNorm, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::EncoderOutput;
+use super::layers::{FusedQkv, Projection, gelu_erf, self_attention};
 use super::weights::{TensorStore, normalize_names, read_checkpoint};
 
 fn default_eps() -> f64 {
@@ -90,7 +92,7 @@ impl Activation {
     }
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::GeluErf => x.gelu_erf(),
+            Self::GeluErf => gelu_erf(x),
             Self::GeluTanh => x.gelu(),
             Self::Relu => x.relu(),
         }
@@ -116,20 +118,23 @@ fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Laye
     ))
 }
 
-fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    Ok(Linear::new(
-        vb.get((o, i), "weight")?,
-        Some(vb.get(o, "bias")?),
-    ))
+fn weight_and_bias(
+    i: usize,
+    o: usize,
+    vb: VarBuilder,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    Ok((vb.get((o, i), "weight")?, Some(vb.get(o, "bias")?)))
+}
+
+fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Projection> {
+    let (w, b) = weight_and_bias(i, o, vb)?;
+    Ok(Projection::dense(w, b))
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    qkv: FusedQkv,
+    out: Projection,
     heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -142,60 +147,24 @@ impl Attention {
             );
         }
         Ok(Self {
-            q: linear(h, h, vb.pp("q_proj"))?,
-            k: linear(h, h, vb.pp("k_proj"))?,
-            v: linear(h, h, vb.pp("v_proj"))?,
+            qkv: FusedQkv::new(
+                weight_and_bias(h, h, vb.pp("q_proj"))?,
+                weight_and_bias(h, h, vb.pp("k_proj"))?,
+                weight_and_bias(h, h, vb.pp("v_proj"))?,
+            )?,
             out: linear(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
-            head_dim: h / cfg.num_attention_heads,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        multi_head_attention(
-            x,
-            &self.q,
-            &self.k,
-            &self.v,
-            &self.out,
-            self.heads,
-            self.head_dim,
-        )
+        self_attention(x, &self.qkv, &self.out, self.heads)
     }
 }
 
-/// Scaled dot-product self-attention over `x` [batch, time, width], no mask.
-pub(crate) fn multi_head_attention(
-    x: &Tensor,
-    q: &Linear,
-    k: &Linear,
-    v: &Linear,
-    out: &Linear,
-    heads: usize,
-    head_dim: usize,
-) -> candle_core::Result<Tensor> {
-    let (b, t, _) = x.dims3()?;
-    let split = |y: Tensor| -> candle_core::Result<Tensor> {
-        y.reshape((b, t, heads, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let scale = (head_dim as f64).powf(-0.5);
-    let qh = split((q.forward(x)? * scale)?)?;
-    let kh = split(k.forward(x)?)?;
-    let vh = split(v.forward(x)?)?;
-    let scores = qh.matmul(&kh.t()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    let ctx = probs
-        .matmul(&vh)?
-        .transpose(1, 2)?
-        .reshape((b, t, heads * head_dim))?;
-    out.forward(&ctx)
-}
-
 struct FeedForward {
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Projection,
+    output: Projection,
     act: Activation,
 }
 
@@ -238,7 +207,7 @@ pub struct Wav2Vec2Model {
     convs: Vec<FeatureConv>,
     conv_act: Activation,
     projection_norm: LayerNorm,
-    projection: Linear,
+    projection: Projection,
     pos_conv: Conv1d,
     pos_conv_drop_last: bool,
     encoder_norm: LayerNorm,
@@ -410,6 +379,18 @@ impl Wav2Vec2Model {
         })
     }
 
+    /// Stores the transformer layers' projection weights as `dtype` blocks (see
+    /// [`super::whisper::WhisperEncoder::quantize`]).
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        for l in &mut self.layers {
+            l.attention.qkv = l.attention.qkv.quantize(dtype)?;
+            l.attention.out = l.attention.out.quantize(dtype)?;
+            l.feed_forward.intermediate = l.feed_forward.intermediate.quantize(dtype)?;
+            l.feed_forward.output = l.feed_forward.output.quantize(dtype)?;
+        }
+        Ok(())
+    }
+
     /// Number of samples the conv feature encoder needs for one output frame.
     pub fn receptive_field(&self) -> usize {
         let mut field = 1;
@@ -489,7 +470,7 @@ impl Wav2Vec2Model {
             let t = pos.dim(D::Minus1)?;
             pos = pos.narrow(D::Minus1, 0, t - 1)?;
         }
-        let pos = pos.gelu_erf()?.transpose(1, 2)?;
+        let pos = gelu_erf(&pos)?.transpose(1, 2)?;
         let mut h = (x + pos)?;
         if !self.config.do_stable_layer_norm {
             h = self.encoder_norm.forward(&h)?;

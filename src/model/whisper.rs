@@ -10,13 +10,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 use rustfft::{FftPlanner, num_complex::Complex};
 use serde::Deserialize;
 
 use super::EncoderOutput;
-use super::wav2vec2::multi_head_attention;
+use super::layers::{FusedQkv, Projection, gelu_erf, self_attention};
 use super::weights::{TensorStore, read_checkpoint};
 
 pub const SAMPLE_RATE: usize = 16000;
@@ -187,33 +188,35 @@ pub fn slaney_mel_filters(n_mels: usize, n_fft: usize, sr: usize) -> Vec<f64> {
 
 struct EncoderLayer {
     attn_norm: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    qkv: FusedQkv,
+    out: Projection,
     ffn_norm: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Projection,
+    fc2: Projection,
     heads: usize,
-    head_dim: usize,
 }
 
 impl EncoderLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let a = multi_head_attention(
+        let a = self_attention(
             &self.attn_norm.forward(x)?,
-            &self.q,
-            &self.k,
-            &self.v,
+            &self.qkv,
             &self.out,
             self.heads,
-            self.head_dim,
         )?;
         let x = (x + a)?;
         let f = self
             .fc2
-            .forward(&self.fc1.forward(&self.ffn_norm.forward(&x)?)?.gelu_erf()?)?;
+            .forward(&gelu_erf(&self.fc1.forward(&self.ffn_norm.forward(&x)?)?)?)?;
         x + f
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType) -> candle_core::Result<()> {
+        self.qkv = self.qkv.quantize(dtype)?;
+        self.out = self.out.quantize(dtype)?;
+        self.fc1 = self.fc1.quantize(dtype)?;
+        self.fc2 = self.fc2.quantize(dtype)?;
+        Ok(())
     }
 }
 
@@ -225,9 +228,19 @@ fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     ))
 }
 
-fn linear(i: usize, o: usize, bias: bool, vb: VarBuilder) -> candle_core::Result<Linear> {
+fn weight_and_bias(
+    i: usize,
+    o: usize,
+    bias: bool,
+    vb: VarBuilder,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
     let b = if bias { Some(vb.get(o, "bias")?) } else { None };
-    Ok(Linear::new(vb.get((o, i), "weight")?, b))
+    Ok((vb.get((o, i), "weight")?, b))
+}
+
+fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Projection> {
+    let (w, b) = weight_and_bias(i, o, true, vb)?;
+    Ok(Projection::dense(w, b))
 }
 
 pub struct WhisperEncoder {
@@ -306,22 +319,22 @@ impl WhisperEncoder {
         let conv1 = conv(cfg.num_mel_bins, 1, vb.pp("conv1"))?;
         let conv2 = conv(d, 2, vb.pp("conv2"))?;
         let positions = vb.get((cfg.max_source_positions, d), "embed_positions.weight")?;
-        let head_dim = d / cfg.encoder_attention_heads;
         let mut layers = Vec::with_capacity(cfg.encoder_layers);
         for i in 0..cfg.encoder_layers {
             let l = vb.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             layers.push(EncoderLayer {
                 attn_norm: layer_norm(d, l.pp("self_attn_layer_norm"))?,
-                q: linear(d, d, true, a.pp("q_proj"))?,
-                k: linear(d, d, false, a.pp("k_proj"))?,
-                v: linear(d, d, true, a.pp("v_proj"))?,
-                out: linear(d, d, true, a.pp("out_proj"))?,
+                qkv: FusedQkv::new(
+                    weight_and_bias(d, d, true, a.pp("q_proj"))?,
+                    weight_and_bias(d, d, false, a.pp("k_proj"))?,
+                    weight_and_bias(d, d, true, a.pp("v_proj"))?,
+                )?,
+                out: linear(d, d, a.pp("out_proj"))?,
                 ffn_norm: layer_norm(d, l.pp("final_layer_norm"))?,
-                fc1: linear(d, cfg.encoder_ffn_dim, true, l.pp("fc1"))?,
-                fc2: linear(cfg.encoder_ffn_dim, d, true, l.pp("fc2"))?,
+                fc1: linear(d, cfg.encoder_ffn_dim, l.pp("fc1"))?,
+                fc2: linear(cfg.encoder_ffn_dim, d, l.pp("fc2"))?,
                 heads: cfg.encoder_attention_heads,
-                head_dim,
             });
         }
         let final_norm = layer_norm(d, vb.pp("layer_norm"))?;
@@ -340,6 +353,16 @@ impl WhisperEncoder {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Stores the transformer layers' projection weights as 8-bit blocks (`GgmlDType::Q8_0`):
+    /// ~4x less weight memory and, on CPUs with AVX512-VNNI, about twice the speed; the
+    /// convolutions and layer norms stay in the load dtype.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        for layer in &mut self.layers {
+            layer.quantize(dtype)?;
+        }
+        Ok(())
     }
 
     /// Encodes 16 kHz mono samples. Audio longer than 30 s is encoded in 30 s pieces whose
@@ -378,8 +401,8 @@ impl WhisperEncoder {
     }
 
     fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
-        let x = self.conv2.forward(&x)?.gelu_erf()?;
+        let x = gelu_erf(&self.conv1.forward(mel)?)?;
+        let x = gelu_erf(&self.conv2.forward(&x)?)?;
         let x = x.transpose(1, 2)?;
         let t = x.dim(1)?;
         if t > self.config.max_source_positions {
