@@ -3,6 +3,7 @@
 
     python bench/torch_reference.py xlsr OUT_DIR       # random xlsr-53-sized Wav2Vec2, saved for candle
     python bench/torch_reference.py whisper ENCODER_DIR  # the imported Whisper base encoder
+    python bench/torch_reference.py whisper-upto-4 ENCODER_DIR  # its first 4 layers only
 
 Prints one JSON line: seconds per run (median of several) for each input length.
 """
@@ -52,7 +53,7 @@ def xlsr(out_dir):
     return res
 
 
-def whisper(enc_dir):
+def whisper(enc_dir, upto=None):
     from safetensors.torch import load_file
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -69,10 +70,11 @@ def whisper(enc_dir):
         x = torch.nn.functional.gelu(enc.conv1(mel))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
         x = x + enc.embed_positions.weight[: x.shape[1]]
-        for layer in enc.layers:
+        layers = enc.layers if upto is None else enc.layers[:upto]
+        for layer in layers:
             y = layer(x, attention_mask=None)
             x = y[0] if isinstance(y, tuple) else y
-        return enc.layer_norm(x)
+        return enc.layer_norm(x) if upto is None else x
 
     with torch.inference_mode():
         return {"3s": median_time(run, 20)}
@@ -80,6 +82,11 @@ def whisper(enc_dir):
 
 if __name__ == "__main__":
     what, path = sys.argv[1], sys.argv[2]
-    out = xlsr(path) if what == "xlsr" else whisper(path)
+    if what == "xlsr":
+        out = xlsr(path)
+    elif what.startswith("whisper-upto-"):  # only the layers a head reads, as candle runs it
+        out = whisper(path, int(what[len("whisper-upto-"):]))
+    else:
+        out = whisper(path)
     out.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
     print(json.dumps(out))

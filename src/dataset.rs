@@ -116,7 +116,8 @@ fn cache_key(
     h.update(b"valence-features-v1");
     if let Some(q) = quantize {
         // Only quantized runs add to the key, so f32 caches made earlier stay valid.
-        h.update(format!("quantize={q:?}").as_bytes());
+        // "+conv2": since the front end's second convolution is quantized too.
+        h.update(format!("quantize={q:?}+conv2").as_bytes());
     }
     let weights = crate::model::find_weights_file(encoder_dir)?;
     let meta = std::fs::metadata(&weights)?;

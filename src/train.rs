@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde::Serialize;
@@ -232,8 +232,9 @@ pub fn train(
     }
     let k = cfg.head.num_classes();
     let (train_idx, val_idx) = speaker_split(speakers, cfg.val_fraction, cfg.seed);
-    let train_rows: Vec<Vec<f32>> = train_idx.iter().map(|&i| x[i].clone()).collect();
-    let scaler = StandardScaler::fit(&train_rows)?;
+    // The scaler sees every row given (no labels involved), so ensemble members trained on
+    // different validation splits share it and can be merged into one head.
+    let scaler = StandardScaler::fit(x)?;
     if scaler.dim() != cfg.head.input_dim() {
         bail!(
             "features have {} values, the head expects {}",
@@ -350,6 +351,83 @@ pub fn train(
     })
 }
 
+/// Trains `members` heads with seeds `cfg.seed`, `cfg.seed + 1`, ... (each with its own
+/// validation speakers and initialisation) and merges them into one head that outputs their
+/// mean logits. Averaging a few seeds removes much of the run-to-run variance of a small head
+/// trained on a few thousand clips. A one-hidden-layer MLP of N members is exactly an MLP
+/// with N times the hidden width (first layers stacked, last layers side by side / N), so the
+/// merged head needs no new head type; linear heads average directly.
+pub fn train_ensemble(
+    x: &[Vec<f32>],
+    y: &[usize],
+    speakers: &[String],
+    cfg: &TrainConfig,
+    members: usize,
+    mut progress: impl FnMut(usize, usize, f64, f64),
+) -> Result<Trained> {
+    if members <= 1 {
+        return train(x, y, speakers, cfg, |e, l, f| progress(0, e, l, f));
+    }
+    let HeadConfig::Mlp(mlp) = &cfg.head else {
+        bail!("ensembles are supported for MLP and linear heads");
+    };
+    if mlp.hidden.len() > 1 {
+        bail!("ensembles need an MLP with at most one hidden layer");
+    }
+    let mut runs = Vec::with_capacity(members);
+    for m in 0..members {
+        let mut c = cfg.clone();
+        c.seed = cfg.seed.wrapping_add(m as u64);
+        runs.push(train(x, y, speakers, &c, |e, l, f| progress(m, e, l, f))?);
+    }
+    let n = members as f64;
+    let get = |r: &Trained, k: &str| -> Result<Tensor> {
+        r.tensors
+            .get(k)
+            .cloned()
+            .with_context(|| format!("trained head lacks {k}"))
+    };
+    let last = mlp.hidden.len();
+    let mut tensors = HashMap::new();
+    let cat_all = |k: &str, dim: usize| -> Result<Tensor> {
+        let ts = runs.iter().map(|r| get(r, k)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ts, dim)?)
+    };
+    let mean_all = |k: &str| -> Result<Tensor> {
+        let ts = runs.iter().map(|r| get(r, k)).collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::stack(&ts, 0)?.sum(0)? / n)?)
+    };
+    if last == 1 {
+        tensors.insert(
+            "classifier.0.weight".into(),
+            cat_all("classifier.0.weight", 0)?,
+        );
+        tensors.insert("classifier.0.bias".into(), cat_all("classifier.0.bias", 0)?);
+        tensors.insert(
+            "classifier.1.weight".into(),
+            (cat_all("classifier.1.weight", 1)? / n)?,
+        );
+        tensors.insert("classifier.1.bias".into(), mean_all("classifier.1.bias")?);
+    } else {
+        tensors.insert(
+            "classifier.0.weight".into(),
+            mean_all("classifier.0.weight")?,
+        );
+        tensors.insert("classifier.0.bias".into(), mean_all("classifier.0.bias")?);
+    }
+    let mut merged_cfg = mlp.clone();
+    merged_cfg.hidden = mlp.hidden.iter().map(|h| h * members).collect();
+    Ok(Trained {
+        head_config: HeadConfig::Mlp(merged_cfg),
+        tensors,
+        scaler: runs[0].scaler.clone(),
+        epochs_run: runs.iter().map(|r| r.epochs_run).max().unwrap_or(0),
+        best_epoch: runs.iter().map(|r| r.best_epoch).max().unwrap_or(0),
+        best_val_macro_f1: runs.iter().map(|r| r.best_val_macro_f1).sum::<f64>() / n,
+        train_loss: runs[0].train_loss.clone(),
+    })
+}
+
 impl Trained {
     pub fn head(&self) -> Result<Head> {
         head_from_tensors(
@@ -447,6 +525,7 @@ pub fn out_of_fold(
     speakers: &[String],
     fold: &[usize],
     cfg: &TrainConfig,
+    members: usize,
 ) -> Result<Vec<usize>> {
     let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut pred = vec![0usize; x.len()];
@@ -459,7 +538,7 @@ pub fn out_of_fold(
         let xs: Vec<Vec<f32>> = train_idx.iter().map(|&i| x[i].clone()).collect();
         let ys: Vec<usize> = train_idx.iter().map(|&i| y[i]).collect();
         let ss: Vec<String> = train_idx.iter().map(|&i| speakers[i].clone()).collect();
-        let t = train(&xs, &ys, &ss, cfg, |_, _, _| {})?;
+        let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
         for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
             pred[*i] = argmax(&p);
         }
@@ -507,6 +586,53 @@ mod tests {
         let trs: BTreeSet<&String> = tr.iter().map(|&i| &speakers[i]).collect();
         assert!(va.iter().all(|&i| !trs.contains(&speakers[i])));
         assert!(!va.is_empty());
+    }
+
+    fn toy_problem() -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+        let mut rng = SeededNormal::new(4);
+        let (mut x, mut y, mut s) = (vec![], vec![], vec![]);
+        for i in 0..300 {
+            let c = i % 3;
+            x.push(
+                (0..8)
+                    .map(|d| rng.sample() * 0.5 + if d == c { 2.0 } else { 0.0 })
+                    .collect(),
+            );
+            y.push(c);
+            s.push(format!("spk{}", i % 10));
+        }
+        (x, y, s)
+    }
+
+    #[test]
+    fn ensemble_head_outputs_the_mean_of_its_members_logits() {
+        let (x, y, s) = toy_problem();
+        let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+            input_dim: 8,
+            hidden: vec![16],
+            dropout: 0.1,
+            head_activation: Default::default(),
+            num_classes: 3,
+        }));
+        cfg.max_epochs = 5;
+        let merged = train_ensemble(&x, &y, &s, &cfg, 3, |_, _, _, _| {}).unwrap();
+        assert_eq!(merged.head_config.input_dim(), 8);
+        let HeadConfig::Mlp(m) = &merged.head_config else {
+            panic!("an MLP")
+        };
+        assert_eq!(m.hidden, vec![48]);
+        let rows = rows_tensor(&x, &[0, 1, 2, 3], &merged.scaler).unwrap();
+        let got = merged.head().unwrap().forward(&rows, false).unwrap();
+        let mut sum = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+        for seed in 0..3 {
+            let mut c = cfg.clone();
+            c.seed = seed;
+            let one = train(&x, &y, &s, &c, |_, _, _| {}).unwrap();
+            sum = (sum + one.head().unwrap().forward(&rows, false).unwrap()).unwrap();
+        }
+        let want = (sum / 3.0).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
     }
 
     #[test]

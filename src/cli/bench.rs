@@ -48,6 +48,29 @@ fn noise(n: usize) -> Vec<f32> {
     (0..n).map(|_| r.sample() * 0.1).collect()
 }
 
+/// A mono 32-bit float WAV file (format tag 3).
+fn write_wav_f32(path: &Path, samples: &[f32], rate: u32) -> Result<()> {
+    let data_len = (samples.len() * 4) as u32;
+    let mut b = Vec::with_capacity(44 + data_len as usize);
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data_len).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&3u16.to_le_bytes()); // IEEE float
+    b.extend_from_slice(&1u16.to_le_bytes()); // mono
+    b.extend_from_slice(&rate.to_le_bytes());
+    b.extend_from_slice(&(rate * 4).to_le_bytes());
+    b.extend_from_slice(&4u16.to_le_bytes());
+    b.extend_from_slice(&32u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, b)?;
+    Ok(())
+}
+
 fn row(name: &str, audio_s: f64, candle: f64, torch: Option<f64>) {
     match torch {
         Some(t) => println!(
@@ -84,9 +107,46 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         let dir = registry::resolve_model("default")?;
         let m = registry::shared_model(&dir, &Device::Cpu)?;
         let t_model = median(|| m.classify(&x).map(|_| ()), 20)?;
+        let upto = m
+            .manifest
+            .features
+            .layers
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let tr_model = match python {
+            Some(p) => torch(p, &format!("whisper-upto-{upto}"), &enc_dir)?["3s"].as_f64(),
+            None => None,
+        };
+        row(
+            &format!("default model (layers ..{upto}, 3 s window)"),
+            3.0,
+            t_model,
+            tr_model,
+        );
         println!(
             "default model, one 3 s window: {t_model:.4} s -> at 1 s hop {:.1}x real time",
             1.0 / t_model
+        );
+        // End to end, as `valence classify` runs: decodebin, resampling, windows, messages.
+        std::fs::create_dir_all(work)?;
+        let wav = work.join("bench-60s-48k.wav");
+        write_wav_f32(&wav, &noise(60 * 48000), 48000)?;
+        let opts = super::classify::Options {
+            model: "default".into(),
+            device: "cpu".into(),
+            window_s: 3.0,
+            hop_s: 1.0,
+            silence_threshold: -60.0,
+        };
+        let mut windows = 0;
+        let t0 = Instant::now();
+        super::classify::classify_file(&wav, &opts, |_| windows += 1)?;
+        let t = t0.elapsed().as_secs_f64();
+        println!(
+            "valence classify, 60 s of 48 kHz audio, 3 s window / 1 s hop: {windows} windows in {t:.2} s -> {:.1}x real time",
+            60.0 / t
         );
     }
     if what == "all" || what == "xlsr" {

@@ -67,6 +67,10 @@ pub struct FeatureArgs {
     /// Where pooled features are cached.
     #[arg(long)]
     pub feature_cache: Option<PathBuf>,
+    /// Train this many heads with consecutive seeds and average their logits (MLP with one
+    /// hidden layer or linear heads; the result is one wider MLP).
+    #[arg(long, default_value_t = 1)]
+    pub ensemble: usize,
     /// Run the encoder with block-quantized projection weights (`q8_0`), as the model will
     /// run (written to the trained manifest's `encoder.quantize`).
     #[arg(long)]
@@ -213,7 +217,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
     let fold = train::speaker_folds(&speakers, folds, args.seed);
     let grouped = train::evaluate(
         &y,
-        &train::out_of_fold(&x, &y, &speakers, &fold, &cfg)?,
+        &train::out_of_fold(&x, &y, &speakers, &fold, &cfg, args.ensemble)?,
         &langs,
         &corpora,
         3,
@@ -231,7 +235,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         .collect();
     let loco = train::evaluate(
         &y,
-        &train::out_of_fold(&x, &y, &speakers, &loco_fold, &cfg)?,
+        &train::out_of_fold(&x, &y, &speakers, &loco_fold, &cfg, args.ensemble)?,
         &langs,
         &corpora,
         3,
@@ -247,7 +251,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         "{}",
         serde_json::json!({
             "layers": args.layers, "combine": format!("{:?}", args.combine), "pooling": format!("{:?}", args.pooling),
-            "head": args.head, "speaker_norm": speaker_norm,
+            "head": args.head, "ensemble": args.ensemble, "speaker_norm": speaker_norm,
             "grouped_cv_macro_f1": grouped.report.macro_f1, "grouped_cv_accuracy": grouped.report.accuracy,
             "loco_macro_f1_mean": loco_mean, "loco_pooled_macro_f1": loco.report.macro_f1,
         })
@@ -272,13 +276,17 @@ pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>)
     let (clips, x, y) = args.load()?;
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let cfg = args.train_config(x[0].len());
-    let bar = indicatif::ProgressBar::new(cfg.max_epochs as u64).with_style(
+    let members = args.ensemble.max(1);
+    let bar = indicatif::ProgressBar::new((cfg.max_epochs * members) as u64).with_style(
         indicatif::ProgressStyle::with_template("training {pos}/{len} epochs [{bar:30}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let trained = train::train(&x, &y, &speakers, &cfg, |e, loss, f1| {
-        bar.set_position(e as u64);
-        bar.set_message(format!("loss {loss:.4} val macro-F1 {f1:.3}"));
+    let trained = train::train_ensemble(&x, &y, &speakers, &cfg, members, |m, e, loss, f1| {
+        bar.set_position((m * cfg.max_epochs + e) as u64);
+        bar.set_message(format!(
+            "head {}/{members}: loss {loss:.4} val macro-F1 {f1:.3}",
+            m + 1
+        ));
     })?;
     bar.finish_and_clear();
     eprintln!(
@@ -333,6 +341,7 @@ pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>)
             "trained_on": args.manifest.to_string_lossy(),
             "clips": clips.len(),
             "recipe": cfg,
+            "ensemble": members,
             "epochs_run": trained.epochs_run,
             "best_epoch": trained.best_epoch,
             "validation_macro_f1": trained.best_val_macro_f1,

@@ -11,7 +11,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use candle_nn::Linear;
+use candle_nn::{Conv1d, Linear};
 
 /// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
 #[derive(Debug, Clone)]
@@ -72,6 +72,105 @@ impl Module for Projection {
                     None => y,
                 };
                 y.to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// A 1-D convolution that can run as im2col + a block-quantized product on the CPU (Whisper's
+/// second front-end convolution is 512 x 1536 per output frame: worth quantizing with the
+/// layers). Dense convolutions use candle's own op.
+#[derive(Debug, Clone)]
+pub enum Conv1dLayer {
+    Dense(Conv1d),
+    Quantized {
+        /// [out, in * kernel], rows in the dense weight's (in, kernel) order.
+        weight: QMatMul,
+        bias: Option<Tensor>,
+        in_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+impl Conv1dLayer {
+    /// Quantizes when on the CPU, ungrouped, undilated and `in * kernel` fits whole blocks.
+    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+        let Self::Dense(conv) = self else {
+            return Ok(self.clone());
+        };
+        let cfg = conv.config();
+        let (out, cin, k) = conv.weight().dims3()?;
+        if !conv.weight().device().is_cpu()
+            || cfg.groups != 1
+            || cfg.dilation != 1
+            || !(cin * k).is_multiple_of(dtype.block_size())
+        {
+            return Ok(self.clone());
+        }
+        let w = conv
+            .weight()
+            .to_dtype(DType::F32)?
+            .reshape((out, cin * k))?;
+        Ok(Self::Quantized {
+            weight: QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?,
+            bias: conv.bias().cloned(),
+            in_channels: cin,
+            kernel: k,
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
+    }
+}
+
+impl Module for Conv1dLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(c) => c.forward(x),
+            Self::Quantized {
+                weight,
+                bias,
+                in_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let (b, cin, t) = x.dims3()?;
+                if cin != *in_channels {
+                    candle_core::bail!("conv expects {in_channels} channels, got {cin}");
+                }
+                let dtype = x.dtype();
+                let padded = t + 2 * padding;
+                if padded < *kernel {
+                    candle_core::bail!("conv input of {t} frames is shorter than its kernel");
+                }
+                let t_out = (padded - kernel) / stride + 1;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                // im2col: row (batch, frame) holds x[c, frame * stride + j - padding] at c * kernel + j.
+                let width = cin * kernel;
+                let mut cols = vec![0f32; b * t_out * width];
+                for bi in 0..b {
+                    let xb = &xs[bi * cin * t..(bi + 1) * cin * t];
+                    for f in 0..t_out {
+                        let row = &mut cols[(bi * t_out + f) * width..][..width];
+                        for c in 0..cin {
+                            for j in 0..*kernel {
+                                let pos = (f * stride + j) as isize - *padding as isize;
+                                if pos >= 0 && (pos as usize) < t {
+                                    row[c * kernel + j] = xb[c * t + pos as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+                let cols = Tensor::from_vec(cols, (b, t_out, width), x.device())?;
+                let y = weight.forward(&cols)?;
+                let y = match bias {
+                    Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?)?,
+                    None => y,
+                };
+                y.transpose(1, 2)?.to_dtype(dtype)
             }
         }
     }
@@ -285,7 +384,10 @@ pub fn exp_approx(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 5e-1;
     let e = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // 2^n from the float n without a float->int conversion (which would not vectorise): n + 127
+    // lands in the low mantissa bits of n + 127 + 2^23; shifting by 23 moves it into the
+    // exponent field and drops the magic number's own exponent.
+    let scale = f32::from_bits((n + 127.0 + 8_388_608.0).to_bits() << 23);
     e * scale
 }
 
@@ -333,6 +435,28 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "max |diff| {diff}");
+    }
+
+    #[test]
+    fn quantized_conv_follows_the_dense_one() {
+        let dev = Device::Cpu;
+        let w = Tensor::rand(-0.1f32, 0.1, (32, 128, 2), &dev).unwrap();
+        let b = Tensor::rand(-1f32, 1., 32, &dev).unwrap();
+        let x = Tensor::rand(-1f32, 1., (1, 128, 21), &dev).unwrap();
+        let cfg = candle_nn::Conv1dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let dense = Conv1dLayer::Dense(Conv1d::new(w, Some(b), cfg));
+        let q = dense.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(matches!(q, Conv1dLayer::Quantized { .. }));
+        let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
+        assert_eq!(yd.dims(), yq.dims());
+        let err = (&yd - &yq).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = yd.abs().unwrap().max_all().unwrap();
+        let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+        assert!(rel < 0.02, "relative error {rel}");
     }
 
     #[test]
