@@ -59,6 +59,51 @@ fn whisper_base_import_matches_ctranslate2() {
     );
 }
 
+/// The 8-bit encoder the default model runs on the CPU stays close to the f32 one, layer by
+/// layer, and gives nearly the same pooled features (the head was trained on q8_0 features; a
+/// broken quantized path would drift far more than block rounding does).
+#[test]
+fn q8_0_whisper_base_stays_close_to_f32() {
+    let Some(dir) = encoder_dir() else { return };
+    let dense =
+        gstvalence::model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap();
+    let mut quantized =
+        gstvalence::model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap();
+    quantized
+        .quantize(candle_core::quantized::GgmlDType::Q8_0)
+        .unwrap();
+    let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
+    let (a, b) = (
+        dense.encode_upto(&audio, Some(4)).unwrap(),
+        quantized.encode_upto(&audio, Some(4)).unwrap(),
+    );
+    for (layer, (x, y)) in a.hidden_states.iter().zip(&b.hidden_states).enumerate() {
+        let rms = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let rel = rms(&(x - y).unwrap()) / rms(x);
+        assert!(rel < 0.1, "layer {layer}: relative RMS error {rel}");
+        let (px, py) = (x.mean(1).unwrap(), y.mean(1).unwrap());
+        let dot = (&px * &py)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let cos = dot / (rms(&px) * rms(&py) * px.elem_count() as f32);
+        eprintln!("layer {layer}: relative RMS error {rel:.4}, pooled cosine {cos:.6}");
+        assert!(cos > 0.999, "layer {layer}: pooled cosine {cos}");
+    }
+}
+
 /// A few clips per class from different speakers and corpora.
 fn some_clips(data: &std::path::Path, per_class: usize) -> Vec<Clip> {
     let clips = dataset::read_manifest(&data.join("manifest.csv")).unwrap();
@@ -114,7 +159,9 @@ fn shipped_model_predictions_match_recorded_expectations() {
             .zip(e["probabilities"].as_array().unwrap())
         {
             let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-            assert!((a - b).abs() < 1e-3, "{}: {a} vs {b}", g["path"]);
+            // The q8_0 encoder quantizes activations in 256-value blocks on AVX512-VNNI CPUs
+            // and 32-value blocks elsewhere: probabilities move by up to ~1e-2 between them.
+            assert!((a - b).abs() < 2e-2, "{}: {a} vs {b}", g["path"]);
         }
     }
     // The shipped model gets most of these (training) clips right; a broken pipeline would not.
