@@ -11,7 +11,7 @@
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use candle_nn::{Conv1d, Linear};
+use candle_nn::{Conv1d, Linear, VarBuilder};
 
 /// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
 #[derive(Debug, Clone)]
@@ -23,9 +23,30 @@ pub enum Projection {
     },
 }
 
+/// An HF/PyTorch linear layer's `weight` [out, in] and, when it has one, `bias` [out].
+pub fn linear_weights(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: &VarBuilder,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok((vb.get((out_dim, in_dim), "weight")?, b))
+}
+
 impl Projection {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self::Dense(Linear::new(weight, bias))
+    }
+
+    /// Loads a linear layer with a bias.
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (w, b) = linear_weights(in_dim, out_dim, true, &vb)?;
+        Ok(Self::dense(w, b))
     }
 
     /// Re-stores the weights as `dtype` blocks (e.g. Q8_0). Shapes whose inner size is not a
@@ -65,15 +86,23 @@ impl Module for Projection {
             Self::Dense(l) => l.forward(x),
             Self::Quantized { weight, bias } => {
                 // The quantized kernels take f32 activations; keep the caller's dtype outside.
-                let dtype = x.dtype();
-                let y = weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?;
-                let y = match bias {
-                    Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
-                    None => y,
-                };
-                y.to_dtype(dtype)
+                let y = quantized_affine(weight, bias.as_ref(), &x.to_dtype(DType::F32)?)?;
+                y.to_dtype(x.dtype())
             }
         }
+    }
+}
+
+/// `x W^T + b` for f32 `x` and block-quantized `W`.
+fn quantized_affine(
+    weight: &QMatMul,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let y = weight.forward(&x.contiguous()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
+        None => Ok(y),
     }
 }
 
@@ -165,12 +194,9 @@ impl Module for Conv1dLayer {
                     }
                 }
                 let cols = Tensor::from_vec(cols, (b, t_out, width), x.device())?;
-                let y = weight.forward(&cols)?;
-                let y = match bias {
-                    Some(bias) => y.broadcast_add(&bias.to_dtype(DType::F32)?)?,
-                    None => y,
-                };
-                y.transpose(1, 2)?.to_dtype(dtype)
+                quantized_affine(weight, bias.as_ref(), &cols)?
+                    .transpose(1, 2)?
+                    .to_dtype(dtype)
             }
         }
     }
@@ -214,6 +240,16 @@ impl FusedQkv {
             proj: Projection::dense(weight, bias),
             width,
         })
+    }
+
+    /// Loads `q_proj`, `k_proj` and `v_proj` (HF names, shared by Wav2Vec2 and Whisper) of
+    /// width `width`; Whisper's key projection has no bias.
+    pub fn load(width: usize, key_bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::new(
+            linear_weights(width, width, true, &vb.pp("q_proj"))?,
+            linear_weights(width, width, key_bias, &vb.pp("k_proj"))?,
+            linear_weights(width, width, true, &vb.pp("v_proj"))?,
+        )
     }
 
     pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {

@@ -118,19 +118,6 @@ fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Laye
     ))
 }
 
-fn weight_and_bias(
-    i: usize,
-    o: usize,
-    vb: VarBuilder,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    Ok((vb.get((o, i), "weight")?, Some(vb.get(o, "bias")?)))
-}
-
-fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Projection> {
-    let (w, b) = weight_and_bias(i, o, vb)?;
-    Ok(Projection::dense(w, b))
-}
-
 struct Attention {
     qkv: FusedQkv,
     out: Projection,
@@ -147,12 +134,8 @@ impl Attention {
             );
         }
         Ok(Self {
-            qkv: FusedQkv::new(
-                weight_and_bias(h, h, vb.pp("q_proj"))?,
-                weight_and_bias(h, h, vb.pp("k_proj"))?,
-                weight_and_bias(h, h, vb.pp("v_proj"))?,
-            )?,
-            out: linear(h, h, vb.pp("out_proj"))?,
+            qkv: FusedQkv::load(h, true, vb.clone())?,
+            out: Projection::load(h, h, vb.pp("out_proj"))?,
             heads: cfg.num_attention_heads,
         })
     }
@@ -322,7 +305,7 @@ impl Wav2Vec2Model {
         let h = cfg.hidden_size;
         let fp = vb.pp("feature_projection");
         let projection_norm = layer_norm(last, cfg.layer_norm_eps, fp.pp("layer_norm"))?;
-        let projection = linear(last, h, fp.pp("projection"))?;
+        let projection = Projection::load(last, h, fp.pp("projection"))?;
 
         let enc = vb.pp("encoder");
         let pc = enc.pp("pos_conv_embed.conv");
@@ -355,8 +338,12 @@ impl Wav2Vec2Model {
                 attention: Attention::load(&cfg, l.pp("attention"))?,
                 layer_norm: layer_norm(h, cfg.layer_norm_eps, l.pp("layer_norm"))?,
                 feed_forward: FeedForward {
-                    intermediate: linear(h, cfg.intermediate_size, ff.pp("intermediate_dense"))?,
-                    output: linear(cfg.intermediate_size, h, ff.pp("output_dense"))?,
+                    intermediate: Projection::load(
+                        h,
+                        cfg.intermediate_size,
+                        ff.pp("intermediate_dense"),
+                    )?,
+                    output: Projection::load(cfg.intermediate_size, h, ff.pp("output_dense"))?,
                     act,
                 },
                 final_layer_norm: layer_norm(h, cfg.layer_norm_eps, l.pp("final_layer_norm"))?,

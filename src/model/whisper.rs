@@ -246,21 +246,6 @@ fn layer_norm(size: usize, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
     ))
 }
 
-fn weight_and_bias(
-    i: usize,
-    o: usize,
-    bias: bool,
-    vb: VarBuilder,
-) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-    let b = if bias { Some(vb.get(o, "bias")?) } else { None };
-    Ok((vb.get((o, i), "weight")?, b))
-}
-
-fn linear(i: usize, o: usize, vb: VarBuilder) -> candle_core::Result<Projection> {
-    let (w, b) = weight_and_bias(i, o, true, vb)?;
-    Ok(Projection::dense(w, b))
-}
-
 pub struct WhisperEncoder {
     pub config: WhisperEncoderConfig,
     mel: LogMel,
@@ -343,15 +328,11 @@ impl WhisperEncoder {
             let a = l.pp("self_attn");
             layers.push(EncoderLayer {
                 attn_norm: layer_norm(d, l.pp("self_attn_layer_norm"))?,
-                qkv: FusedQkv::new(
-                    weight_and_bias(d, d, true, a.pp("q_proj"))?,
-                    weight_and_bias(d, d, false, a.pp("k_proj"))?,
-                    weight_and_bias(d, d, true, a.pp("v_proj"))?,
-                )?,
-                out: linear(d, d, a.pp("out_proj"))?,
+                qkv: FusedQkv::load(d, false, a.clone())?,
+                out: Projection::load(d, d, a.pp("out_proj"))?,
                 ffn_norm: layer_norm(d, l.pp("final_layer_norm"))?,
-                fc1: linear(d, cfg.encoder_ffn_dim, l.pp("fc1"))?,
-                fc2: linear(cfg.encoder_ffn_dim, d, l.pp("fc2"))?,
+                fc1: Projection::load(d, cfg.encoder_ffn_dim, l.pp("fc1"))?,
+                fc2: Projection::load(cfg.encoder_ffn_dim, d, l.pp("fc2"))?,
                 heads: cfg.encoder_attention_heads,
             });
         }
