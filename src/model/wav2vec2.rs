@@ -443,7 +443,11 @@ impl Wav2Vec2Model {
             x = match &c.norm {
                 ConvNorm::None => x,
                 ConvNorm::Group(gn) => gn.forward(&x)?,
-                ConvNorm::Layer(ln) => ln.forward(&x.transpose(1, 2)?)?.transpose(1, 2)?,
+                // Contiguous first: candle's fused layer norm only takes contiguous input and
+                // its fallback makes ~8 passes over these long [frames, 512] tensors.
+                ConvNorm::Layer(ln) => ln
+                    .forward(&x.transpose(1, 2)?.contiguous()?)?
+                    .transpose(1, 2)?,
             };
             x = self.conv_act.apply(&x)?;
         }
