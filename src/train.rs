@@ -604,16 +604,20 @@ mod tests {
         (x, y, s)
     }
 
-    #[test]
-    fn ensemble_head_outputs_the_mean_of_its_members_logits() {
-        let (x, y, s) = toy_problem();
-        let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+    fn toy_recipe() -> TrainConfig {
+        TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
             input_dim: 8,
             hidden: vec![16],
             dropout: 0.1,
             head_activation: Default::default(),
             num_classes: 3,
-        }));
+        }))
+    }
+
+    #[test]
+    fn ensemble_head_outputs_the_mean_of_its_members_logits() {
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
         cfg.max_epochs = 5;
         let merged = train_ensemble(&x, &y, &s, &cfg, 3, |_, _, _, _| {}).unwrap();
         assert_eq!(merged.head_config.input_dim(), 8);
@@ -637,27 +641,8 @@ mod tests {
 
     #[test]
     fn learns_a_separable_problem_reproducibly() {
-        let mut rng = SeededNormal::new(4);
-        let mut x = vec![];
-        let mut y = vec![];
-        let mut s = vec![];
-        for i in 0..300 {
-            let c = i % 3;
-            x.push(
-                (0..8)
-                    .map(|d| rng.sample() * 0.5 + if d == c { 2.0 } else { 0.0 })
-                    .collect(),
-            );
-            y.push(c);
-            s.push(format!("spk{}", i % 10));
-        }
-        let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
-            input_dim: 8,
-            hidden: vec![16],
-            dropout: 0.1,
-            head_activation: Default::default(),
-            num_classes: 3,
-        }));
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
         cfg.lr = 1e-2;
         cfg.max_epochs = 30;
         let a = train(&x, &y, &s, &cfg, |_, _, _| {}).unwrap();
