@@ -68,16 +68,6 @@ impl Projection {
             Self::Quantized { .. } => Ok(self.clone()),
         }
     }
-
-    pub fn out_features(&self) -> candle_core::Result<usize> {
-        match self {
-            Self::Dense(l) => l.weight().dim(0),
-            Self::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => q.shape().dim(0),
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0),
-            },
-        }
-    }
 }
 
 impl Module for Projection {
