@@ -6,8 +6,9 @@
 //! run the small GEMMs below the thread pool's sweet spot. Here the erf GELU on contiguous f32
 //! CPU tensors uses a branch-free approximation (|error| < 1e-6, far inside the 1e-4 parity
 //! tolerance) that the compiler vectorises, the Q/K/V weights are fused into one product, and
-//! projections can hold 8-bit block-quantized weights (`q8_0`), which candle multiplies with
-//! AVX512-VNNI kernels on CPUs that have them. Other devices and dtypes use candle's own ops.
+//! projections and convolutions can hold 8-bit block-quantized weights (`q8_0`), which candle
+//! multiplies with AVX512-VNNI kernels on CPUs that have them. Other devices and dtypes use
+//! candle's own ops.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
