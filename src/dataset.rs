@@ -36,6 +36,13 @@ impl Clip {
     }
 }
 
+/// The folder a manifest's clip paths are relative to: `root` when given, else the manifest's
+/// own folder.
+pub fn clip_root(manifest: &Path, root: Option<&Path>) -> PathBuf {
+    root.map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
 /// Reads a manifest, keeping only rows with a valence label (`unmapped` rows are skipped).
 pub fn read_manifest(path: &Path) -> Result<Vec<Clip>> {
     let mut r =

@@ -104,15 +104,6 @@ impl FeatureArgs {
         }
     }
 
-    fn root(&self) -> PathBuf {
-        self.root.clone().unwrap_or_else(|| {
-            self.manifest
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_default()
-        })
-    }
-
     /// Clips, their feature rows, labels.
     pub fn load(&self) -> Result<Labelled> {
         let clips = dataset::read_manifest(&self.manifest)?;
@@ -127,7 +118,7 @@ impl FeatureArgs {
             .transpose()?;
         let table = dataset::features(
             &clips,
-            &self.root(),
+            &dataset::clip_root(&self.manifest, self.root.as_deref()),
             &self.encoder,
             quantize,
             &cache,
@@ -368,9 +359,7 @@ pub fn eval(
         bail!("eval needs a negative/neutral/positive model");
     }
     let clips = dataset::read_manifest(manifest)?;
-    let root = root
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| manifest.parent().map(Path::to_path_buf).unwrap_or_default());
+    let root = dataset::clip_root(manifest, root);
     let bar = indicatif::ProgressBar::new(clips.len() as u64);
     let mut pred = Vec::with_capacity(clips.len());
     for c in &clips {

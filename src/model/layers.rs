@@ -59,10 +59,8 @@ impl Projection {
                 if !k.is_multiple_of(dtype.block_size()) {
                     return Ok(self.clone());
                 }
-                let w = l.weight().to_dtype(DType::F32)?;
-                let q = QTensor::quantize(&w, dtype)?;
                 Ok(Self::Quantized {
-                    weight: QMatMul::from_qtensor(q)?,
+                    weight: quantize_matrix(l.weight(), dtype)?,
                     bias: l.bias().cloned(),
                 })
             }
@@ -82,6 +80,11 @@ impl Module for Projection {
             }
         }
     }
+}
+
+/// A [out, in] weight matrix as `dtype` blocks, ready for `x W^T` products.
+fn quantize_matrix(weight: &Tensor, dtype: GgmlDType) -> candle_core::Result<QMatMul> {
+    QMatMul::from_qtensor(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?)
 }
 
 /// `x W^T + b` for f32 `x` and block-quantized `W`.
@@ -129,12 +132,8 @@ impl Conv1dLayer {
         {
             return Ok(self.clone());
         }
-        let w = conv
-            .weight()
-            .to_dtype(DType::F32)?
-            .reshape((out, cin * k))?;
         Ok(Self::Quantized {
-            weight: QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?,
+            weight: quantize_matrix(&conv.weight().reshape((out, cin * k))?, dtype)?,
             bias: conv.bias().cloned(),
             in_channels: cin,
             kernel: k,
@@ -422,6 +421,15 @@ pub fn exp_approx(x: f32) -> f32 {
 mod tests {
     use super::*;
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// candle's own f64 erf as the reference.
     fn erf_f64(x: f64) -> f64 {
         let t = Tensor::new(&[x], &Device::Cpu).unwrap();
@@ -453,14 +461,7 @@ mod tests {
         let t = Tensor::from_vec(xs, (100, 1000), &Device::Cpu).unwrap();
         let fast = gelu_erf(&t).unwrap();
         let reference = t.gelu_erf().unwrap();
-        let diff = (fast - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs(&(fast - reference).unwrap());
         assert!(diff < 1e-5, "max |diff| {diff}");
     }
 
@@ -480,9 +481,7 @@ mod tests {
         assert!(matches!(q, Conv1dLayer::Quantized { .. }));
         let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
         assert_eq!(yd.dims(), yq.dims());
-        let err = (&yd - &yq).unwrap().abs().unwrap().max_all().unwrap();
-        let scale = yd.abs().unwrap().max_all().unwrap();
-        let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+        let rel = max_abs(&(&yd - &yq).unwrap()) / max_abs(&yd);
         assert!(rel < 0.02, "relative error {rel}");
     }
 
@@ -505,8 +504,7 @@ mod tests {
         let k_ref = Linear::new(wk, None).forward(&x).unwrap();
         let v_ref = Linear::new(wv, Some(bv)).forward(&x).unwrap();
         for (a, b) in [(q, q_ref), (k, k_ref), (v, v_ref)] {
-            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            assert!(max_abs(&(a - b).unwrap()) < 1e-5);
         }
     }
 }
