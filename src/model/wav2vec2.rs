@@ -9,11 +9,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::GgmlDType;
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Conv1dConfig, GroupNorm, LayerNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::EncoderOutput;
+use super::conv::FrameConv1d;
 use super::layers::{FusedQkv, Projection, gelu_erf, self_attention};
 use super::weights::{TensorStore, normalize_names, read_checkpoint};
 
@@ -106,7 +107,7 @@ enum ConvNorm {
 }
 
 struct FeatureConv {
-    conv: Conv1d,
+    conv: FrameConv1d,
     norm: ConvNorm,
 }
 
@@ -191,7 +192,7 @@ pub struct Wav2Vec2Model {
     conv_act: Activation,
     projection_norm: LayerNorm,
     projection: Projection,
-    pos_conv: Conv1d,
+    pos_conv: FrameConv1d,
     pos_conv_drop_last: bool,
     encoder_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
@@ -277,14 +278,14 @@ impl Wav2Vec2Model {
             } else {
                 None
             };
-            let conv = Conv1d::new(
+            let conv = FrameConv1d::new(
                 weight,
                 bias,
                 Conv1dConfig {
                     stride: cfg.conv_stride[i],
                     ..Default::default()
                 },
-            );
+            )?;
             let norm = if layer_norm_convs {
                 ConvNorm::Layer(layer_norm(c_out, cfg.layer_norm_eps, lvb.pp("layer_norm"))?)
             } else if i == 0 {
@@ -319,7 +320,7 @@ impl Wav2Vec2Model {
         let v = pc.get((h, h / groups, k), "weight_v")?;
         let v_norm = v.sqr()?.sum_keepdim(0)?.sum_keepdim(1)?.sqrt()?;
         let pos_weight = v.broadcast_mul(&g.broadcast_div(&v_norm)?)?;
-        let pos_conv = Conv1d::new(
+        let pos_conv = FrameConv1d::new(
             pos_weight,
             Some(pc.get(h, "bias")?),
             Conv1dConfig {
@@ -327,7 +328,7 @@ impl Wav2Vec2Model {
                 groups,
                 ..Default::default()
             },
-        );
+        )?;
         let encoder_norm = layer_norm(h, cfg.layer_norm_eps, enc.pp("layer_norm"))?;
         let act = Activation::parse(&cfg.hidden_act)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -437,31 +438,32 @@ impl Wav2Vec2Model {
     }
 
     fn forward_upto(&self, input: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
-        let mut x = input.clone();
+        // Channels-last throughout: [batch, frames, channels] (see `conv`): the layer norms
+        // then normalise contiguous rows and the projection needs no transpose.
+        let mut x = input.transpose(1, 2)?;
         for c in &self.convs {
             x = c.conv.forward(&x)?;
             x = match &c.norm {
                 ConvNorm::None => x,
-                ConvNorm::Group(gn) => gn.forward(&x)?,
-                // Contiguous first: candle's fused layer norm only takes contiguous input and
-                // its fallback makes ~8 passes over these long [frames, 512] tensors.
-                ConvNorm::Layer(ln) => ln
+                // Per-channel statistics over time: candle's group norm wants channels first.
+                ConvNorm::Group(gn) => gn
                     .forward(&x.transpose(1, 2)?.contiguous()?)?
-                    .transpose(1, 2)?,
+                    .transpose(1, 2)?
+                    .contiguous()?,
+                ConvNorm::Layer(ln) => ln.forward(&x)?,
             };
             x = self.conv_act.apply(&x)?;
         }
-        let x = x.transpose(1, 2)?.contiguous()?; // [b, frames, conv_dim]
         let x = self
             .projection
             .forward(&self.projection_norm.forward(&x)?)?;
 
-        let mut pos = self.pos_conv.forward(&x.transpose(1, 2)?.contiguous()?)?;
+        let mut pos = self.pos_conv.forward(&x)?;
         if self.pos_conv_drop_last {
-            let t = pos.dim(D::Minus1)?;
-            pos = pos.narrow(D::Minus1, 0, t - 1)?;
+            let t = pos.dim(1)?;
+            pos = pos.narrow(1, 0, t - 1)?;
         }
-        let pos = gelu_erf(&pos)?.transpose(1, 2)?;
+        let pos = gelu_erf(&pos)?;
         let mut h = (x + pos)?;
         if !self.config.do_stable_layer_norm {
             h = self.encoder_norm.forward(&h)?;
