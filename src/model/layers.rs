@@ -14,6 +14,8 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv1d, Linear, VarBuilder};
 
+use super::attention;
+
 /// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
 #[derive(Debug, Clone)]
 pub enum Projection {
@@ -249,9 +251,14 @@ impl FusedQkv {
         })
     }
 
+    /// Q, K and V side by side: [batch, time, 3 * width].
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.proj.forward(x)
+    }
+
     /// Returns (q, k, v), each [batch, time, width].
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let y = self.proj.forward(x)?;
+        let y = self.project(x)?;
         let d = self.width;
         Ok((
             y.narrow(2, 0, d)?,
@@ -261,13 +268,17 @@ impl FusedQkv {
     }
 }
 
-/// Scaled dot-product self-attention over `x` [batch, time, width], no mask.
+/// Scaled dot-product self-attention over `x` [batch, time, width], no mask. CPU f32 runs the
+/// fused op of [`attention`]; other devices and dtypes candle's ops.
 pub fn self_attention(
     x: &Tensor,
     qkv: &FusedQkv,
     out: &Projection,
     heads: usize,
 ) -> candle_core::Result<Tensor> {
+    if attention::supported(x) {
+        return out.forward(&attention::fused_self_attention(&qkv.project(x)?, heads)?);
+    }
     let (b, t, width) = x.dims3()?;
     let head_dim = width / heads;
     let split = |y: Tensor| -> candle_core::Result<Tensor> {

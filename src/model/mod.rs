@@ -1,6 +1,7 @@
 //! Valence models, independent of GStreamer: encoders (Wav2Vec2, Whisper), pooling, scaler and
 //! classifier head, described by a model directory's `valence.json` manifest.
 
+pub mod attention;
 pub mod conv;
 pub mod ct2;
 pub mod head;
