@@ -9,24 +9,40 @@
 //! the CPU (f32) the product reads it in place with the `gemm` crate (candle's own CPU matmul
 //! engine, which takes any row stride), bias preloaded into the output. Grouped convolutions
 //! (Wav2Vec2's positional convolution: 16 groups, kernel 128) first move each group's channels
-//! next to each other, then run one such product per group. Other devices and dtypes run
-//! candle's `conv1d` on the transposed input: same results, device-generic.
+//! next to each other, then run one such product per group. The bias, and optionally a
+//! per-frame layer norm and the erf GELU that follow the convolution in Wav2Vec2's feature
+//! encoder, run in one parallel pass over the product's output while each frame is in cache
+//! (separately they made two more passes and two more allocations over tensors of up to 64 MB).
+//! Other devices and dtypes run candle's `conv1d`, `LayerNorm` and GELU on the transposed
+//! input: same results, device-generic.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig};
+use candle_nn::{Conv1d, Conv1dConfig, LayerNorm};
+
+use super::layers::{gelu_erf, gelu_erf_chunk};
 
 /// A 1-D convolution (PyTorch semantics: zero padding, stride, groups; no dilation) taking and
 /// returning channels-last tensors.
 #[derive(Debug, Clone)]
 pub struct FrameConv1d {
     conv: Conv1d,
+    /// Applied to each output frame after the convolution (see [`Self::with_layer_norm`]).
+    norm: Option<LayerNorm>,
+    gelu: bool,
     /// The CPU f32 form of the weights, when the weights are CPU f32.
     packed: Option<Arc<PackedConv>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
+struct FrameNorm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+#[derive(Debug, Clone)]
 struct PackedConv {
     /// Per group, a [kernel * in_per_group, out_per_group] row-major matrix: row `j * in_g + c`
     /// multiplies input channel `c` of the window's frame `j`.
@@ -37,6 +53,8 @@ struct PackedConv {
     groups: usize,
     in_per_group: usize,
     out_per_group: usize,
+    norm: Option<FrameNorm>,
+    gelu: bool,
 }
 
 impl FrameConv1d {
@@ -78,14 +96,49 @@ impl FrameConv1d {
                 groups,
                 in_per_group: in_g,
                 out_per_group: out_g,
+                norm: None,
+                gelu: false,
             }))
         } else {
             None
         };
         Ok(Self {
             conv: Conv1d::new(weight, bias, config),
+            norm: None,
+            gelu: false,
             packed,
         })
+    }
+
+    /// Follows the convolution with a layer norm over each output frame's channels.
+    pub fn with_layer_norm(
+        mut self,
+        weight: Tensor,
+        bias: Tensor,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        let out = self.conv.weight().dim(0)?;
+        if weight.dims1()? != out || bias.dims1()? != out {
+            candle_core::bail!("layer norm size does not match the conv's {out} channels");
+        }
+        if let Some(p) = &mut self.packed {
+            Arc::make_mut(p).norm = Some(FrameNorm {
+                weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+                eps: eps as f32,
+            });
+        }
+        self.norm = Some(LayerNorm::new(weight, bias, eps));
+        Ok(self)
+    }
+
+    /// Follows the convolution (and its layer norm, if any) with the erf GELU.
+    pub fn with_gelu(mut self) -> Self {
+        if let Some(p) = &mut self.packed {
+            Arc::make_mut(p).gelu = true;
+        }
+        self.gelu = true;
+        self
     }
 
     /// PyTorch's [out, in / groups, kernel] weight.
@@ -136,7 +189,16 @@ impl Module for FrameConv1d {
                 };
                 x.apply_op1_no_bwd(&WindowProduct(p.clone()))
             }
-            _ => self.conv.forward(&x.transpose(1, 2)?)?.transpose(1, 2),
+            _ => {
+                let mut y = self.conv.forward(&x.transpose(1, 2)?)?.transpose(1, 2)?;
+                if let Some(norm) = &self.norm {
+                    y = norm.forward(&y.contiguous()?)?;
+                }
+                if self.gelu {
+                    y = gelu_erf(&y)?;
+                }
+                Ok(y)
+            }
         }
     }
 }
@@ -171,10 +233,9 @@ impl CustomOp1 for WindowProduct {
         }
         let frames_out = (frames - k) / s + 1;
         let out = p.groups * out_g;
-        let mut dst = match &p.bias {
-            Some(bias) => bias.repeat(batch * frames_out),
-            None => vec![0f32; batch * frames_out * out],
-        };
+        // Zeroed by the allocator (fresh pages for large sizes): the first touch happens in the
+        // threads of the product, and the bias comes with the per-frame pass below.
+        let mut dst = vec![0f32; batch * frames_out * out];
         let threads = candle_core::utils::get_num_threads();
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -198,7 +259,7 @@ impl CustomOp1 for WindowProduct {
                         dst_g.as_mut_ptr(),
                         1,
                         out as isize,
-                        p.bias.is_some(),
+                        false,
                         lhs.as_ptr(),
                         1,
                         (s * in_g) as isize,
@@ -215,7 +276,99 @@ impl CustomOp1 for WindowProduct {
                 }
             }
         }
+        if p.bias.is_some() || p.norm.is_some() || p.gelu {
+            per_frame_pass(&mut dst, out, p);
+        }
         Ok((CpuStorage::F32(dst), Shape::from((batch, frames_out, out))))
+    }
+}
+
+/// Bias, layer norm and GELU over each frame (row of `out` values) of `dst`, on candle's pool.
+fn per_frame_pass(dst: &mut [f32], out: usize, p: &PackedConv) {
+    const FRAMES_PER_TASK: usize = 32;
+    let frames = dst.len() / out;
+    let base = SyncPtr(dst.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(frames.div_ceil(FRAMES_PER_TASK), |tasks| {
+        let first = tasks.start * FRAMES_PER_TASK;
+        let last = (tasks.end * FRAMES_PER_TASK).min(frames);
+        // SAFETY: the pool hands out disjoint task ranges, so these frame ranges are disjoint
+        // sub-slices of `dst`, which outlives `execute_chunked`.
+        let rows = unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(first * out), (last - first) * out)
+        };
+        bias_and_norm(rows, out, p);
+        if p.gelu {
+            gelu_erf_chunk(rows);
+        }
+    });
+}
+
+fn bias_and_norm(rows: &mut [f32], out: usize, p: &PackedConv) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { bias_and_norm_avx2(rows, out, p) };
+            return;
+        }
+    }
+    bias_and_norm_generic(rows, out, p);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_and_norm_avx2(rows: &mut [f32], out: usize, p: &PackedConv) {
+    bias_and_norm_generic(rows, out, p)
+}
+
+#[inline(always)]
+fn bias_and_norm_generic(rows: &mut [f32], out: usize, p: &PackedConv) {
+    for row in rows.chunks_exact_mut(out) {
+        if let Some(bias) = &p.bias {
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+        if let Some(norm) = &p.norm {
+            layer_norm_row(row, norm);
+        }
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps) * weight + bias` over one frame: two passes (mean, then the
+/// centred variance) with lane-wise sums so that they vectorise.
+#[inline(always)]
+fn layer_norm_row(row: &mut [f32], norm: &FrameNorm) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |x| x) / n;
+    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+    let scale = 1.0 / (var + norm.eps).sqrt();
+    for ((x, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
+        *x = (*x - mean) * scale * w + b;
+    }
+}
+
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f32>()
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: used only to hand disjoint frame ranges to the pool's threads (see above).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -274,6 +427,62 @@ mod tests {
                     "case {:?}: max diff {d}",
                     (b, cin, cout, k, s, pad, groups, t)
                 );
+            }
+        }
+        Ok(())
+    }
+
+    /// Bias, layer norm and GELU fused into the CPU pass against candle's separate ops.
+    #[test]
+    fn fused_norm_and_gelu_match_candle_ops() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for (cin, cout, k, s, t) in [(1, 24, 10, 5, 300), (8, 20, 3, 2, 41)] {
+            let w = Tensor::randn(0f32, 1., (cout, cin, k), &dev)?;
+            let bias = Tensor::randn(0f32, 1., cout, &dev)?;
+            let ln_w = Tensor::randn(1f32, 0.2, cout, &dev)?;
+            let ln_b = Tensor::randn(0f32, 0.2, cout, &dev)?;
+            let x = Tensor::randn(0f32, 1., (2, t, cin), &dev)?;
+            let cfg = Conv1dConfig {
+                stride: s,
+                ..Default::default()
+            };
+            let plain = Conv1d::new(w.clone(), Some(bias.clone()), cfg)
+                .forward(&x.transpose(1, 2)?)?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let normed = LayerNorm::new(ln_w.clone(), ln_b.clone(), 1e-5).forward(&plain)?;
+            // The device-generic path (any non-CPU-f32 tensor; here f16) fuses nothing.
+            let generic = FrameConv1d::new(
+                w.to_dtype(DType::F16)?,
+                Some(bias.to_dtype(DType::F16)?),
+                cfg,
+            )?
+            .with_layer_norm(ln_w.to_dtype(DType::F16)?, ln_b.to_dtype(DType::F16)?, 1e-5)?
+            .with_gelu();
+            assert!(generic.packed.is_none());
+            let generic = generic
+                .forward(&x.to_dtype(DType::F16)?)?
+                .to_dtype(DType::F32)?;
+            let conv = FrameConv1d::new(w.clone(), Some(bias.clone()), cfg)?;
+            let d = max_abs_diff(&generic, &normed.gelu_erf()?);
+            assert!(d < 2e-2, "f16 {:?}: max diff {d}", (cin, cout, k, s, t));
+            for (got, want) in [
+                (conv.clone().with_gelu().forward(&x)?, plain.gelu_erf()?),
+                (
+                    conv.clone()
+                        .with_layer_norm(ln_w.clone(), ln_b.clone(), 1e-5)?
+                        .forward(&x)?,
+                    normed.clone(),
+                ),
+                (
+                    conv.with_layer_norm(ln_w, ln_b, 1e-5)?
+                        .with_gelu()
+                        .forward(&x)?,
+                    normed.gelu_erf()?,
+                ),
+            ] {
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-4, "{:?}: max diff {d}", (cin, cout, k, s, t));
             }
         }
         Ok(())

@@ -326,30 +326,29 @@ impl CustomOp1 for GeluErfF32 {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("gelu-erf-f32 expects a contiguous tensor")
         };
-        let mut dst = data[start..end].to_vec();
-        gelu_erf_slice(&mut dst);
+        let src = &data[start..end];
+        // Zeroed by the allocator (fresh pages for large sizes), written once by the workers:
+        // no serial copy of the input first.
+        let mut dst = vec![0f32; src.len()];
+        gelu_erf_into(src, &mut dst);
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 }
 
-/// In-place erf GELU over a slice, split across candle's CPU worker threads (its own pool,
-/// so no second pool competes with candle's spinning workers for the cores).
-pub fn gelu_erf_slice(xs: &mut [f32]) {
+/// `dst = gelu(src)`, split across candle's CPU worker threads (its own pool, so no second
+/// pool competes with candle's spinning workers for the cores).
+pub fn gelu_erf_into(src: &[f32], dst: &mut [f32]) {
     const CHUNK: usize = 8 * 1024;
-    if xs.len() <= CHUNK {
-        gelu_erf_chunk(xs);
-        return;
-    }
-    let n_chunks = xs.len().div_ceil(CHUNK);
-    let base = SyncPtr(xs.as_mut_ptr());
-    let len = xs.len();
-    candle_core::utils::barrier_pool().execute_chunked(n_chunks, |range| {
+    assert_eq!(src.len(), dst.len());
+    let len = src.len();
+    let base = SyncPtr(dst.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |range| {
         let start = range.start * CHUNK;
         let end = (range.end * CHUNK).min(len);
-        // SAFETY: the pool hands out disjoint chunk ranges of this slice, and
-        // `execute_chunked` returns only when every range is done.
+        // SAFETY: the pool hands out disjoint chunk ranges, and `execute_chunked` returns only
+        // when every range is done, so these are disjoint live sub-slices of `dst`.
         let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-        gelu_erf_chunk(part);
+        gelu_erf_chunk_into(&src[start..end], part);
     });
 }
 
@@ -364,29 +363,50 @@ impl SyncPtr {
     }
 }
 
-fn gelu_erf_chunk(xs: &mut [f32]) {
+/// In-place erf GELU on the calling thread (for callers that already split the work).
+pub fn gelu_erf_chunk(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
             // SAFETY: the features were just detected.
-            unsafe { gelu_erf_avx2(xs) };
+            unsafe { gelu_erf_in_place_avx2(xs) };
             return;
         }
     }
-    gelu_erf_generic(xs);
+    xs.iter_mut().for_each(|x| *x = gelu_erf_scalar(*x));
+}
+
+fn gelu_erf_chunk_into(src: &[f32], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { gelu_erf_into_avx2(src, dst) };
+            return;
+        }
+    }
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = gelu_erf_scalar(x);
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_erf_avx2(xs: &mut [f32]) {
-    gelu_erf_generic(xs)
+unsafe fn gelu_erf_in_place_avx2(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|x| *x = gelu_erf_scalar(*x));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_erf_into_avx2(src: &[f32], dst: &mut [f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = gelu_erf_scalar(x);
+    }
 }
 
 #[inline(always)]
-fn gelu_erf_generic(xs: &mut [f32]) {
-    for x in xs.iter_mut() {
-        *x = 0.5 * *x * (1.0 + erf_approx(*x * std::f32::consts::FRAC_1_SQRT_2));
-    }
+fn gelu_erf_scalar(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf_approx(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Branch-free erf: Abramowitz & Stegun 7.1.26 (|error| ≤ 1.5e-7; under 1e-6 in f32 arithmetic)

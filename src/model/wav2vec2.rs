@@ -100,15 +100,13 @@ impl Activation {
     }
 }
 
-enum ConvNorm {
-    None,
-    Group(GroupNorm),
-    Layer(LayerNorm),
-}
-
 struct FeatureConv {
+    /// With the layer norm ("layer" variant) and an erf GELU fused in where the layer has them.
     conv: FrameConv1d,
-    norm: ConvNorm,
+    /// The "group" variant's first layer: per-channel normalisation over time, after the conv.
+    group_norm: Option<GroupNorm>,
+    /// The activation, when not fused into `conv`.
+    act: Option<Activation>,
 }
 
 fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
@@ -189,7 +187,6 @@ pub struct Wav2Vec2Model {
     pub config: Wav2Vec2Config,
     pub preprocessor: Wav2Vec2Preprocessor,
     convs: Vec<FeatureConv>,
-    conv_act: Activation,
     projection_norm: LayerNorm,
     projection: Projection,
     pos_conv: FrameConv1d,
@@ -264,6 +261,7 @@ impl Wav2Vec2Model {
             "group" => false,
             other => bail!("unsupported feat_extract_norm `{other}`"),
         };
+        let conv_act = Activation::parse(&cfg.feat_extract_activation)?;
         let fe = vb.pp("feature_extractor.conv_layers");
         let mut convs = Vec::with_capacity(n);
         for i in 0..n {
@@ -278,7 +276,7 @@ impl Wav2Vec2Model {
             } else {
                 None
             };
-            let conv = FrameConv1d::new(
+            let mut conv = FrameConv1d::new(
                 weight,
                 bias,
                 Conv1dConfig {
@@ -286,21 +284,35 @@ impl Wav2Vec2Model {
                     ..Default::default()
                 },
             )?;
-            let norm = if layer_norm_convs {
-                ConvNorm::Layer(layer_norm(c_out, cfg.layer_norm_eps, lvb.pp("layer_norm"))?)
+            let nvb = lvb.pp("layer_norm");
+            let mut group_norm = None;
+            if layer_norm_convs {
+                conv = conv.with_layer_norm(
+                    nvb.get(c_out, "weight")?,
+                    nvb.get(c_out, "bias")?,
+                    cfg.layer_norm_eps,
+                )?;
             } else if i == 0 {
-                let nvb = lvb.pp("layer_norm");
-                ConvNorm::Group(GroupNorm::new(
+                group_norm = Some(GroupNorm::new(
                     nvb.get(c_out, "weight")?,
                     nvb.get(c_out, "bias")?,
                     c_out,
                     c_out,
                     cfg.layer_norm_eps,
-                )?)
-            } else {
-                ConvNorm::None
+                )?);
+            }
+            let act = match conv_act {
+                Activation::GeluErf if group_norm.is_none() => {
+                    conv = conv.with_gelu();
+                    None
+                }
+                other => Some(other),
             };
-            convs.push(FeatureConv { conv, norm });
+            convs.push(FeatureConv {
+                conv,
+                group_norm,
+                act,
+            });
         }
         let last = *cfg.conv_dim.last().unwrap_or(&0);
         let h = cfg.hidden_size;
@@ -352,7 +364,6 @@ impl Wav2Vec2Model {
             });
         }
         Ok(Self {
-            conv_act: Activation::parse(&cfg.feat_extract_activation)?,
             pos_conv_drop_last: k.is_multiple_of(2),
             config: cfg,
             preprocessor,
@@ -443,16 +454,16 @@ impl Wav2Vec2Model {
         let mut x = input.transpose(1, 2)?;
         for c in &self.convs {
             x = c.conv.forward(&x)?;
-            x = match &c.norm {
-                ConvNorm::None => x,
+            if let Some(gn) = &c.group_norm {
                 // Per-channel statistics over time: candle's group norm wants channels first.
-                ConvNorm::Group(gn) => gn
+                x = gn
                     .forward(&x.transpose(1, 2)?.contiguous()?)?
                     .transpose(1, 2)?
-                    .contiguous()?,
-                ConvNorm::Layer(ln) => ln.forward(&x)?,
-            };
-            x = self.conv_act.apply(&x)?;
+                    .contiguous()?;
+            }
+            if let Some(act) = c.act {
+                x = act.apply(&x)?;
+            }
         }
         let x = self
             .projection
