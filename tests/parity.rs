@@ -210,3 +210,43 @@ fn loaders_report_missing_and_mismatched_weights() {
     );
     assert!(err.contains("not a readable safetensors"), "{err}");
 }
+
+/// The half-precision paths (what a GPU runs; on the CPU only the f32 path has fused kernels)
+/// against the same f32 references, with tolerances for 11-bit (f16) and 8-bit (bf16)
+/// mantissas: relative RMS error of every hidden state.
+#[test]
+fn half_precision_encoders_follow_transformers() {
+    let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
+    for (dtype, tol) in [(DType::F16, 5e-3), (DType::BF16, 3e-2)] {
+        for name in ["w2v2_group", "w2v2_stable", "whisper_tiny"] {
+            let dir = fixtures().join(name);
+            let out = if name.starts_with("whisper") {
+                WhisperEncoder::load_dir(&dir, dtype, &Device::Cpu)
+                    .unwrap()
+                    .encode(&audio)
+                    .unwrap()
+            } else {
+                Wav2Vec2Model::load_dir(&dir, dtype, &Device::Cpu)
+                    .unwrap()
+                    .encode(&audio)
+                    .unwrap()
+            };
+            let r = reference(name);
+            for (i, h) in out.hidden_states.iter().enumerate() {
+                assert_eq!(h.dtype(), dtype);
+                let ours = h.squeeze(0).unwrap().to_dtype(DType::F32).unwrap();
+                let want = &r[&format!("hidden_states.{i}")];
+                let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().sqrt().unwrap();
+                let rel = (rms(&(&ours - want).unwrap()) / rms(want))
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                eprintln!("{name} {dtype:?} hidden_states[{i}]: relative RMS error {rel:.2e}");
+                assert!(
+                    rel < tol,
+                    "{name} {dtype:?} hidden_states[{i}]: relative RMS error {rel}"
+                );
+            }
+        }
+    }
+}
