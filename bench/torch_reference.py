@@ -1,32 +1,24 @@
 #!/usr/bin/env python3
-"""PyTorch side of `valence bench`: times the same models on the same inputs.
+"""PyTorch side of `valence bench`: runs the same models on the same input sizes, on request.
 
-    python bench/torch_reference.py xlsr OUT_DIR       # random xlsr-53-sized Wav2Vec2, saved for candle
-    python bench/torch_reference.py whisper ENCODER_DIR  # the imported Whisper base encoder
+    python bench/torch_reference.py xlsr OUT_DIR                # random xlsr-53-sized Wav2Vec2, saved for candle
+    python bench/torch_reference.py whisper ENCODER_DIR         # the imported Whisper base encoder
     python bench/torch_reference.py whisper-upto-4 ENCODER_DIR  # its first 4 layers only
 
-Prints one JSON line: seconds per run (median of several) for each input length.
+A worker: it builds the model, prints one JSON line ({"ready": true, ...}), then for every line
+it reads on stdin naming an input ("10s", "3s") runs the model once on it and prints
+{"seconds": ...}. `valence bench` alternates these runs with candle's, so that the machine's
+changing load (it is shared) hits both sides alike.
 """
 import json
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 torch.manual_seed(0)
-
-
-def median_time(fn, repeats):
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def xlsr(out_dir):
@@ -45,12 +37,8 @@ def xlsr(out_dir):
     else:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=False)
-    res = {"params": params}
-    for secs in (10, 3):
-        x = torch.randn(1, 16000 * secs)
-        with torch.inference_mode():
-            res[f"{secs}s"] = median_time(lambda: model(x), 3 if secs == 10 else 5)
-    return res
+    inputs = {f"{secs}s": torch.randn(1, 16000 * secs) for secs in (10, 3)}
+    return (lambda key: model(inputs[key])), {"params": params}
 
 
 def whisper(enc_dir, upto=None):
@@ -64,10 +52,10 @@ def whisper(enc_dir, upto=None):
     enc = WhisperEncoder(cfg).eval()
     sd = {k[len("model.encoder."):]: v.float() for k, v in load_file(os.path.join(enc_dir, "model.safetensors")).items()}
     enc.load_state_dict(sd, strict=False)
-    mel = torch.randn(1, c["num_mel_bins"], 300)  # 3 s, real length (not padded to 30 s)
+    inputs = {"3s": torch.randn(1, c["num_mel_bins"], 300)}  # 3 s, real length (not padded to 30 s)
 
-    def run():
-        x = torch.nn.functional.gelu(enc.conv1(mel))
+    def run(key):
+        x = torch.nn.functional.gelu(enc.conv1(inputs[key]))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
         x = x + enc.embed_positions.weight[: x.shape[1]]
         layers = enc.layers if upto is None else enc.layers[:upto]
@@ -76,17 +64,28 @@ def whisper(enc_dir, upto=None):
             x = y[0] if isinstance(y, tuple) else y
         return enc.layer_norm(x) if upto is None else x
 
+    return run, {}
+
+
+def main():
+    what, path = sys.argv[1], sys.argv[2]
+    if what == "xlsr":
+        run, info = xlsr(path)
+    elif what.startswith("whisper-upto-"):  # only the layers a head reads, as candle runs it
+        run, info = whisper(path, int(what[len("whisper-upto-"):]))
+    elif what == "whisper":
+        run, info = whisper(path)
+    else:
+        sys.exit(f"unknown model {what!r}")
+    info.update({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()})
+    print(json.dumps(info), flush=True)
     with torch.inference_mode():
-        return {"3s": median_time(run, 20)}
+        for line in sys.stdin:
+            key = line.strip()
+            t0 = time.perf_counter()
+            run(key)
+            print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 
 if __name__ == "__main__":
-    what, path = sys.argv[1], sys.argv[2]
-    if what == "xlsr":
-        out = xlsr(path)
-    elif what.startswith("whisper-upto-"):  # only the layers a head reads, as candle runs it
-        out = whisper(path, int(what[len("whisper-upto-"):]))
-    else:
-        out = whisper(path)
-    out.update({"torch": torch.__version__, "threads": torch.get_num_threads()})
-    print(json.dumps(out))
+    main()

@@ -1,7 +1,8 @@
 //! `valence bench`: candle against PyTorch on the same models and inputs, in one run.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -12,35 +13,118 @@ use gstvalence::model::registry;
 use gstvalence::model::wav2vec2::Wav2Vec2Model;
 use gstvalence::model::whisper::WhisperEncoder;
 
-fn median<F: FnMut() -> Result<()>>(mut f: F, repeats: usize) -> Result<f64> {
-    f()?; // warm-up
-    let mut ts = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        let t0 = Instant::now();
-        f()?;
-        ts.push(t0.elapsed().as_secs_f64());
-    }
-    ts.sort_by(|a, b| a.total_cmp(b));
-    Ok(ts[ts.len() / 2])
+/// `bench/torch_reference.py` running one model, timing one run per request.
+struct TorchWorker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The worker's first line (parameters, torch version, threads).
+    info: serde_json::Value,
 }
 
-fn torch(python: &str, what: &str, path: &Path) -> Result<serde_json::Value> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
-    let out = Command::new(python)
-        .arg(&script)
-        .arg(what)
-        .arg(path)
-        .output()
-        .with_context(|| format!("cannot run {python} (a Python with torch and transformers)"))?;
-    if !out.status.success() {
-        bail!(
-            "PyTorch reference failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+impl TorchWorker {
+    fn start(python: &str, what: &str, path: &Path) -> Result<Self> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg(what)
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!("cannot run {python} (a Python with torch and transformers)")
+            })?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut worker = Self {
+            child,
+            stdin,
+            stdout,
+            info: serde_json::Value::Null,
+        };
+        worker.info = worker
+            .read_line()
+            .context("the PyTorch reference did not start")?;
+        Ok(worker)
     }
-    let line = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(line.lines().last().unwrap_or(""))
-        .context("PyTorch reference printed no JSON")
+
+    fn read_line(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).ok();
+            }
+            bail!("PyTorch reference exited: {}", err.trim());
+        }
+        serde_json::from_str(&line).with_context(|| format!("PyTorch reference printed {line:?}"))
+    }
+
+    /// Seconds for one run of the model on input `key` ("10s", "3s").
+    fn run(&mut self, key: &str) -> Result<f64> {
+        writeln!(self.stdin, "{key}")?;
+        self.stdin.flush()?;
+        self.read_line()?["seconds"]
+            .as_f64()
+            .context("PyTorch reference printed no time")
+    }
+}
+
+impl Drop for TorchWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Medians of candle's and PyTorch's times and of their per-round ratios.
+struct Paired {
+    candle: f64,
+    torch: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Times `candle` and the PyTorch worker's run of `key` alternately, one run each per round
+/// after a warm-up of each: a shared machine's load drifts over minutes, and alternating makes
+/// the drift hit both sides alike. Each run starts after a pause long enough for the other
+/// side's idle worker threads to stop spinning (libgomp spins ~300,000 rounds after each
+/// parallel region: milliseconds that would otherwise be charged to the next candle run).
+fn paired<F: FnMut() -> Result<()>>(
+    rounds: usize,
+    mut candle: F,
+    mut torch: Option<(&mut TorchWorker, &str)>,
+) -> Result<Paired> {
+    candle()?;
+    if let Some((w, key)) = torch.as_mut() {
+        w.run(key)?;
+    }
+    let (mut tc, mut tt, mut ratios) = (vec![], vec![], vec![]);
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(30));
+    for _ in 0..rounds {
+        settle();
+        let t0 = Instant::now();
+        candle()?;
+        let c = t0.elapsed().as_secs_f64();
+        tc.push(c);
+        if let Some((w, key)) = torch.as_mut() {
+            settle();
+            let t = w.run(key)?;
+            tt.push(t);
+            ratios.push(c / t);
+        }
+    }
+    Ok(Paired {
+        candle: median(tc),
+        torch: (!tt.is_empty()).then(|| median(tt)),
+        ratio: (!ratios.is_empty()).then(|| median(ratios)),
+    })
 }
 
 fn noise(n: usize) -> Vec<f32> {
@@ -71,15 +155,15 @@ fn write_wav_f32(path: &Path, samples: &[f32], rate: u32) -> Result<()> {
     Ok(())
 }
 
-fn row(name: &str, audio_s: f64, candle: f64, torch: Option<f64>) {
-    match torch {
-        Some(t) => println!(
-            "{name:<34} {audio_s:>4.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)  PyTorch {t:>7.3} s  candle/PyTorch {:>5.2}",
-            audio_s / candle,
-            candle / t
+fn row(name: &str, audio_s: f64, p: &Paired) {
+    let candle = p.candle;
+    match (p.torch, p.ratio) {
+        (Some(t), Some(r)) => println!(
+            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)  PyTorch {t:>7.3} s  candle/PyTorch {r:>5.2}",
+            audio_s / candle
         ),
-        None => println!(
-            "{name:<34} {audio_s:>4.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)",
+        _ => println!(
+            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)",
             audio_s / candle
         ),
     }
@@ -87,26 +171,37 @@ fn row(name: &str, audio_s: f64, candle: f64, torch: Option<f64>) {
 
 pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
-    println!("candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2)");
+    println!(
+        "candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2). Each row: medians of \
+         runs alternating candle and PyTorch, and the median of their per-round ratios."
+    );
     if what == "all" || what == "whisper" {
         let enc_dir = registry::cache_dir().join("encoders/whisper-base");
         let mut enc = WhisperEncoder::load_dir(&enc_dir, DType::F32, &Device::Cpu)
             .context("the Whisper base encoder is needed (run `valence setup`)")?;
+        let mut torch = python
+            .map(|p| TorchWorker::start(p, "whisper", &enc_dir))
+            .transpose()?;
         let x = noise(48000);
-        let t = median(|| enc.encode(&x).map(|_| ()), 20)?;
-        let tr = match python {
-            Some(p) => torch(p, "whisper", &enc_dir)?["3s"].as_f64(),
-            None => None,
-        };
-        row("Whisper base encoder (3 s window)", 3.0, t, tr);
+        // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
+        let p = paired(
+            30,
+            || enc.encode(&x).map(|_| ()),
+            torch.as_mut().map(|w| (w, "3s")),
+        )?;
+        row("Whisper base encoder (3 s window)", 3.0, &p);
         enc.quantize(GgmlDType::Q8_0)?;
-        let tq = median(|| enc.encode(&x).map(|_| ()), 20)?;
-        row("  same, q8_0 projections", 3.0, tq, tr);
+        let p = paired(
+            30,
+            || enc.encode(&x).map(|_| ()),
+            torch.as_mut().map(|w| (w, "3s")),
+        )?;
+        row("  same, q8_0 projections", 3.0, &p);
+        drop(torch);
         // The whole default model per window (mel + encoder + pooling + head): what
         // `valence classify` pays for every hop.
         let dir = registry::resolve_model("default")?;
         let m = registry::shared_model(&dir, &Device::Cpu)?;
-        let t_model = median(|| m.classify(&x).map(|_| ()), 20)?;
         let upto = m
             .manifest
             .features
@@ -115,19 +210,24 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
             .max()
             .copied()
             .unwrap_or(0);
-        let tr_model = match python {
-            Some(p) => torch(p, &format!("whisper-upto-{upto}"), &enc_dir)?["3s"].as_f64(),
-            None => None,
-        };
+        let mut torch = python
+            .map(|p| TorchWorker::start(p, &format!("whisper-upto-{upto}"), &enc_dir))
+            .transpose()?;
+        let p = paired(
+            30,
+            || m.classify(&x).map(|_| ()),
+            torch.as_mut().map(|w| (w, "3s")),
+        )?;
+        drop(torch);
         row(
             &format!("default model (layers ..{upto}, 3 s window)"),
             3.0,
-            t_model,
-            tr_model,
+            &p,
         );
         println!(
-            "default model, one 3 s window: {t_model:.4} s -> at 1 s hop {:.1}x real time",
-            1.0 / t_model
+            "default model, one 3 s window: {:.4} s -> at 1 s hop {:.1}x real time",
+            p.candle,
+            1.0 / p.candle
         );
         // End to end, as `valence classify` runs: decodebin, resampling, windows, messages.
         std::fs::create_dir_all(work)?;
@@ -151,28 +251,37 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
     }
     if what == "all" || what == "xlsr" {
         std::fs::create_dir_all(work)?;
-        let Some(p) = python else {
+        let Some(python) = python else {
             bail!(
                 "the xlsr benchmark needs --python (PyTorch makes the random 315M-parameter checkpoint)"
             );
         };
         // PyTorch saves its random model first; candle then loads those same weights.
-        let tr = torch(p, "xlsr", work)?;
+        let mut torch = TorchWorker::start(python, "xlsr", work)?;
         let mut m = Wav2Vec2Model::load_dir(work, DType::F32, &Device::Cpu)?;
-        println!("xlsr-53-sized Wav2Vec2: {} parameters", tr["params"]);
+        println!(
+            "xlsr-53-sized Wav2Vec2: {} parameters",
+            torch.info["params"]
+        );
         for quantized in [false, true] {
             if quantized {
                 m.quantize(GgmlDType::Q8_0)?;
             }
             for secs in [10usize, 3] {
                 let x = noise(16000 * secs);
-                let t = median(|| m.encode(&x).map(|_| ()), if secs == 10 { 3 } else { 5 })?;
+                let key = format!("{secs}s");
+                let rounds = if secs == 10 { 5 } else { 9 };
+                let p = paired(
+                    rounds,
+                    || m.encode(&x).map(|_| ()),
+                    Some((&mut torch, &key)),
+                )?;
                 let name = if quantized {
                     format!("  same, q8_0 projections ({secs} s)")
                 } else {
                     format!("xlsr-53-sized Wav2Vec2 ({secs} s)")
                 };
-                row(&name, secs as f64, t, tr[format!("{secs}s")].as_f64());
+                row(&name, secs as f64, &p);
             }
         }
     }
