@@ -1,14 +1,15 @@
 //! Building blocks shared by the encoders, with CPU fast paths.
 //!
-//! Profiling the Whisper and Wav2Vec2 encoders on the CPU showed two costs besides the matrix
+//! Profiling the Whisper and Wav2Vec2 encoders on the CPU showed costs besides the matrix
 //! products: candle's `gelu_erf` evaluates a scalar libm `erf` per element (≈14 % of the
 //! samples for Whisper base, ~1 s of a 10 s xlsr-53 pass), and three separate Q/K/V products
 //! run the small GEMMs below the thread pool's sweet spot. Here the erf GELU on contiguous f32
 //! CPU tensors uses a branch-free approximation (|error| < 1e-6, far inside the 1e-4 parity
-//! tolerance) that the compiler vectorises, the Q/K/V weights are fused into one product, and
-//! projections and convolutions can hold 8-bit block-quantized weights (`q8_0`), which candle
-//! multiplies with AVX512-VNNI kernels on CPUs that have them. Other devices and dtypes use
-//! candle's own ops.
+//! tolerance) that the compiler vectorises, the Q/K/V weights are fused into one product whose
+//! output the fused attention op ([`super::attention`]) reads in place, and projections and
+//! convolutions can hold 8-bit block-quantized weights (`q8_0`), which candle multiplies with
+//! AVX512-VNNI kernels on CPUs that have them. Other devices and dtypes use candle's own ops.
+//! Wav2Vec2's convolutions are in [`super::conv`].
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
