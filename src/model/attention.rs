@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::layers::exp_approx;
+use super::layers::{MatRef, SyncPtr, contiguous_f32, exp_approx, gemm_f32};
 
 /// `softmax(q k^T / sqrt(head_dim)) v` per head, from `qkv` [batch, time, 3 * width] (the Q, K and
 /// V projections side by side); returns the heads' contexts merged, [batch, time, width]. Only
@@ -44,14 +44,9 @@ impl CustomOp1 for FusedAttention {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fused-self-attention-f32 expects f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused-self-attention-f32 expects a contiguous tensor");
-        };
+        let data = contiguous_f32(self.name(), storage, layout)?;
         let (batch, t, w3) = layout.shape().dims3()?;
-        let qkv = &data[start..end];
+        let qkv = data;
         let width = w3 / 3;
         let heads = self.heads;
         let hd = width / heads;
@@ -72,25 +67,20 @@ impl CustomOp1 for FusedAttention {
                 // columns h * hd .. (h + 1) * hd of `out`, disjoint from every other task's.
                 unsafe {
                     // scores = q k^T: k^T is k read with its row and column strides swapped.
-                    gemm::gemm(
-                        t,
-                        t,
-                        hd,
+                    gemm_f32(
+                        (t, t, hd),
                         scores.as_mut_ptr(),
-                        1,
-                        t as isize,
-                        false,
-                        q,
-                        1,
-                        w3 as isize,
-                        k,
-                        w3 as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        t,
+                        MatRef {
+                            ptr: q,
+                            row_stride: w3,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            ptr: k,
+                            row_stride: 1,
+                            col_stride: w3,
+                        },
                         gemm::Parallelism::None,
                     );
                 }
@@ -98,42 +88,26 @@ impl CustomOp1 for FusedAttention {
                     scaled_softmax(row, scale);
                 }
                 unsafe {
-                    gemm::gemm(
-                        t,
-                        hd,
-                        t,
+                    gemm_f32(
+                        (t, hd, t),
                         out_ptr.get().add(b * t * width + h * hd),
-                        1,
-                        width as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        t as isize,
-                        v,
-                        1,
-                        w3 as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        width,
+                        MatRef {
+                            ptr: scores.as_ptr(),
+                            row_stride: t,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            ptr: v,
+                            row_stride: w3,
+                            col_stride: 1,
+                        },
                         gemm::Parallelism::None,
                     );
                 }
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, t, width))))
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: each task writes only its own head's block of the output (see above).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm};
 
-use super::layers::{gelu_erf, gelu_erf_chunk};
+use super::layers::{MatRef, SyncPtr, contiguous_f32, gelu_erf, gelu_erf_chunk, gemm_f32};
 
 /// A 1-D convolution (PyTorch semantics: zero padding, stride, groups; no dilation) taking and
 /// returning channels-last tensors.
@@ -218,13 +218,7 @@ impl CustomOp1 for WindowProduct {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let p = &*self.0;
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("frame-conv1d-f32 expects f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("frame-conv1d-f32 expects a contiguous tensor");
-        };
-        let x = &data[start..end];
+        let x = contiguous_f32(self.name(), storage, layout)?;
         let dims = layout.dims();
         let (batch, frames) = (dims[0], dims[dims.len() - 2]);
         let (k, s, in_g, out_g) = (p.kernel, p.stride, p.in_per_group, p.out_per_group);
@@ -252,25 +246,20 @@ impl CustomOp1 for WindowProduct {
                 // dst_g[r * out .. r * out + out_g], the last ending inside `dst`. Rows of lhs
                 // overlap, which is fine: the product only reads them.
                 unsafe {
-                    gemm::gemm(
-                        frames_out,
-                        out_g,
-                        k * in_g,
+                    gemm_f32(
+                        (frames_out, out_g, k * in_g),
                         dst_g.as_mut_ptr(),
-                        1,
-                        out as isize,
-                        false,
-                        lhs.as_ptr(),
-                        1,
-                        (s * in_g) as isize,
-                        w.as_ptr(),
-                        1,
-                        out_g as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        out,
+                        MatRef {
+                            ptr: lhs.as_ptr(),
+                            row_stride: s * in_g,
+                            col_stride: 1,
+                        },
+                        MatRef {
+                            ptr: w.as_ptr(),
+                            row_stride: out_g,
+                            col_stride: 1,
+                        },
                         parallelism,
                     );
                 }
@@ -359,17 +348,6 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         }
     }
     lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f32>()
-}
-
-#[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint frame ranges to the pool's threads (see above).
-unsafe impl Send for SyncPtr {}
-unsafe impl Sync for SyncPtr {}
-impl SyncPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(test)]

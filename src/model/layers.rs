@@ -321,13 +321,7 @@ impl CustomOp1 for GeluErfF32 {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("gelu-erf-f32 expects f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("gelu-erf-f32 expects a contiguous tensor")
-        };
-        let src = &data[start..end];
+        let src = contiguous_f32(self.name(), storage, layout)?;
         // Zeroed by the allocator (fresh pages for large sizes), written once by the workers:
         // no serial copy of the input first.
         let mut dst = vec![0f32; src.len()];
@@ -353,15 +347,82 @@ pub fn gelu_erf_into(src: &[f32], dst: &mut [f32]) {
     });
 }
 
+/// A pointer into an output buffer that the CPU ops hand to candle's pool threads, each of
+/// which writes a disjoint part of the buffer (every user states why its parts are disjoint).
 #[derive(Clone, Copy)]
-struct SyncPtr(*mut f32);
-// SAFETY: used only to hand disjoint sub-slices to the pool's threads (see above).
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only ever used to write disjoint parts of a buffer that outlives the pool call.
 unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 impl SyncPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
+}
+
+/// A strided f32 matrix for [`gemm_f32`]: its first element and its row and column strides,
+/// in elements.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef {
+    pub(crate) ptr: *const f32,
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
+}
+
+/// `dst = lhs rhs` for an m x k `lhs`, a k x n `rhs` and an m x n `dst` whose rows are
+/// `dst_row_stride` apart (columns adjacent), through `gemm`, candle's CPU matmul engine, which
+/// takes any strides (rows may overlap: operands are only read).
+///
+/// # Safety
+/// Every element the shapes and strides address must lie in live buffers, and `dst` must not
+/// overlap the operands or anything another thread touches meanwhile.
+pub(crate) unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.ptr,
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// The values of a contiguous f32 CPU tensor, as the fused CPU ops take them.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} expects a contiguous tensor")
+    };
+    Ok(&data[start..end])
 }
 
 /// In-place erf GELU on the calling thread (for callers that already split the work).
