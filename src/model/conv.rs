@@ -7,9 +7,9 @@
 //! reads is `kernel * channels` contiguous values, and consecutive windows start `stride *
 //! channels` apart: the im2col matrix is already in memory, as a matrix whose rows overlap. On
 //! the CPU (f32) the product reads it in place with the `gemm` crate (candle's own CPU matmul
-//! engine, which takes any row stride), bias preloaded into the output. Grouped convolutions
-//! (Wav2Vec2's positional convolution: 16 groups, kernel 128) first move each group's channels
-//! next to each other, then run one such product per group. The bias, and optionally a
+//! engine, which takes any row stride). Grouped convolutions (Wav2Vec2's positional convolution:
+//! 16 groups, kernel 128) first move each group's channels next to each other, then run one such
+//! product per group. The bias, and optionally a
 //! per-frame layer norm and the erf GELU that follow the convolution in Wav2Vec2's feature
 //! encoder, run in one parallel pass over the product's output while each frame is in cache
 //! (separately they made two more passes and two more allocations over tensors of up to 64 MB).
@@ -139,19 +139,6 @@ impl FrameConv1d {
         }
         self.gelu = true;
         self
-    }
-
-    /// PyTorch's [out, in / groups, kernel] weight.
-    pub fn weight(&self) -> &Tensor {
-        self.conv.weight()
-    }
-
-    pub fn bias(&self) -> Option<&Tensor> {
-        self.conv.bias()
-    }
-
-    pub fn config(&self) -> &Conv1dConfig {
-        self.conv.config()
     }
 }
 

@@ -335,6 +335,10 @@ impl CustomOp1 for GeluErfF32 {
 pub fn gelu_erf_into(src: &[f32], dst: &mut [f32]) {
     const CHUNK: usize = 8 * 1024;
     assert_eq!(src.len(), dst.len());
+    if src.len() <= CHUNK {
+        gelu_erf_chunk_into(src, dst);
+        return;
+    }
     let len = src.len();
     let base = SyncPtr(dst.as_mut_ptr());
     candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |range| {

@@ -340,7 +340,8 @@ impl Wav2Vec2Model {
                 groups,
                 ..Default::default()
             },
-        )?;
+        )?
+        .with_gelu();
         let encoder_norm = layer_norm(h, cfg.layer_norm_eps, enc.pp("layer_norm"))?;
         let act = Activation::parse(&cfg.hidden_act)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
@@ -469,12 +470,11 @@ impl Wav2Vec2Model {
             .projection
             .forward(&self.projection_norm.forward(&x)?)?;
 
-        let mut pos = self.pos_conv.forward(&x)?;
+        let mut pos = self.pos_conv.forward(&x)?; // GELU included
         if self.pos_conv_drop_last {
             let t = pos.dim(1)?;
             pos = pos.narrow(1, 0, t - 1)?;
         }
-        let pos = gelu_erf(&pos)?;
         let mut h = (x + pos)?;
         if !self.config.do_stable_layer_norm {
             h = self.encoder_norm.forward(&h)?;
