@@ -21,7 +21,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm};
 
-use super::layers::{MatRef, SyncPtr, contiguous_f32, gelu_erf, gelu_erf_chunk, gemm_f32};
+use super::layers::{
+    MatRef, RowEpilogue, RowNorm, contiguous_f32, gelu_erf, gemm_f32, gemm_parallelism,
+    row_epilogue,
+};
 
 /// A 1-D convolution (PyTorch semantics: zero padding, stride, groups; no dilation) taking and
 /// returning channels-last tensors.
@@ -36,13 +39,6 @@ pub struct FrameConv1d {
 }
 
 #[derive(Debug, Clone)]
-struct FrameNorm {
-    weight: Vec<f32>,
-    bias: Vec<f32>,
-    eps: f32,
-}
-
-#[derive(Debug, Clone)]
 struct PackedConv {
     /// Per group, a [kernel * in_per_group, out_per_group] row-major matrix: row `j * in_g + c`
     /// multiplies input channel `c` of the window's frame `j`.
@@ -53,7 +49,7 @@ struct PackedConv {
     groups: usize,
     in_per_group: usize,
     out_per_group: usize,
-    norm: Option<FrameNorm>,
+    norm: Option<RowNorm>,
     gelu: bool,
 }
 
@@ -122,7 +118,7 @@ impl FrameConv1d {
             candle_core::bail!("layer norm size does not match the conv's {out} channels");
         }
         if let Some(p) = &mut self.packed {
-            Arc::make_mut(p).norm = Some(FrameNorm {
+            Arc::make_mut(p).norm = Some(RowNorm {
                 weight: weight.to_dtype(DType::F32)?.to_vec1()?,
                 bias: bias.to_dtype(DType::F32)?.to_vec1()?,
                 eps: eps as f32,
@@ -217,12 +213,7 @@ impl CustomOp1 for WindowProduct {
         // Zeroed by the allocator (fresh pages for large sizes): the first touch happens in the
         // threads of the product, and the bias comes with the per-frame pass below.
         let mut dst = vec![0f32; batch * frames_out * out];
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = gemm_parallelism();
         for b in 0..batch {
             for (g, w) in p.weights.iter().enumerate() {
                 let lhs = &x[(b * p.groups + g) * frames * in_g..][..frames * in_g];
@@ -252,89 +243,17 @@ impl CustomOp1 for WindowProduct {
                 }
             }
         }
-        if p.bias.is_some() || p.norm.is_some() || p.gelu {
-            per_frame_pass(&mut dst, out, p);
-        }
+        row_epilogue(
+            &mut dst,
+            out,
+            &RowEpilogue {
+                bias: p.bias.as_deref(),
+                norm: p.norm.as_ref(),
+                gelu: p.gelu,
+            },
+        );
         Ok((CpuStorage::F32(dst), Shape::from((batch, frames_out, out))))
     }
-}
-
-/// Bias, layer norm and GELU over each frame (row of `out` values) of `dst`, on candle's pool.
-fn per_frame_pass(dst: &mut [f32], out: usize, p: &PackedConv) {
-    const FRAMES_PER_TASK: usize = 32;
-    let frames = dst.len() / out;
-    let base = SyncPtr(dst.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(frames.div_ceil(FRAMES_PER_TASK), |tasks| {
-        let first = tasks.start * FRAMES_PER_TASK;
-        let last = (tasks.end * FRAMES_PER_TASK).min(frames);
-        // SAFETY: the pool hands out disjoint task ranges, so these frame ranges are disjoint
-        // sub-slices of `dst`, which outlives `execute_chunked`.
-        let rows = unsafe {
-            std::slice::from_raw_parts_mut(base.get().add(first * out), (last - first) * out)
-        };
-        bias_and_norm(rows, out, p);
-        if p.gelu {
-            gelu_erf_chunk(rows);
-        }
-    });
-}
-
-fn bias_and_norm(rows: &mut [f32], out: usize, p: &PackedConv) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            unsafe { bias_and_norm_avx2(rows, out, p) };
-            return;
-        }
-    }
-    bias_and_norm_generic(rows, out, p);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bias_and_norm_avx2(rows: &mut [f32], out: usize, p: &PackedConv) {
-    bias_and_norm_generic(rows, out, p)
-}
-
-#[inline(always)]
-fn bias_and_norm_generic(rows: &mut [f32], out: usize, p: &PackedConv) {
-    for row in rows.chunks_exact_mut(out) {
-        if let Some(bias) = &p.bias {
-            for (x, b) in row.iter_mut().zip(bias) {
-                *x += b;
-            }
-        }
-        if let Some(norm) = &p.norm {
-            layer_norm_row(row, norm);
-        }
-    }
-}
-
-/// `(x - mean) / sqrt(var + eps) * weight + bias` over one frame: two passes (mean, then the
-/// centred variance) with lane-wise sums so that they vectorise.
-#[inline(always)]
-fn layer_norm_row(row: &mut [f32], norm: &FrameNorm) {
-    let n = row.len() as f32;
-    let mean = lane_sum(row, |x| x) / n;
-    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
-    let scale = 1.0 / (var + norm.eps).sqrt();
-    for ((x, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
-        *x = (*x - mean) * scale * w + b;
-    }
-}
-
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    const LANES: usize = 16;
-    let mut lanes = [0f32; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += f(x);
-        }
-    }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f32>()
 }
 
 #[cfg(test)]

@@ -12,15 +12,17 @@
 //! Wav2Vec2's convolutions are in [`super::conv`].
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
-use candle_nn::{Conv1d, Linear, VarBuilder};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Module, Shape, Tensor};
+use candle_nn::{Conv1d, VarBuilder};
 
 use super::attention;
 
 /// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
 #[derive(Debug, Clone)]
 pub enum Projection {
-    Dense(Linear),
+    /// `W^T` as a contiguous [in, out] matrix, which the CPU product reads in place, and the bias
+    /// (zeros where the checkpoint has none).
+    Dense { weight_t: Tensor, bias: Tensor },
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
@@ -43,28 +45,66 @@ pub fn linear_weights(
 }
 
 impl Projection {
-    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self::Dense(Linear::new(weight, bias))
+    /// From PyTorch's [out, in] `weight`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let bias = match bias {
+            Some(b) => b,
+            None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+        };
+        Ok(Self::Dense {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
     }
 
     /// Loads a linear layer with a bias.
     pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         let (w, b) = linear_weights(in_dim, out_dim, true, &vb)?;
-        Ok(Self::dense(w, b))
+        Self::dense(w, b)
+    }
+
+    /// `gelu(x W^T + b)` with the erf GELU; on the CPU in f32 the bias and GELU are applied to
+    /// each output row right after the product, in one pass.
+    pub fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        let y = match self {
+            Self::Dense { weight_t, bias } => {
+                if matches!(x.device(), Device::Cpu)
+                    && x.dtype() == DType::F32
+                    && weight_t.dtype() == DType::F32
+                {
+                    return x.contiguous()?.apply_op3_no_bwd(
+                        weight_t,
+                        bias,
+                        &DenseProduct { gelu },
+                    );
+                }
+                x.broadcast_matmul(weight_t)?.broadcast_add(bias)?
+            }
+            Self::Quantized { weight, bias } => {
+                // The quantized kernels take f32 activations; keep the caller's dtype outside.
+                quantized_affine(weight, bias.as_ref(), &x.to_dtype(DType::F32)?)?
+                    .to_dtype(x.dtype())?
+            }
+        };
+        if gelu { gelu_erf(&y) } else { Ok(y) }
     }
 
     /// Re-stores the weights as `dtype` blocks (e.g. Q8_0). Shapes whose inner size is not a
     /// multiple of the block size stay dense.
     pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
         match self {
-            Self::Dense(l) => {
-                let (_, k) = l.weight().dims2()?;
+            Self::Dense { weight_t, bias } => {
+                let (k, _) = weight_t.dims2()?;
                 if !k.is_multiple_of(dtype.block_size()) {
                     return Ok(self.clone());
                 }
                 Ok(Self::Quantized {
-                    weight: quantize_matrix(l.weight(), dtype)?,
-                    bias: l.bias().cloned(),
+                    weight: quantize_matrix(&weight_t.t()?.contiguous()?, dtype)?,
+                    bias: Some(bias.clone()),
                 })
             }
             Self::Quantized { .. } => Ok(self.clone()),
@@ -74,14 +114,76 @@ impl Projection {
 
 impl Module for Projection {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match self {
-            Self::Dense(l) => l.forward(x),
-            Self::Quantized { weight, bias } => {
-                // The quantized kernels take f32 activations; keep the caller's dtype outside.
-                let y = quantized_affine(weight, bias.as_ref(), &x.to_dtype(DType::F32)?)?;
-                y.to_dtype(x.dtype())
-            }
+        self.apply(x, false)
+    }
+}
+
+/// The CPU f32 projection: x [.., in] times `W^T` [in, out] read in place, then bias (and GELU)
+/// per output row while it is in cache. Saves the separate bias pass, the product's zero-filled
+/// destination being read back, and for the feed-forward's first product the GELU's own
+/// allocation and pass.
+struct DenseProduct {
+    gelu: bool,
+}
+
+impl CustomOp3 for DenseProduct {
+    fn name(&self) -> &'static str {
+        "dense-product-f32"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), s1, l1)?;
+        let w = contiguous_f32(self.name(), s2, l2)?;
+        let bias = contiguous_f32(self.name(), s3, l3)?;
+        let (k, n) = l2.shape().dims2()?;
+        let dims = l1.dims();
+        if dims.last() != Some(&k) || bias.len() != n {
+            candle_core::bail!(
+                "projection of width {k} -> {n} applied to {dims:?} (bias {})",
+                bias.len()
+            );
         }
+        let m = x.len() / k;
+        let mut dst = vec![0f32; m * n];
+        // SAFETY: x is [m, k] and w [k, n], both contiguous row-major; dst is [m, n].
+        unsafe {
+            gemm_f32(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                n,
+                MatRef {
+                    ptr: x.as_ptr(),
+                    row_stride: k,
+                    col_stride: 1,
+                },
+                MatRef {
+                    ptr: w.as_ptr(),
+                    row_stride: n,
+                    col_stride: 1,
+                },
+                gemm_parallelism(),
+            );
+        }
+        row_epilogue(
+            &mut dst,
+            n,
+            &RowEpilogue {
+                bias: Some(bias),
+                norm: None,
+                gelu: self.gelu,
+            },
+        );
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
     }
 }
 
@@ -230,7 +332,7 @@ impl FusedQkv {
             )?)
         };
         Ok(Self {
-            proj: Projection::dense(weight, bias),
+            proj: Projection::dense(weight, bias)?,
             width,
         })
     }
@@ -414,6 +516,119 @@ pub(crate) unsafe fn gemm_f32(
     }
 }
 
+/// How the CPU products split across threads: like candle's own matmul.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// A layer norm over each row: `(x - mean) / sqrt(var + eps) * weight + bias`.
+#[derive(Debug, Clone)]
+pub(crate) struct RowNorm {
+    pub(crate) weight: Vec<f32>,
+    pub(crate) bias: Vec<f32>,
+    pub(crate) eps: f32,
+}
+
+/// What follows a product, row by row, in [`row_epilogue`]: bias, then layer norm, then GELU.
+pub(crate) struct RowEpilogue<'a> {
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) norm: Option<&'a RowNorm>,
+    pub(crate) gelu: bool,
+}
+
+/// Applies `e` to each row (`width` values) of a product's output in one pass on candle's
+/// pool, each block of rows while it is in cache (separate ops made a pass and, but for the
+/// bias, an allocation each).
+pub(crate) fn row_epilogue(dst: &mut [f32], width: usize, e: &RowEpilogue) {
+    const ROWS_PER_TASK: usize = 32;
+    if e.bias.is_none() && e.norm.is_none() && !e.gelu {
+        return;
+    }
+    let rows = dst.len() / width;
+    let base = SyncPtr(dst.as_mut_ptr());
+    let run = |first: usize, last: usize| {
+        // SAFETY: callers pass disjoint row ranges of `dst`, which outlives this function.
+        let block = unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(first * width), (last - first) * width)
+        };
+        bias_and_norm(block, width, e);
+        if e.gelu {
+            gelu_erf_chunk(block);
+        }
+    };
+    if rows <= ROWS_PER_TASK {
+        run(0, rows);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
+        // The pool hands out disjoint task ranges.
+        run(
+            tasks.start * ROWS_PER_TASK,
+            (tasks.end * ROWS_PER_TASK).min(rows),
+        );
+    });
+}
+
+fn bias_and_norm(rows: &mut [f32], width: usize, e: &RowEpilogue) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were just detected.
+            unsafe { bias_and_norm_avx2(rows, width, e) };
+            return;
+        }
+    }
+    bias_and_norm_generic(rows, width, e);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_and_norm_avx2(rows: &mut [f32], width: usize, e: &RowEpilogue) {
+    bias_and_norm_generic(rows, width, e)
+}
+
+#[inline(always)]
+fn bias_and_norm_generic(rows: &mut [f32], width: usize, e: &RowEpilogue) {
+    for row in rows.chunks_exact_mut(width) {
+        if let Some(bias) = e.bias {
+            for (x, b) in row.iter_mut().zip(bias) {
+                *x += b;
+            }
+        }
+        if let Some(norm) = e.norm {
+            layer_norm_row(row, norm);
+        }
+    }
+}
+
+/// Two passes (mean, then the centred variance) with lane-wise sums so that they vectorise.
+#[inline(always)]
+fn layer_norm_row(row: &mut [f32], norm: &RowNorm) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |x| x) / n;
+    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
+    let scale = 1.0 / (var + norm.eps).sqrt();
+    for ((x, w), b) in row.iter_mut().zip(&norm.weight).zip(&norm.bias) {
+        *x = (*x - mean) * scale * w + b;
+    }
+}
+
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += f(x);
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&x| f(x)).sum::<f32>()
+}
+
 /// The values of a contiguous f32 CPU tensor, as the fused CPU ops take them.
 pub(crate) fn contiguous_f32<'a>(
     op: &str,
@@ -517,6 +732,38 @@ pub fn exp_approx(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_nn::Linear;
+
+    /// The fused CPU projection (bias and GELU after the in-place product) against candle's
+    /// `Linear` and GELU, for 2-D and 3-D inputs, with and without a bias, and the generic
+    /// (f16) path.
+    #[test]
+    fn dense_projection_matches_candle_linear() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (7, 12), &dev)?;
+        let b = Tensor::randn(0f32, 1., 7, &dev)?;
+        for bias in [Some(b), None] {
+            let proj = Projection::dense(w.clone(), bias.clone())?;
+            let linear = Linear::new(w.clone(), bias);
+            for x in [
+                Tensor::randn(0f32, 1., (2, 45, 12), &dev)?,
+                Tensor::randn(0f32, 1., (3, 12), &dev)?,
+            ] {
+                let want = linear.forward(&x)?;
+                let got = proj.forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                assert!(max_abs(&(got - &want)?) < 1e-5);
+                let got = proj.forward_gelu(&x)?;
+                assert!(max_abs(&(got - want.gelu_erf()?)?) < 1e-5);
+            }
+        }
+        let half = Projection::dense(w.to_dtype(DType::F16)?, None)?;
+        let x = Tensor::randn(0f32, 1., (1, 5, 12), &dev)?;
+        let want = Linear::new(w.clone(), None).forward(&x)?.gelu_erf()?;
+        let got = half.forward_gelu(&x.to_dtype(DType::F16)?)?;
+        assert!(max_abs(&(got.to_dtype(DType::F32)? - want)?) < 2e-2);
+        Ok(())
+    }
 
     fn max_abs(t: &Tensor) -> f32 {
         t.abs()

@@ -152,8 +152,11 @@ struct FeedForward {
 
 impl FeedForward {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.output
-            .forward(&self.act.apply(&self.intermediate.forward(x)?)?)
+        let hidden = match self.act {
+            Activation::GeluErf => self.intermediate.forward_gelu(x)?,
+            act => act.apply(&self.intermediate.forward(x)?)?,
+        };
+        self.output.forward(&hidden)
     }
 }
 

@@ -225,7 +225,7 @@ impl EncoderLayer {
         let x = (x + a)?;
         let f = self
             .fc2
-            .forward(&gelu_erf(&self.fc1.forward(&self.ffn_norm.forward(&x)?)?)?)?;
+            .forward(&self.fc1.forward_gelu(&self.ffn_norm.forward(&x)?)?)?;
         x + f
     }
 
