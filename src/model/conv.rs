@@ -30,12 +30,23 @@ use super::layers::{
 /// returning channels-last tensors.
 #[derive(Debug, Clone)]
 pub struct FrameConv1d {
-    conv: Conv1d,
-    /// Applied to each output frame after the convolution (see [`Self::with_layer_norm`]).
-    norm: Option<LayerNorm>,
-    gelu: bool,
-    /// The CPU f32 form of the weights, when the weights are CPU f32.
-    packed: Option<Arc<PackedConv>>,
+    config: Conv1dConfig,
+    /// Input channels per group and kernel width.
+    in_per_group: usize,
+    kernel: usize,
+    weights: ConvWeights,
+}
+
+/// One copy of the weights: the packed CPU form when they are CPU f32, candle's otherwise.
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    Cpu(Arc<PackedConv>),
+    Candle {
+        conv: Conv1d,
+        /// Applied to each output frame after the convolution (see [`FrameConv1d::with_layer_norm`]).
+        norm: Option<LayerNorm>,
+        gelu: bool,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +84,7 @@ impl FrameConv1d {
         {
             candle_core::bail!("conv bias has {} values for {out} channels", b.dims1()?);
         }
-        let packed = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+        let weights = if weight.device().is_cpu() && weight.dtype() == DType::F32 {
             let out_g = out / groups;
             // [out, in_g, kernel] -> per group [kernel, in_g, out_g] = [kernel * in_g, out_g].
             let w = weight
@@ -84,7 +95,7 @@ impl FrameConv1d {
                 .map(|g| w.get(g)?.flatten_all()?.to_vec1::<f32>())
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let bias = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Some(Arc::new(PackedConv {
+            ConvWeights::Cpu(Arc::new(PackedConv {
                 weights,
                 bias,
                 kernel,
@@ -96,13 +107,17 @@ impl FrameConv1d {
                 gelu: false,
             }))
         } else {
-            None
+            ConvWeights::Candle {
+                conv: Conv1d::new(weight, bias, config),
+                norm: None,
+                gelu: false,
+            }
         };
         Ok(Self {
-            conv: Conv1d::new(weight, bias, config),
-            norm: None,
-            gelu: false,
-            packed,
+            config,
+            in_per_group: in_g,
+            kernel,
+            weights,
         })
     }
 
@@ -113,27 +128,35 @@ impl FrameConv1d {
         bias: Tensor,
         eps: f64,
     ) -> candle_core::Result<Self> {
-        let out = self.conv.weight().dim(0)?;
-        if weight.dims1()? != out || bias.dims1()? != out {
-            candle_core::bail!("layer norm size does not match the conv's {out} channels");
+        match &mut self.weights {
+            ConvWeights::Cpu(p) => {
+                let out = p.groups * p.out_per_group;
+                if weight.dims1()? != out || bias.dims1()? != out {
+                    candle_core::bail!("layer norm size does not match the conv's {out} channels");
+                }
+                Arc::make_mut(p).norm = Some(RowNorm {
+                    weight: weight.to_dtype(DType::F32)?.to_vec1()?,
+                    bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+                    eps: eps as f32,
+                });
+            }
+            ConvWeights::Candle { conv, norm, .. } => {
+                let out = conv.weight().dim(0)?;
+                if weight.dims1()? != out || bias.dims1()? != out {
+                    candle_core::bail!("layer norm size does not match the conv's {out} channels");
+                }
+                *norm = Some(LayerNorm::new(weight, bias, eps));
+            }
         }
-        if let Some(p) = &mut self.packed {
-            Arc::make_mut(p).norm = Some(RowNorm {
-                weight: weight.to_dtype(DType::F32)?.to_vec1()?,
-                bias: bias.to_dtype(DType::F32)?.to_vec1()?,
-                eps: eps as f32,
-            });
-        }
-        self.norm = Some(LayerNorm::new(weight, bias, eps));
         Ok(self)
     }
 
     /// Follows the convolution (and its layer norm, if any) with the erf GELU.
     pub fn with_gelu(mut self) -> Self {
-        if let Some(p) = &mut self.packed {
-            Arc::make_mut(p).gelu = true;
+        match &mut self.weights {
+            ConvWeights::Cpu(p) => Arc::make_mut(p).gelu = true,
+            ConvWeights::Candle { gelu, .. } => *gelu = true,
         }
-        self.gelu = true;
         self
     }
 }
@@ -141,9 +164,9 @@ impl FrameConv1d {
 impl Module for FrameConv1d {
     /// `x` is [batch, frames, in]; the result is [batch, frames_out, out].
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let cfg = self.conv.config();
+        let cfg = &self.config;
+        let (in_g, kernel) = (self.in_per_group, self.kernel);
         let (_, frames, channels) = x.dims3()?;
-        let (_, in_g, kernel) = self.conv.weight().dims3()?;
         if channels != in_g * cfg.groups {
             candle_core::bail!(
                 "conv expects {} input channels, got {channels}",
@@ -153,8 +176,15 @@ impl Module for FrameConv1d {
         if frames + 2 * cfg.padding < kernel {
             candle_core::bail!("conv input of {frames} frames is shorter than its kernel {kernel}");
         }
-        match &self.packed {
-            Some(p) if matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32 => {
+        match &self.weights {
+            ConvWeights::Cpu(p) => {
+                if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 {
+                    candle_core::bail!(
+                        "conv weights are f32 on the CPU, the input is {:?} on {:?}",
+                        x.dtype(),
+                        x.device()
+                    );
+                }
                 let x = if cfg.padding > 0 {
                     x.pad_with_zeros(1, cfg.padding, cfg.padding)?
                 } else {
@@ -172,12 +202,12 @@ impl Module for FrameConv1d {
                 };
                 x.apply_op1_no_bwd(&WindowProduct(p.clone()))
             }
-            _ => {
-                let mut y = self.conv.forward(&x.transpose(1, 2)?)?.transpose(1, 2)?;
-                if let Some(norm) = &self.norm {
+            ConvWeights::Candle { conv, norm, gelu } => {
+                let mut y = conv.forward(&x.transpose(1, 2)?)?.transpose(1, 2)?;
+                if let Some(norm) = norm {
                     y = norm.forward(&y.contiguous()?)?;
                 }
-                if self.gelu {
+                if *gelu {
                     y = gelu_erf(&y)?;
                 }
                 Ok(y)
@@ -299,7 +329,7 @@ mod tests {
             };
             for bias in [Some(bias), None] {
                 let conv = FrameConv1d::new(w.clone(), bias.clone(), cfg)?;
-                assert!(conv.packed.is_some());
+                assert!(matches!(conv.weights, ConvWeights::Cpu(_)));
                 let got = conv.forward(&x)?;
                 let want = Conv1d::new(w.clone(), bias, cfg)
                     .forward(&x.transpose(1, 2)?)?
@@ -343,7 +373,7 @@ mod tests {
             )?
             .with_layer_norm(ln_w.to_dtype(DType::F16)?, ln_b.to_dtype(DType::F16)?, 1e-5)?
             .with_gelu();
-            assert!(generic.packed.is_none());
+            assert!(matches!(generic.weights, ConvWeights::Candle { .. }));
             let generic = generic
                 .forward(&x.to_dtype(DType::F16)?)?
                 .to_dtype(DType::F32)?;
@@ -388,6 +418,10 @@ mod tests {
             .forward(&Tensor::zeros((1, 4, 3), DType::F32, &dev)?)
             .unwrap_err();
         assert!(err.to_string().contains("shorter than its kernel"), "{err}");
+        let err = conv
+            .forward(&Tensor::zeros((1, 10, 3), DType::F16, &dev)?)
+            .unwrap_err();
+        assert!(err.to_string().contains("f32 on the CPU"), "{err}");
         Ok(())
     }
 }
