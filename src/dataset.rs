@@ -173,10 +173,8 @@ pub fn features(
         }
     }
     let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
-    if let Some(q) = quantize
-        && device.is_cpu()
-    {
-        encoder.quantize(q)?;
+    if let Some(q) = quantize {
+        encoder.quantize(q)?; // CPU only (a no-op elsewhere)
     }
     let bar = indicatif::ProgressBar::new(clips.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("encoding {pos}/{len} clips [{bar:30}] {eta}")

@@ -184,19 +184,20 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
             .transpose()?;
         let x = noise(48000);
         // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
-        let p = paired(
-            30,
-            || enc.encode(&x).map(|_| ()),
-            torch.as_mut().map(|w| (w, "3s")),
-        )?;
-        row("Whisper base encoder (3 s window)", 3.0, &p);
-        enc.quantize(GgmlDType::Q8_0)?;
-        let p = paired(
-            30,
-            || enc.encode(&x).map(|_| ()),
-            torch.as_mut().map(|w| (w, "3s")),
-        )?;
-        row("  same, q8_0 projections", 3.0, &p);
+        for (name, quantized) in [
+            ("Whisper base encoder (3 s window)", false),
+            ("  same, q8_0 projections", true),
+        ] {
+            if quantized {
+                enc.quantize(GgmlDType::Q8_0)?;
+            }
+            let p = paired(
+                30,
+                || enc.encode(&x).map(|_| ()),
+                torch.as_mut().map(|w| (w, "3s")),
+            )?;
+            row(name, 3.0, &p);
+        }
         drop(torch);
         // The whole default model per window (mel + encoder + pooling + head): what
         // `valence classify` pays for every hop.

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
-use super::layers::{MatRef, SyncPtr, contiguous_f32, exp_approx, gemm_f32};
+use super::layers::{MatRef, SyncPtr, avx2_dispatch, contiguous_f32, exp_approx, gemm_f32};
 
 /// `softmax(q k^T / sqrt(head_dim)) v` per head, from `qkv` [batch, time, 3 * width] (the Q, K and
 /// V projections side by side); returns the heads' contexts merged, [batch, time, width]. Only
@@ -111,24 +111,10 @@ impl CustomOp1 for FusedAttention {
     }
 }
 
-/// In place: `row = softmax(scale * row)`.
-fn scaled_softmax(row: &mut [f32], scale: f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            unsafe { scaled_softmax_avx2(row, scale) };
-            return;
-        }
-    }
-    scaled_softmax_generic(row, scale);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scaled_softmax_avx2(row: &mut [f32], scale: f32) {
-    scaled_softmax_generic(row, scale)
-}
+avx2_dispatch!(
+    /// In place: `row = softmax(scale * row)`.
+    fn scaled_softmax(row: &mut [f32], scale: f32) => scaled_softmax_generic
+);
 
 #[inline(always)]
 fn scaled_softmax_generic(row: &mut [f32], scale: f32) {

@@ -17,6 +17,31 @@ use candle_nn::{Conv1d, VarBuilder};
 
 use super::attention;
 
+/// Defines `fn $name(args)` that runs the `#[inline(always)]` function `$body` compiled for
+/// AVX2 and FMA when the CPU has them, so that its loops vectorise 8 wide (the crate is built
+/// for baseline x86-64), and as is elsewhere.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn enabled($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were just detected.
+                    unsafe { enabled($($arg),*) };
+                    return;
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
 /// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
 #[derive(Debug, Clone)]
 pub enum Projection {
@@ -305,7 +330,7 @@ pub struct FusedQkv {
 }
 
 impl FusedQkv {
-    /// `k_bias` may be absent (Whisper's key projection has none): zeros take its place.
+    /// A missing bias (Whisper's key projection has none) counts as zeros.
     pub fn new(
         q: (Tensor, Option<Tensor>),
         k: (Tensor, Option<Tensor>),
@@ -313,26 +338,15 @@ impl FusedQkv {
     ) -> candle_core::Result<Self> {
         let width = q.0.dim(0)?;
         let weight = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?;
-        let bias_or_zero = |b: Option<Tensor>, like: &Tensor| -> candle_core::Result<Tensor> {
-            match b {
+        let bias = [q, k, v]
+            .into_iter()
+            .map(|(w, b)| match b {
                 Some(b) => Ok(b),
-                None => Tensor::zeros(like.dim(0)?, like.dtype(), like.device()),
-            }
-        };
-        let bias = if q.1.is_none() && k.1.is_none() && v.1.is_none() {
-            None
-        } else {
-            Some(Tensor::cat(
-                &[
-                    &bias_or_zero(q.1, &q.0)?,
-                    &bias_or_zero(k.1, &k.0)?,
-                    &bias_or_zero(v.1, &v.0)?,
-                ],
-                0,
-            )?)
-        };
+                None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            proj: Projection::dense(weight, bias)?,
+            proj: Projection::dense(weight, Some(Tensor::cat(&bias, 0)?))?,
             width,
         })
     }
@@ -434,22 +448,35 @@ impl CustomOp1 for GeluErfF32 {
 
 /// `dst = gelu(src)`, split across candle's CPU worker threads (its own pool, so no second
 /// pool competes with candle's spinning workers for the cores).
-pub fn gelu_erf_into(src: &[f32], dst: &mut [f32]) {
-    const CHUNK: usize = 8 * 1024;
+fn gelu_erf_into(src: &[f32], dst: &mut [f32]) {
     assert_eq!(src.len(), dst.len());
-    if src.len() <= CHUNK {
-        gelu_erf_chunk_into(src, dst);
+    par_pieces_mut(dst, 8 * 1024, |offset, part| {
+        gelu_erf_chunk_into(&src[offset..offset + part.len()], part)
+    });
+}
+
+/// Runs `f(offset, piece)` over consecutive pieces of `dst` (`piece_len` values each, the last
+/// possibly shorter) on candle's CPU pool, which hands each worker a run of whole pieces; on the
+/// calling thread when there is only one piece.
+pub(crate) fn par_pieces_mut(
+    dst: &mut [f32],
+    piece_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let len = dst.len();
+    if len <= piece_len {
+        f(0, dst);
         return;
     }
-    let len = src.len();
     let base = SyncPtr(dst.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |range| {
-        let start = range.start * CHUNK;
-        let end = (range.end * CHUNK).min(len);
-        // SAFETY: the pool hands out disjoint chunk ranges, and `execute_chunked` returns only
-        // when every range is done, so these are disjoint live sub-slices of `dst`.
-        let part = unsafe { std::slice::from_raw_parts_mut(base.get().add(start), end - start) };
-        gelu_erf_chunk_into(&src[start..end], part);
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(piece_len), |pieces| {
+        let start = pieces.start * piece_len;
+        let end = (pieces.end * piece_len).min(len);
+        // SAFETY: the pool hands out disjoint piece ranges and `execute_chunked` returns only
+        // when every range is done, so these are disjoint sub-slices of the live `dst`.
+        f(start, unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(start), end - start)
+        });
     });
 }
 
@@ -547,48 +574,15 @@ pub(crate) fn row_epilogue(dst: &mut [f32], width: usize, e: &RowEpilogue) {
     if e.bias.is_none() && e.norm.is_none() && !e.gelu {
         return;
     }
-    let rows = dst.len() / width;
-    let base = SyncPtr(dst.as_mut_ptr());
-    let run = |first: usize, last: usize| {
-        // SAFETY: callers pass disjoint row ranges of `dst`, which outlives this function.
-        let block = unsafe {
-            std::slice::from_raw_parts_mut(base.get().add(first * width), (last - first) * width)
-        };
-        bias_and_norm(block, width, e);
+    par_pieces_mut(dst, ROWS_PER_TASK * width, |_, rows| {
+        bias_and_norm(rows, width, e);
         if e.gelu {
-            gelu_erf_chunk(block);
+            gelu_erf_chunk(rows);
         }
-    };
-    if rows <= ROWS_PER_TASK {
-        run(0, rows);
-        return;
-    }
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
-        // The pool hands out disjoint task ranges.
-        run(
-            tasks.start * ROWS_PER_TASK,
-            (tasks.end * ROWS_PER_TASK).min(rows),
-        );
     });
 }
 
-fn bias_and_norm(rows: &mut [f32], width: usize, e: &RowEpilogue) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            unsafe { bias_and_norm_avx2(rows, width, e) };
-            return;
-        }
-    }
-    bias_and_norm_generic(rows, width, e);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bias_and_norm_avx2(rows: &mut [f32], width: usize, e: &RowEpilogue) {
-    bias_and_norm_generic(rows, width, e)
-}
+avx2_dispatch!(fn bias_and_norm(rows: &mut [f32], width: usize, e: &RowEpilogue) => bias_and_norm_generic);
 
 #[inline(always)]
 fn bias_and_norm_generic(rows: &mut [f32], width: usize, e: &RowEpilogue) {
@@ -644,42 +638,20 @@ pub(crate) fn contiguous_f32<'a>(
     Ok(&data[start..end])
 }
 
-/// In-place erf GELU on the calling thread (for callers that already split the work).
-pub fn gelu_erf_chunk(xs: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            unsafe { gelu_erf_in_place_avx2(xs) };
-            return;
-        }
-    }
+avx2_dispatch!(
+    /// In-place erf GELU on the calling thread (for callers that already split the work).
+    fn gelu_erf_chunk(xs: &mut [f32]) => gelu_erf_in_place
+);
+
+avx2_dispatch!(fn gelu_erf_chunk_into(src: &[f32], dst: &mut [f32]) => gelu_erf_into_generic);
+
+#[inline(always)]
+fn gelu_erf_in_place(xs: &mut [f32]) {
     xs.iter_mut().for_each(|x| *x = gelu_erf_scalar(*x));
 }
 
-fn gelu_erf_chunk_into(src: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            unsafe { gelu_erf_into_avx2(src, dst) };
-            return;
-        }
-    }
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = gelu_erf_scalar(x);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_erf_in_place_avx2(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|x| *x = gelu_erf_scalar(*x));
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_erf_into_avx2(src: &[f32], dst: &mut [f32]) {
+#[inline(always)]
+fn gelu_erf_into_generic(src: &[f32], dst: &mut [f32]) {
     for (d, &x) in dst.iter_mut().zip(src) {
         *d = gelu_erf_scalar(x);
     }

@@ -284,9 +284,7 @@ impl Manifest {
         if let Some(q) = &self.encoder.quantize {
             let q = parse_quantization(q)
                 .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
-            if device.is_cpu() {
-                encoder.quantize(q)?;
-            }
+            encoder.quantize(q)?; // CPU only (a no-op elsewhere)
         }
         self.features
             .validate(encoder.num_layers())

@@ -85,7 +85,8 @@ impl Encoder {
         self.encode_upto(samples, None)
     }
 
-    /// Re-stores the transformer layers' projection weights in a block-quantized format.
+    /// Re-stores the transformer layers' projection weights in a block-quantized format (on the
+    /// CPU; a no-op on other devices).
     pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
         match self {
             Self::Wav2Vec2(m) => m.quantize(dtype),

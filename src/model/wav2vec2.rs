@@ -383,8 +383,11 @@ impl Wav2Vec2Model {
     }
 
     /// Stores the transformer layers' projection weights as `dtype` blocks (see
-    /// [`super::whisper::WhisperEncoder::quantize`]).
+    /// [`super::whisper::WhisperEncoder::quantize`]; a no-op off the CPU).
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
         for l in &mut self.layers {
             l.attention.qkv = l.attention.qkv.quantize(dtype)?;
             l.attention.out = l.attention.out.quantize(dtype)?;

@@ -357,8 +357,12 @@ impl WhisperEncoder {
     /// Stores the transformer layers' projection weights and the front end's convolutions
     /// (where their sizes fit whole blocks: conv2, not the 80-mel conv1) as 8-bit blocks
     /// (`GgmlDType::Q8_0`): ~4x less weight memory and, on CPUs with AVX512-VNNI, about twice
-    /// the speed. Layer norms and positions stay in the load dtype.
+    /// the speed. Layer norms and positions stay in the load dtype. A no-op off the CPU: the
+    /// block kernels are the CPU's fast path; GPUs run the load dtype.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
         self.conv1 = self.conv1.quantize(dtype)?;
         self.conv2 = self.conv2.quantize(dtype)?;
         for layer in &mut self.layers {
