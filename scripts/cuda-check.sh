@@ -15,5 +15,5 @@ CRATE="$PWD" bash "$tool" --features cuda --locked
 export LD_LIBRARY_PATH="$ROOT/cuda/lib64/stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 "$CARGO_TARGET_DIR/release/valence" make-test-model "$ROOT/tiny"
 "$CARGO_TARGET_DIR/release/valence" classify --model "$ROOT/tiny" --device auto \
-  tests/fixtures/speechlike.wav
+  crates/valence-model/tests/fixtures/speechlike.wav
 echo "cuda feature: built, starts, falls back to the CPU without a GPU"

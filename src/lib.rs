@@ -1,17 +1,11 @@
 //! GStreamer plugin `valence`: the `valenceclassify` element tells whether speech sounds
 //! negative, neutral or positive, window by window, while audio passes through untouched.
 //!
-//! The model side (`model`) and the audio plumbing (`audio`) know nothing about GStreamer and are
-//! used by the `valence` command-line tool, tests and benchmarks as well.
+//! The models, the stream resampler and the windower live in the `valence-model` crate, which
+//! knows nothing of GStreamer; the `valence` command-line tool is the `valence-cli` crate.
 
 use gst::glib;
 
-pub mod audio;
-pub mod dataset;
-pub mod decode;
-pub mod metrics;
-pub mod model;
-pub mod train;
 pub mod valenceclassify;
 
 /// Name of the custom meta that carries a window's result on buffers.
@@ -25,6 +19,8 @@ pub fn register_meta() {
 }
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
+    // Before any element can run candle: the same CPU pool setting as the CLI.
+    valence_model::runtime::configure_cpu_pool();
     register_meta();
     valenceclassify::register(plugin)
 }

@@ -1,8 +1,6 @@
 //! The element in gst_check::Harness and in real pipelines, with a small random-weight model
 //! made by the project's own code (real formats, real loading and inference paths).
 
-mod common;
-
 use std::path::PathBuf;
 use std::sync::{Mutex, Once};
 
@@ -26,7 +24,7 @@ fn model_dir() -> PathBuf {
         return p.clone();
     }
     let dir = std::env::temp_dir().join(format!("valence-element-model-{}", std::process::id()));
-    gstvalence::model::synthetic::write_tiny_model(&dir, 11).unwrap();
+    valence_model::synthetic::write_tiny_model(&dir, 11).unwrap();
     *m = Some(dir.clone());
     dir
 }
@@ -538,6 +536,52 @@ fn meta_survives_audioconvert_and_is_readable_downstream() {
     }
 }
 
+/// The README's Python recipe: PyGObject reads `ValenceMeta` from buffers
+/// (`Gst.Buffer.get_custom_meta`) with Debian's `/usr/bin/python3` and `python3-gst-1.0`
+/// (which `scripts/deps.sh` installs). The plugin is found through GST_PLUGIN_PATH: the
+/// `libgstvalence.so` cargo built beside this test binary.
+#[test]
+fn python_reads_valence_meta() {
+    let plugin_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        plugin_dir.join("libgstvalence.so").is_file(),
+        "no libgstvalence.so in {}",
+        plugin_dir.display()
+    );
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/read_meta.py");
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(model_dir())
+        .env("GST_PLUGIN_PATH", &plugin_dir)
+        .output()
+        .expect("run /usr/bin/python3 (Debian's python3 with python3-gst-1.0)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 10 s of audio, 1 s windows every 1 s: ten metas, each "<pts> <label> <confidence>".
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 10, "{stdout}");
+    for line in lines {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(f.len(), 3, "{line}");
+        assert!(
+            ["negative", "neutral", "positive"].contains(&f[1]),
+            "{line}"
+        );
+        let c: f64 = f[2].parse().unwrap();
+        assert!((1.0 / 3.0..=1.0).contains(&c), "{line}");
+    }
+}
+
 #[test]
 fn missing_and_corrupt_models_fail_the_state_change_with_a_clear_error() {
     let (_, _, err) = run_pipeline(
@@ -547,7 +591,7 @@ fn missing_and_corrupt_models_fail_the_state_change_with_a_clear_error() {
     assert!(err.contains("/nonexistent/model"), "{err}");
 
     let broken = std::env::temp_dir().join(format!("valence-broken-{}", std::process::id()));
-    gstvalence::model::synthetic::write_tiny_model(&broken, 3).unwrap();
+    valence_model::synthetic::write_tiny_model(&broken, 3).unwrap();
     std::fs::write(broken.join("head.safetensors"), b"\x00garbage").unwrap();
     let (_, _, err) = run_pipeline(&format!(
         "audiotestsrc num-buffers=10 ! valenceclassify model={} device=cpu ! fakesink",
@@ -561,8 +605,8 @@ fn missing_and_corrupt_models_fail_the_state_change_with_a_clear_error() {
 fn sixteen_pipelines_share_one_loaded_model() {
     init();
     let dir = std::env::temp_dir().join(format!("valence-shared-{}", std::process::id()));
-    gstvalence::model::synthetic::write_tiny_model(&dir, 5).unwrap();
-    let before = gstvalence::model::registry::load_count(&dir);
+    valence_model::synthetic::write_tiny_model(&dir, 5).unwrap();
+    let before = valence_model::registry::load_count(&dir);
     let pipelines: Vec<gst::Pipeline> = (0..16)
         .map(|i| {
             gst::parse::launch(&format!(
@@ -599,7 +643,7 @@ fn sixteen_pipelines_share_one_loaded_model() {
         }
     }
     assert_eq!(
-        gstvalence::model::registry::load_count(&dir) - before,
+        valence_model::registry::load_count(&dir) - before,
         1,
         "one load for 16 pipelines"
     );

@@ -22,8 +22,8 @@ use gst_base::subclass::base_transform::GenerateOutputSuccess;
 use gst_base::subclass::prelude::*;
 use once_cell::sync::Lazy;
 
-use crate::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
-use crate::model::{ValenceModel, registry};
+use valence_model::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
+use valence_model::{ValenceModel, registry};
 
 static CAT: Lazy<gst::DebugCategory> = Lazy::new(|| {
     gst::DebugCategory::new(
@@ -249,7 +249,7 @@ impl ValenceClassify {
         duration: gst::ClockTime,
         probs: &[f32],
     ) -> WindowResult {
-        let (best, p) = crate::model::argmax(probs);
+        let (best, p) = valence_model::argmax(probs);
         WindowResult {
             pts,
             duration,
@@ -821,7 +821,7 @@ impl BaseTransformImpl for ValenceClassify {
                 ("window and hop must be > 0")
             ));
         }
-        let device = crate::model::parse_device(&settings.device).map_err(|e| {
+        let device = valence_model::parse_device(&settings.device).map_err(|e| {
             gst::error_msg!(
                 gst::LibraryError::Settings,
                 ("Bad device `{}`: {:#}", settings.device, e)
@@ -841,7 +841,7 @@ impl BaseTransformImpl for ValenceClassify {
             imp = self,
             "model {} on {}",
             model.name,
-            crate::model::device_name(&device)
+            valence_model::device_name(&device)
         );
         let worker = Worker::spawn(model.clone(), self.stats.clone()).map_err(|e| {
             gst::error_msg!(

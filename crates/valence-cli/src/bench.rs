@@ -1,0 +1,294 @@
+//! `valence bench`: candle against PyTorch on the same models and inputs, in one run.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+
+use valence_model::registry;
+use valence_model::wav2vec2::Wav2Vec2Model;
+use valence_model::whisper::WhisperEncoder;
+
+/// `bench/torch_reference.py` running one model, timing one run per request.
+struct TorchWorker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// The worker's first line (parameters, torch version, threads).
+    info: serde_json::Value,
+}
+
+impl TorchWorker {
+    fn start(python: &str, what: &str, path: &Path) -> Result<Self> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
+        let mut child = Command::new(python)
+            .arg(&script)
+            .arg(what)
+            .arg(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!("cannot run {python} (a Python with torch and transformers)")
+            })?;
+        let stdin = child.stdin.take().context("no stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+        let mut worker = Self {
+            child,
+            stdin,
+            stdout,
+            info: serde_json::Value::Null,
+        };
+        worker.info = worker
+            .read_line()
+            .context("the PyTorch reference did not start")?;
+        Ok(worker)
+    }
+
+    fn read_line(&mut self) -> Result<serde_json::Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            let mut err = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).ok();
+            }
+            bail!("PyTorch reference exited: {}", err.trim());
+        }
+        serde_json::from_str(&line).with_context(|| format!("PyTorch reference printed {line:?}"))
+    }
+
+    /// Seconds for one run of the model on input `key` ("10s", "3s").
+    fn run(&mut self, key: &str) -> Result<f64> {
+        writeln!(self.stdin, "{key}")?;
+        self.stdin.flush()?;
+        self.read_line()?["seconds"]
+            .as_f64()
+            .context("PyTorch reference printed no time")
+    }
+}
+
+impl Drop for TorchWorker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Medians of candle's and PyTorch's times and of their per-round ratios.
+struct Paired {
+    candle: f64,
+    torch: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+/// Times `candle` and the PyTorch worker's run of `key` alternately, one run each per round
+/// after a warm-up of each: a shared machine's load drifts over minutes, and alternating makes
+/// the drift hit both sides alike. Each run starts after a pause long enough for the other
+/// side's idle worker threads to stop spinning (libgomp spins ~300,000 rounds after each
+/// parallel region: milliseconds that would otherwise be charged to the next candle run).
+fn paired<F: FnMut() -> Result<()>>(
+    rounds: usize,
+    mut candle: F,
+    mut torch: Option<(&mut TorchWorker, &str)>,
+) -> Result<Paired> {
+    candle()?;
+    if let Some((w, key)) = torch.as_mut() {
+        w.run(key)?;
+    }
+    let (mut tc, mut tt, mut ratios) = (vec![], vec![], vec![]);
+    let settle = || std::thread::sleep(std::time::Duration::from_millis(30));
+    for _ in 0..rounds {
+        settle();
+        let t0 = Instant::now();
+        candle()?;
+        let c = t0.elapsed().as_secs_f64();
+        tc.push(c);
+        if let Some((w, key)) = torch.as_mut() {
+            settle();
+            let t = w.run(key)?;
+            tt.push(t);
+            ratios.push(c / t);
+        }
+    }
+    Ok(Paired {
+        candle: median(tc),
+        torch: (!tt.is_empty()).then(|| median(tt)),
+        ratio: (!ratios.is_empty()).then(|| median(ratios)),
+    })
+}
+
+fn noise(n: usize) -> Vec<f32> {
+    let mut r = valence_model::synthetic::SeededNormal::new(1);
+    (0..n).map(|_| r.sample() * 0.1).collect()
+}
+
+/// A mono 32-bit float WAV file (format tag 3).
+fn write_wav_f32(path: &Path, samples: &[f32], rate: u32) -> Result<()> {
+    let data_len = (samples.len() * 4) as u32;
+    let mut b = Vec::with_capacity(44 + data_len as usize);
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data_len).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&3u16.to_le_bytes()); // IEEE float
+    b.extend_from_slice(&1u16.to_le_bytes()); // mono
+    b.extend_from_slice(&rate.to_le_bytes());
+    b.extend_from_slice(&(rate * 4).to_le_bytes());
+    b.extend_from_slice(&4u16.to_le_bytes());
+    b.extend_from_slice(&32u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&data_len.to_le_bytes());
+    for s in samples {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::write(path, b)?;
+    Ok(())
+}
+
+fn row(name: &str, audio_s: f64, p: &Paired) {
+    let candle = p.candle;
+    match (p.torch, p.ratio) {
+        (Some(t), Some(r)) => println!(
+            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)  PyTorch {t:>7.3} s  candle/PyTorch {r:>5.2}",
+            audio_s / candle
+        ),
+        _ => println!(
+            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)",
+            audio_s / candle
+        ),
+    }
+}
+
+pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    println!(
+        "candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2). Each row: medians of \
+         runs alternating candle and PyTorch, and the median of their per-round ratios."
+    );
+    if what == "all" || what == "whisper" {
+        let enc_dir = registry::cache_dir().join("encoders/whisper-base");
+        let mut enc = WhisperEncoder::load_dir(&enc_dir, DType::F32, &Device::Cpu)
+            .context("the Whisper base encoder is needed (run `valence setup`)")?;
+        let mut torch = python
+            .map(|p| TorchWorker::start(p, "whisper", &enc_dir))
+            .transpose()?;
+        let x = noise(48000);
+        // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
+        for (name, quantized) in [
+            ("Whisper base encoder (3 s window)", false),
+            ("  same, q8_0 projections", true),
+        ] {
+            if quantized {
+                enc.quantize(GgmlDType::Q8_0)?;
+            }
+            let p = paired(
+                30,
+                || enc.encode(&x).map(|_| ()),
+                torch.as_mut().map(|w| (w, "3s")),
+            )?;
+            row(name, 3.0, &p);
+        }
+        drop(torch);
+        // The whole default model per window (mel + encoder + pooling + head): what
+        // `valence classify` pays for every hop.
+        let dir = registry::resolve_model("default")?;
+        let m = registry::shared_model(&dir, &Device::Cpu)?;
+        let upto = m
+            .manifest
+            .features
+            .layers
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or(0);
+        let mut torch = python
+            .map(|p| TorchWorker::start(p, &format!("whisper-upto-{upto}"), &enc_dir))
+            .transpose()?;
+        let p = paired(
+            30,
+            || m.classify(&x).map(|_| ()),
+            torch.as_mut().map(|w| (w, "3s")),
+        )?;
+        drop(torch);
+        row(
+            &format!("default model (layers ..{upto}, 3 s window)"),
+            3.0,
+            &p,
+        );
+        println!(
+            "default model, one 3 s window: {:.4} s -> at 1 s hop {:.1}x real time",
+            p.candle,
+            1.0 / p.candle
+        );
+        // End to end, as `valence classify` runs: decodebin, resampling, windows, messages.
+        std::fs::create_dir_all(work)?;
+        let wav = work.join("bench-60s-48k.wav");
+        write_wav_f32(&wav, &noise(60 * 48000), 48000)?;
+        let opts = crate::classify::Options {
+            model: "default".into(),
+            device: "cpu".into(),
+            window_s: 3.0,
+            hop_s: 1.0,
+            silence_threshold: -60.0,
+        };
+        let mut windows = 0;
+        let t0 = Instant::now();
+        crate::classify::classify_file(&wav, &opts, |_| windows += 1)?;
+        let t = t0.elapsed().as_secs_f64();
+        println!(
+            "valence classify, 60 s of 48 kHz audio, 3 s window / 1 s hop: {windows} windows in {t:.2} s -> {:.1}x real time",
+            60.0 / t
+        );
+    }
+    if what == "all" || what == "xlsr" {
+        std::fs::create_dir_all(work)?;
+        let Some(python) = python else {
+            bail!(
+                "the xlsr benchmark needs --python (PyTorch makes the random 315M-parameter checkpoint)"
+            );
+        };
+        // PyTorch saves its random model first; candle then loads those same weights.
+        let mut torch = TorchWorker::start(python, "xlsr", work)?;
+        let mut m = Wav2Vec2Model::load_dir(work, DType::F32, &Device::Cpu)?;
+        println!(
+            "xlsr-53-sized Wav2Vec2: {} parameters",
+            torch.info["params"]
+        );
+        for quantized in [false, true] {
+            if quantized {
+                m.quantize(GgmlDType::Q8_0)?;
+            }
+            for secs in [10usize, 3] {
+                let x = noise(16000 * secs);
+                let key = format!("{secs}s");
+                let rounds = if secs == 10 { 5 } else { 9 };
+                let p = paired(
+                    rounds,
+                    || m.encode(&x).map(|_| ()),
+                    Some((&mut torch, &key)),
+                )?;
+                let name = if quantized {
+                    format!("  same, q8_0 projections ({secs} s)")
+                } else {
+                    format!("xlsr-53-sized Wav2Vec2 ({secs} s)")
+                };
+                row(&name, secs as f64, &p);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn default_work_dir() -> PathBuf {
+    registry::cache_dir().join("bench")
+}

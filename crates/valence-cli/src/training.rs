@@ -1,0 +1,657 @@
+//! Training classifier heads on pooled features, and speaker-independent evaluation.
+//!
+//! The recipe is the reference card's: AdamW (lr 2e-4, weight decay 0.01), cross-entropy with
+//! label smoothing 0.1 and class weights, cosine schedule with 5% warm-up, batch 32, gradient
+//! clipping at 1.0, early stopping on a validation split whose speakers are not in training.
+//! Everything random (initialisation, shuffling, dropout, splits) is seeded.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use serde::Serialize;
+
+use crate::metrics;
+use valence_model::head::{Head, HeadConfig, head_from_tensors, seed_dropout};
+use valence_model::scaler::StandardScaler;
+use valence_model::softmax;
+use valence_model::synthetic::SeededNormal;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainConfig {
+    pub head: HeadConfig,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub label_smoothing: f64,
+    pub batch_size: usize,
+    pub max_epochs: usize,
+    pub patience: usize,
+    pub warmup_fraction: f64,
+    pub clip_norm: f64,
+    pub val_fraction: f64,
+    pub class_weights: bool,
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// The reference card's recipe around `head`.
+    pub fn card_recipe(head: HeadConfig) -> Self {
+        Self {
+            head,
+            lr: 2e-4,
+            weight_decay: 0.01,
+            label_smoothing: 0.1,
+            batch_size: 32,
+            max_epochs: 60,
+            patience: 10,
+            warmup_fraction: 0.05,
+            clip_norm: 1.0,
+            val_fraction: 0.15,
+            class_weights: true,
+            seed: 0,
+        }
+    }
+}
+
+/// A trained head with what it needs at inference.
+pub struct Trained {
+    pub head_config: HeadConfig,
+    pub tensors: HashMap<String, Tensor>,
+    pub scaler: StandardScaler,
+    pub epochs_run: usize,
+    pub best_epoch: usize,
+    pub best_val_macro_f1: f64,
+    /// Mean training loss per epoch.
+    pub train_loss: Vec<f64>,
+}
+
+/// A deterministic permutation.
+fn shuffle<T>(v: &mut [T], rng: &mut SeededNormal) {
+    for i in (1..v.len()).rev() {
+        let j = (rng.uniform() * (i + 1) as f64) as usize % (i + 1);
+        v.swap(i, j);
+    }
+}
+
+/// Splits speakers into validation (about `fraction` of the clips) and the rest.
+pub fn speaker_split(speakers: &[String], fraction: f64, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    let mut unique: Vec<&String> = speakers
+        .iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if unique.len() < 2 || fraction <= 0.0 {
+        return ((0..speakers.len()).collect(), vec![]);
+    }
+    let mut rng = SeededNormal::new(seed ^ 0x5eed);
+    shuffle(&mut unique, &mut rng);
+    let target = (speakers.len() as f64 * fraction).ceil() as usize;
+    let mut val_speakers = BTreeSet::new();
+    let mut count = 0;
+    for s in &unique[..unique.len() - 1] {
+        if count >= target {
+            break;
+        }
+        val_speakers.insert(*s);
+        count += speakers.iter().filter(|x| x == s).count();
+    }
+    let (mut train, mut val) = (vec![], vec![]);
+    for (i, s) in speakers.iter().enumerate() {
+        if val_speakers.contains(s) {
+            val.push(i)
+        } else {
+            train.push(i)
+        }
+    }
+    (train, val)
+}
+
+fn init_vars(varmap: &VarMap, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = SeededNormal::new(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let is_norm = name.contains("norm");
+        let values: Vec<f32> = if is_norm && name.ends_with("weight") {
+            vec![1.0; n]
+        } else if is_norm || name.ends_with("in_proj_bias") {
+            vec![0.0; n]
+        } else if name.contains("cls_token") || name.contains("pos_embed") {
+            (0..n).map(|_| rng.sample() * 0.02).collect()
+        } else if name.ends_with("in_proj_weight") {
+            // xavier uniform, as nn.MultiheadAttention
+            let bound = (6.0 / (dims[0] + dims[1]) as f64).sqrt();
+            (0..n)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        } else {
+            // nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+            let fan_in = if dims.len() == 2 { dims[1] } else { n };
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n)
+                .map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32)
+                .collect()
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Cross-entropy with label smoothing and class weights, as PyTorch computes it.
+fn loss_fn(
+    logits: &Tensor,
+    labels: &[usize],
+    weights: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let (b, k) = logits.dims2()?;
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    let mut onehot = vec![0f32; b * k];
+    for (i, &y) in labels.iter().enumerate() {
+        onehot[i * k + y] = 1.0;
+    }
+    let onehot = Tensor::from_vec(onehot, (b, k), logits.device())?;
+    let wy = onehot.broadcast_mul(weights)?.sum(1)?; // [b]
+    let nll = (logp.mul(&onehot)?.sum(1)? * -1.0)?;
+    let smooth = (logp.broadcast_mul(weights)?.sum(1)? * -1.0)?;
+    let denom = wy.sum_all()?;
+    let main = wy.mul(&nll)?.sum_all()?.div(&denom)?;
+    let smooth = (smooth.sum_all()?.div(&denom)? / k as f64)?;
+    (main * (1.0 - eps))? + (smooth * eps)?
+}
+
+fn clip_gradients(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[Var],
+    max_norm: f64,
+) -> Result<()> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let scale = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * scale)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn rows_tensor(x: &[Vec<f32>], idx: &[usize], scaler: &StandardScaler) -> Result<Tensor> {
+    let dim = scaler.dim();
+    let mut flat = Vec::with_capacity(idx.len() * dim);
+    for &i in idx {
+        let mut r = x[i].clone();
+        scaler.transform_vec(&mut r);
+        flat.extend(r);
+    }
+    Ok(Tensor::from_vec(flat, (idx.len(), dim), &Device::Cpu)?)
+}
+
+fn predict_with(
+    head: &Head,
+    x: &[Vec<f32>],
+    idx: &[usize],
+    scaler: &StandardScaler,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(idx.len());
+    for chunk in idx.chunks(256) {
+        let logits = head
+            .forward(&rows_tensor(x, chunk, scaler)?, false)?
+            .to_vec2::<f32>()?;
+        out.extend(logits.iter().map(|r| softmax(r)));
+    }
+    Ok(out)
+}
+
+fn argmax(p: &[f32]) -> usize {
+    valence_model::argmax(p).0
+}
+
+/// Trains a head on rows `x` with labels `y`; `speakers` picks the validation split.
+pub fn train(
+    x: &[Vec<f32>],
+    y: &[usize],
+    speakers: &[String],
+    cfg: &TrainConfig,
+    mut progress: impl FnMut(usize, f64, f64),
+) -> Result<Trained> {
+    if x.is_empty() || x.len() != y.len() || y.len() != speakers.len() {
+        bail!("training needs as many labels and speakers as rows (and at least one row)");
+    }
+    let k = cfg.head.num_classes();
+    let (train_idx, val_idx) = speaker_split(speakers, cfg.val_fraction, cfg.seed);
+    // The scaler sees every row given (no labels involved), so ensemble members trained on
+    // different validation splits share it and can be merged into one head.
+    let scaler = StandardScaler::fit(x)?;
+    if scaler.dim() != cfg.head.input_dim() {
+        bail!(
+            "features have {} values, the head expects {}",
+            scaler.dim(),
+            cfg.head.input_dim()
+        );
+    }
+    let mut counts = vec![0usize; k];
+    for &i in &train_idx {
+        counts[y[i]] += 1;
+    }
+    let weights: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            if cfg.class_weights && c > 0 {
+                train_idx.len() as f32 / (k * c) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    let weights = Tensor::new(weights.as_slice(), &Device::Cpu)?;
+
+    let varmap = VarMap::new();
+    let head = Head::new(
+        &cfg.head,
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )?;
+    init_vars(&varmap, cfg.seed)?;
+    seed_dropout(cfg.seed.wrapping_add(17));
+    let vars = varmap.all_vars();
+    let mut opt = candle_nn::AdamW::new(
+        vars.clone(),
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let steps_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
+    let total_steps = (steps_per_epoch * cfg.max_epochs).max(1);
+    let warmup = ((total_steps as f64 * cfg.warmup_fraction).ceil() as usize).max(1);
+    let mut rng = SeededNormal::new(cfg.seed.wrapping_add(99));
+    let mut order = train_idx.clone();
+    let mut step = 0usize;
+    let snapshot = |vm: &VarMap| -> Result<HashMap<String, Tensor>> {
+        let d = vm.data().lock().unwrap_or_else(|e| e.into_inner());
+        d.iter()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect()
+    };
+    let mut best = (f64::MIN, f64::MAX, 0usize, snapshot(&varmap)?);
+    let mut train_loss = Vec::new();
+    let mut since_best = 0;
+    let mut epochs_run = 0;
+    for epoch in 0..cfg.max_epochs {
+        shuffle(&mut order, &mut rng);
+        let mut loss_sum = 0f64;
+        for batch in order.chunks(cfg.batch_size) {
+            let lr = if step < warmup {
+                cfg.lr * (step + 1) as f64 / warmup as f64
+            } else {
+                let p = (step - warmup) as f64 / (total_steps - warmup).max(1) as f64;
+                cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+            };
+            opt.set_learning_rate(lr);
+            let xb = rows_tensor(x, batch, &scaler)?;
+            let yb: Vec<usize> = batch.iter().map(|&i| y[i]).collect();
+            let logits = head.forward(&xb, true)?;
+            let loss = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
+            let mut grads = loss.backward()?;
+            clip_gradients(&mut grads, &vars, cfg.clip_norm)?;
+            opt.step(&grads)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            step += 1;
+        }
+        epochs_run = epoch + 1;
+        let mean_loss = loss_sum / train_idx.len() as f64;
+        train_loss.push(mean_loss);
+        // Validation: macro-F1 first, loss to break ties.
+        let (val_f1, val_loss) = if val_idx.is_empty() {
+            (-mean_loss, mean_loss)
+        } else {
+            let probs = predict_with(&head, x, &val_idx, &scaler)?;
+            let pred: Vec<usize> = probs.iter().map(|p| argmax(p)).collect();
+            let actual: Vec<usize> = val_idx.iter().map(|&i| y[i]).collect();
+            let nll = probs
+                .iter()
+                .zip(&actual)
+                .map(|(p, &a)| -(p[a].max(1e-7) as f64).ln())
+                .sum::<f64>()
+                / actual.len() as f64;
+            (metrics::report(&actual, &pred, k).macro_f1, nll)
+        };
+        progress(epoch + 1, mean_loss, val_f1);
+        if val_f1 > best.0 + 1e-9 || (val_f1 > best.0 - 1e-9 && val_loss < best.1) {
+            best = (val_f1, val_loss, epoch + 1, snapshot(&varmap)?);
+            since_best = 0;
+        } else {
+            since_best += 1;
+            if since_best >= cfg.patience {
+                break;
+            }
+        }
+    }
+    Ok(Trained {
+        head_config: cfg.head.clone(),
+        tensors: best.3,
+        scaler,
+        epochs_run,
+        best_epoch: best.2,
+        best_val_macro_f1: best.0,
+        train_loss,
+    })
+}
+
+/// Trains `members` heads with seeds `cfg.seed`, `cfg.seed + 1`, ... (each with its own
+/// validation speakers and initialisation) and merges them into one head that outputs their
+/// mean logits. Averaging a few seeds removes much of the run-to-run variance of a small head
+/// trained on a few thousand clips. A one-hidden-layer MLP of N members is exactly an MLP
+/// with N times the hidden width (first layers stacked, last layers side by side / N), so the
+/// merged head needs no new head type; linear heads average directly.
+pub fn train_ensemble(
+    x: &[Vec<f32>],
+    y: &[usize],
+    speakers: &[String],
+    cfg: &TrainConfig,
+    members: usize,
+    mut progress: impl FnMut(usize, usize, f64, f64),
+) -> Result<Trained> {
+    if members <= 1 {
+        return train(x, y, speakers, cfg, |e, l, f| progress(0, e, l, f));
+    }
+    let HeadConfig::Mlp(mlp) = &cfg.head else {
+        bail!("ensembles are supported for MLP and linear heads");
+    };
+    if mlp.hidden.len() > 1 {
+        bail!("ensembles need an MLP with at most one hidden layer");
+    }
+    let mut runs = Vec::with_capacity(members);
+    for m in 0..members {
+        let mut c = cfg.clone();
+        c.seed = cfg.seed.wrapping_add(m as u64);
+        runs.push(train(x, y, speakers, &c, |e, l, f| progress(m, e, l, f))?);
+    }
+    let n = members as f64;
+    let get = |r: &Trained, k: &str| -> Result<Tensor> {
+        r.tensors
+            .get(k)
+            .cloned()
+            .with_context(|| format!("trained head lacks {k}"))
+    };
+    let last = mlp.hidden.len();
+    let mut tensors = HashMap::new();
+    let cat_all = |k: &str, dim: usize| -> Result<Tensor> {
+        let ts = runs.iter().map(|r| get(r, k)).collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&ts, dim)?)
+    };
+    let mean_all = |k: &str| -> Result<Tensor> {
+        let ts = runs.iter().map(|r| get(r, k)).collect::<Result<Vec<_>>>()?;
+        Ok((Tensor::stack(&ts, 0)?.sum(0)? / n)?)
+    };
+    if last == 1 {
+        tensors.insert(
+            "classifier.0.weight".into(),
+            cat_all("classifier.0.weight", 0)?,
+        );
+        tensors.insert("classifier.0.bias".into(), cat_all("classifier.0.bias", 0)?);
+        tensors.insert(
+            "classifier.1.weight".into(),
+            (cat_all("classifier.1.weight", 1)? / n)?,
+        );
+        tensors.insert("classifier.1.bias".into(), mean_all("classifier.1.bias")?);
+    } else {
+        tensors.insert(
+            "classifier.0.weight".into(),
+            mean_all("classifier.0.weight")?,
+        );
+        tensors.insert("classifier.0.bias".into(), mean_all("classifier.0.bias")?);
+    }
+    let mut merged_cfg = mlp.clone();
+    merged_cfg.hidden = mlp.hidden.iter().map(|h| h * members).collect();
+    Ok(Trained {
+        head_config: HeadConfig::Mlp(merged_cfg),
+        tensors,
+        scaler: runs[0].scaler.clone(),
+        epochs_run: runs.iter().map(|r| r.epochs_run).max().unwrap_or(0),
+        best_epoch: runs.iter().map(|r| r.best_epoch).max().unwrap_or(0),
+        best_val_macro_f1: runs.iter().map(|r| r.best_val_macro_f1).sum::<f64>() / n,
+        train_loss: runs[0].train_loss.clone(),
+    })
+}
+
+impl Trained {
+    pub fn head(&self) -> Result<Head> {
+        head_from_tensors(
+            &self.head_config,
+            self.tensors.clone(),
+            std::path::Path::new("<trained>"),
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+
+    /// Class probabilities for rows `idx` of `x`.
+    pub fn predict(&self, x: &[Vec<f32>], idx: &[usize]) -> Result<Vec<Vec<f32>>> {
+        predict_with(&self.head()?, x, idx, &self.scaler)
+    }
+}
+
+/// Assigns whole speakers to `k` folds, balancing clip counts (largest speakers first).
+pub fn speaker_folds(speakers: &[String], k: usize, seed: u64) -> Vec<usize> {
+    let mut counts: BTreeMap<&String, usize> = BTreeMap::new();
+    for s in speakers {
+        *counts.entry(s).or_default() += 1;
+    }
+    let mut list: Vec<(&String, usize)> = counts.into_iter().collect();
+    let mut rng = SeededNormal::new(seed ^ 0xf01d);
+    shuffle(&mut list, &mut rng);
+    list.sort_by_key(|e| std::cmp::Reverse(e.1));
+    let mut fold_size = vec![0usize; k];
+    let mut fold_of: HashMap<&String, usize> = HashMap::new();
+    for (s, c) in list {
+        let f = (0..k).min_by_key(|&f| fold_size[f]).unwrap_or(0);
+        fold_size[f] += c;
+        fold_of.insert(s, f);
+    }
+    speakers.iter().map(|s| fold_of[s]).collect()
+}
+
+/// Figures for one group of clips.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupFigures {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub n: usize,
+}
+
+/// Out-of-fold predictions and the usual figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub report: metrics::Report,
+    pub per_language: BTreeMap<String, GroupFigures>,
+    pub per_corpus: BTreeMap<String, GroupFigures>,
+    pub predictions: Vec<usize>,
+}
+
+pub fn evaluate(
+    actual: &[usize],
+    predicted: &[usize],
+    languages: &[String],
+    corpora: &[String],
+    k: usize,
+) -> Evaluation {
+    let group = |keys: &[String]| -> BTreeMap<String, GroupFigures> {
+        let mut by: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for i in 0..actual.len() {
+            let e = by.entry(keys[i].clone()).or_default();
+            e.0.push(actual[i]);
+            e.1.push(predicted[i]);
+        }
+        by.into_iter()
+            .map(|(g, (a, p))| {
+                let r = metrics::report(&a, &p, k);
+                (
+                    g,
+                    GroupFigures {
+                        accuracy: r.accuracy,
+                        macro_f1: r.macro_f1,
+                        n: r.n,
+                    },
+                )
+            })
+            .collect()
+    };
+    Evaluation {
+        report: metrics::report(actual, predicted, k),
+        per_language: group(languages),
+        per_corpus: group(corpora),
+        predictions: predicted.to_vec(),
+    }
+}
+
+/// Trains on all folds but one and predicts the held-out fold, for every fold.
+pub fn out_of_fold(
+    x: &[Vec<f32>],
+    y: &[usize],
+    speakers: &[String],
+    fold: &[usize],
+    cfg: &TrainConfig,
+    members: usize,
+) -> Result<Vec<usize>> {
+    let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
+    let mut pred = vec![0usize; x.len()];
+    for f in 0..n_folds {
+        let train_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] != f).collect();
+        let test_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] == f).collect();
+        if test_idx.is_empty() {
+            continue;
+        }
+        let xs: Vec<Vec<f32>> = train_idx.iter().map(|&i| x[i].clone()).collect();
+        let ys: Vec<usize> = train_idx.iter().map(|&i| y[i]).collect();
+        let ss: Vec<String> = train_idx.iter().map(|&i| speakers[i].clone()).collect();
+        let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
+        for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
+            pred[*i] = argmax(&p);
+        }
+    }
+    Ok(pred)
+}
+
+/// Per-speaker standardisation (what a running per-stream normalisation approximates).
+pub fn normalize_per_group(x: &[Vec<f32>], groups: &[String]) -> Vec<Vec<f32>> {
+    let mut by: HashMap<&String, Vec<usize>> = HashMap::new();
+    for (i, g) in groups.iter().enumerate() {
+        by.entry(g).or_default().push(i);
+    }
+    let mut out = x.to_vec();
+    for idx in by.values() {
+        let rows: Vec<Vec<f32>> = idx.iter().map(|&i| x[i].clone()).collect();
+        if let Ok(s) = StandardScaler::fit(&rows) {
+            for &i in idx {
+                s.transform_vec(&mut out[i]);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use valence_model::head::MlpHeadConfig;
+
+    #[test]
+    fn folds_never_split_a_speaker() {
+        let speakers: Vec<String> = (0..50).map(|i| format!("s{}", i % 13)).collect();
+        let folds = speaker_folds(&speakers, 5, 1);
+        for s in &speakers {
+            let fs: BTreeSet<usize> = speakers
+                .iter()
+                .zip(&folds)
+                .filter(|(x, _)| *x == s)
+                .map(|(_, f)| *f)
+                .collect();
+            assert_eq!(fs.len(), 1);
+        }
+        let (tr, va) = speaker_split(&speakers, 0.2, 3);
+        let trs: BTreeSet<&String> = tr.iter().map(|&i| &speakers[i]).collect();
+        assert!(va.iter().all(|&i| !trs.contains(&speakers[i])));
+        assert!(!va.is_empty());
+    }
+
+    fn toy_problem() -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+        let mut rng = SeededNormal::new(4);
+        let (mut x, mut y, mut s) = (vec![], vec![], vec![]);
+        for i in 0..300 {
+            let c = i % 3;
+            x.push(
+                (0..8)
+                    .map(|d| rng.sample() * 0.5 + if d == c { 2.0 } else { 0.0 })
+                    .collect(),
+            );
+            y.push(c);
+            s.push(format!("spk{}", i % 10));
+        }
+        (x, y, s)
+    }
+
+    fn toy_recipe() -> TrainConfig {
+        TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+            input_dim: 8,
+            hidden: vec![16],
+            dropout: 0.1,
+            head_activation: Default::default(),
+            num_classes: 3,
+        }))
+    }
+
+    #[test]
+    fn ensemble_head_outputs_the_mean_of_its_members_logits() {
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
+        cfg.max_epochs = 5;
+        let merged = train_ensemble(&x, &y, &s, &cfg, 3, |_, _, _, _| {}).unwrap();
+        assert_eq!(merged.head_config.input_dim(), 8);
+        let HeadConfig::Mlp(m) = &merged.head_config else {
+            panic!("an MLP")
+        };
+        assert_eq!(m.hidden, vec![48]);
+        let rows = rows_tensor(&x, &[0, 1, 2, 3], &merged.scaler).unwrap();
+        let got = merged.head().unwrap().forward(&rows, false).unwrap();
+        let mut sum = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+        for seed in 0..3 {
+            let mut c = cfg.clone();
+            c.seed = seed;
+            let one = train(&x, &y, &s, &c, |_, _, _| {}).unwrap();
+            sum = (sum + one.head().unwrap().forward(&rows, false).unwrap()).unwrap();
+        }
+        let want = (sum / 3.0).unwrap();
+        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn learns_a_separable_problem_reproducibly() {
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
+        cfg.lr = 1e-2;
+        cfg.max_epochs = 30;
+        let a = train(&x, &y, &s, &cfg, |_, _, _| {}).unwrap();
+        assert!(
+            a.train_loss.last().unwrap() < &a.train_loss[0],
+            "loss must go down"
+        );
+        assert!(a.best_val_macro_f1 > 0.9, "{}", a.best_val_macro_f1);
+        let b = train(&x, &y, &s, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(a.train_loss, b.train_loss, "same seed, same run");
+    }
+}

@@ -1,0 +1,242 @@
+//! The shipped default model (Whisper base + our head) on real speech from ../shared/data.
+//! These need `valence setup` (the imported encoder) and the shared data; without either they
+//! skip with a message. CI runs the setup first, so there they always run.
+//!
+//! Re-record the expectations after retraining the head:
+//! `VALENCE_RECORD_EXPECTATIONS=1 cargo test --release --test default_model`
+
+mod common;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use common::{expectations_file, fixtures, max_abs_diff, read_wav_i16, shared_data};
+use valence_cli::dataset::{self, Clip};
+use valence_cli::training::{TrainConfig, train};
+use valence_model::head::{HeadConfig, MlpHeadConfig, head_from_tensors};
+use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
+use valence_model::registry;
+
+fn encoder_dir() -> Option<PathBuf> {
+    let d = registry::cache_dir().join("encoders/whisper-base");
+    if d.join("model.safetensors").is_file() {
+        Some(d)
+    } else {
+        eprintln!("SKIPPED: the Whisper base encoder is not imported (run `valence setup`)");
+        None
+    }
+}
+
+fn init() {
+    gst::init().unwrap();
+}
+
+#[test]
+fn whisper_base_import_matches_ctranslate2() {
+    let Some(dir) = encoder_dir() else { return };
+    let enc =
+        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
+    let out = enc.encode(&audio).unwrap();
+    let r = candle_core::safetensors::load(
+        fixtures().join("whisper_base_ct2_reference.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let reference = &r["last_hidden_state"];
+    let scale = reference
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = max_abs_diff(&out.last_hidden_state.squeeze(0).unwrap(), reference);
+    // CTranslate2 and candle sum in different orders over fp16-derived weights.
+    assert!(
+        d < 1e-4 * scale.max(1.0) * 10.0,
+        "differs by {d} (scale {scale})"
+    );
+}
+
+/// The 8-bit encoder the default model runs on the CPU stays close to the f32 one, layer by
+/// layer, and gives nearly the same pooled features (the head was trained on q8_0 features; a
+/// broken quantized path would drift far more than block rounding does).
+#[test]
+fn q8_0_whisper_base_stays_close_to_f32() {
+    let Some(dir) = encoder_dir() else { return };
+    let dense =
+        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let mut quantized =
+        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    quantized
+        .quantize(candle_core::quantized::GgmlDType::Q8_0)
+        .unwrap();
+    let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
+    let (a, b) = (
+        dense.encode_upto(&audio, Some(4)).unwrap(),
+        quantized.encode_upto(&audio, Some(4)).unwrap(),
+    );
+    for (layer, (x, y)) in a.hidden_states.iter().zip(&b.hidden_states).enumerate() {
+        let rms = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        let rel = rms(&(x - y).unwrap()) / rms(x);
+        assert!(rel < 0.1, "layer {layer}: relative RMS error {rel}");
+        let (px, py) = (x.mean(1).unwrap(), y.mean(1).unwrap());
+        let dot = (&px * &py)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let cos = dot / (rms(&px) * rms(&py) * px.elem_count() as f32);
+        eprintln!("layer {layer}: relative RMS error {rel:.4}, pooled cosine {cos:.6}");
+        assert!(cos > 0.999, "layer {layer}: pooled cosine {cos}");
+    }
+}
+
+/// A few clips per class from different speakers and corpora.
+fn some_clips(data: &std::path::Path, per_class: usize) -> Vec<Clip> {
+    let clips = dataset::read_manifest(&data.join("manifest.csv")).unwrap();
+    let mut out: Vec<Clip> = Vec::new();
+    for label in valence_model::LABELS {
+        let mut speakers = std::collections::BTreeSet::new();
+        for c in clips.iter().filter(|c| c.valence == label) {
+            if speakers.insert(c.speaker.clone()) {
+                out.push(c.clone());
+            }
+            if speakers.len() == per_class {
+                break;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn shipped_model_predictions_match_recorded_expectations() {
+    let (Some(_), Some(data)) = (encoder_dir(), shared_data()) else {
+        return;
+    };
+    init();
+    let dir =
+        registry::resolve_model("default").expect("`valence setup` installs the default model");
+    let model = registry::shared_model(&dir, &Device::Cpu).unwrap();
+    let clips = some_clips(&data, 3);
+    let mut got = Vec::new();
+    for c in &clips {
+        let samples = valence_cli::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
+        let p = model.classify(&samples).unwrap();
+        got.push(serde_json::json!({
+            "path": c.path, "valence": c.valence,
+            "predicted": model.labels[p.best().0], "probabilities": p.probabilities,
+        }));
+    }
+    let path = expectations_file();
+    if std::env::var_os("VALENCE_RECORD_EXPECTATIONS").is_some() {
+        std::fs::write(&path, serde_json::to_string_pretty(&got).unwrap()).unwrap();
+        return;
+    }
+    let expected: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(got.len(), expected.len());
+    for (g, e) in got.iter().zip(&expected) {
+        assert_eq!(g["path"], e["path"]);
+        assert_eq!(g["predicted"], e["predicted"], "{}", g["path"]);
+        for (a, b) in g["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(e["probabilities"].as_array().unwrap())
+        {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            // The q8_0 encoder quantizes activations in 256-value blocks on AVX512-VNNI CPUs
+            // and 32-value blocks elsewhere: probabilities move by up to ~1e-2 between them.
+            assert!((a - b).abs() < 2e-2, "{}: {a} vs {b}", g["path"]);
+        }
+    }
+    // The shipped model gets most of these (training) clips right; a broken pipeline would not.
+    let right = got
+        .iter()
+        .filter(|g| g["predicted"] == g["valence"])
+        .count();
+    assert!(
+        right * 3 >= got.len() * 2,
+        "only {right} of {} right",
+        got.len()
+    );
+}
+
+#[test]
+fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
+    let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
+        return;
+    };
+    init();
+    let clips = some_clips(&data, 6);
+    let cache = std::env::temp_dir().join(format!("valence-train-test-{}", std::process::id()));
+    let table = dataset::features(&clips, &data, &enc, None, &cache, &Device::Cpu).unwrap();
+    let spec = FeatureSpec {
+        source: FeatureSource::HiddenStates,
+        layers: vec![2, 3, 4],
+        combine: Combine::Concat,
+        pooling: Pooling::Mean,
+    };
+    let x = table.select(&spec).unwrap();
+    let y: Vec<usize> = clips.iter().map(|c| c.label().unwrap()).collect();
+    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+        input_dim: x[0].len(),
+        hidden: vec![32],
+        dropout: 0.2,
+        head_activation: Default::default(),
+        num_classes: 3,
+    }));
+    cfg.max_epochs = 15;
+    cfg.patience = 100;
+    cfg.lr = 1e-3;
+    let t = train(&x, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
+    assert!(
+        t.train_loss.last().unwrap() < &t.train_loss[0],
+        "loss {:?}",
+        t.train_loss
+    );
+    // Weights round-trip through safetensors and give the same predictions.
+    let file = cache.join("head.safetensors");
+    candle_core::safetensors::save(&t.tensors, &file).unwrap();
+    let loaded = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let head = head_from_tensors(&cfg.head, loaded, &file, DType::F32, &Device::Cpu).unwrap();
+    let idx: Vec<usize> = (0..x.len()).collect();
+    let before = t.predict(&x, &idx).unwrap();
+    let rows: Vec<f32> = x
+        .iter()
+        .flat_map(|r| {
+            let mut r = r.clone();
+            t.scaler.transform_vec(&mut r);
+            r
+        })
+        .collect();
+    let logits = head
+        .forward(
+            &Tensor::from_vec(rows, (x.len(), x[0].len()), &Device::Cpu).unwrap(),
+            false,
+        )
+        .unwrap();
+    let after: Vec<f32> = logits
+        .to_vec2::<f32>()
+        .unwrap()
+        .iter()
+        .flat_map(|r| valence_model::softmax(r))
+        .collect();
+    let before: Vec<f32> = before.into_iter().flatten().collect();
+    for (a, b) in before.iter().zip(&after) {
+        assert!((a - b).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,215 @@
+//! Low-level CPU kernels: the fused f32 operations the encoders run on the CPU, and the glue
+//! they share (runtime SIMD dispatch, candle's worker pool, strided `gemm` calls).
+//!
+//! Every kernel here sits beside a plain twin that is obviously correct (candle's own ops or
+//! scalar Rust), and the unit tests compare the two on random shapes, odd sizes included. Model
+//! blocks ([`crate::nn`]) call these kernels and fall back to candle's ops on other devices and
+//! dtypes; nothing here knows about model blocks. Measured speed-ups live in MODEL_CARD.md and
+//! `valence bench`, not in comments.
+
+pub mod activation;
+pub mod attention;
+pub mod conv;
+pub mod dense;
+pub mod epilogue;
+
+use candle_core::{CpuStorage, Layout};
+
+/// Defines `fn $name(args)` that runs the `#[inline(always)]` function `$body` compiled for
+/// AVX2 and FMA when the CPU has them, so that its loops vectorise 8 wide (the crate is built
+/// for baseline x86-64), and as is elsewhere.
+macro_rules! avx2_dispatch {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) => $body:ident) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn enabled($($arg: $ty),*) {
+                    $body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were just detected.
+                    unsafe { enabled($($arg),*) };
+                    return;
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
+/// Runs `f(offset, piece)` over consecutive pieces of `dst` (`piece_len` values each, the last
+/// possibly shorter) on candle's CPU pool, which hands each worker a run of whole pieces; on the
+/// calling thread when there is only one piece.
+pub(crate) fn par_pieces_mut(
+    dst: &mut [f32],
+    piece_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let len = dst.len();
+    if len <= piece_len {
+        f(0, dst);
+        return;
+    }
+    let base = SyncPtr(dst.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(piece_len), |pieces| {
+        let start = pieces.start * piece_len;
+        let end = (pieces.end * piece_len).min(len);
+        // SAFETY: the pool hands out disjoint piece ranges and `execute_chunked` returns only
+        // when every range is done, so these are disjoint sub-slices of the live `dst`.
+        f(start, unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(start), end - start)
+        });
+    });
+}
+
+/// A pointer into an output buffer that the CPU ops hand to candle's pool threads, each of
+/// which writes a disjoint part of the buffer (every user states why its parts are disjoint).
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr(pub(crate) *mut f32);
+// SAFETY: only ever used to write disjoint parts of a buffer that outlives the pool call.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A strided f32 matrix for [`gemm_f32`]: its first element and its row and column strides,
+/// in elements.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef {
+    pub(crate) ptr: *const f32,
+    pub(crate) row_stride: usize,
+    pub(crate) col_stride: usize,
+}
+
+/// `dst = lhs rhs` for an m x k `lhs`, a k x n `rhs` and an m x n `dst` whose rows are
+/// `dst_row_stride` apart (columns adjacent), through `gemm`, candle's CPU matmul engine, which
+/// takes any strides (rows may overlap: operands are only read).
+///
+/// # Safety
+/// Every element the shapes and strides address must lie in live buffers, and `dst` must not
+/// overlap the operands or anything another thread touches meanwhile.
+pub(crate) unsafe fn gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+    parallelism: gemm::Parallelism,
+) {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_row_stride as isize,
+            false,
+            lhs.ptr,
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.ptr,
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+/// How the CPU products split across threads: like candle's own matmul.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// The values of a contiguous f32 CPU tensor, as the fused CPU ops take them.
+pub(crate) fn contiguous_f32<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op} expects f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op} expects a contiguous tensor")
+    };
+    Ok(&data[start..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pool helper's twin is a plain loop: every element is visited exactly once, with the
+    /// offset it has in the whole slice, for lengths around the piece size. (No assertion runs
+    /// inside the pool: a panic there would poison candle's pool for the other tests.)
+    #[test]
+    fn par_pieces_visit_every_element_once() {
+        for (len, piece) in [(0, 4), (1, 4), (4, 4), (5, 4), (1023, 7), (10_000, 64)] {
+            let mut xs = vec![0f32; len];
+            par_pieces_mut(&mut xs, piece, |offset, part| {
+                for (i, x) in part.iter_mut().enumerate() {
+                    *x += (offset + i) as f32 + 1.0;
+                }
+            });
+            let want: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
+            assert_eq!(xs, want, "len {len}, piece {piece}");
+        }
+    }
+
+    /// `gemm_f32` against a triple loop, with transposed and overlapping-row operands.
+    #[test]
+    fn gemm_matches_naive_product() {
+        let (m, n, k) = (13, 7, 9);
+        let a: Vec<f32> = (0..m * k + 40)
+            .map(|i| ((i * 37) % 17) as f32 - 8.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 11) % 13) as f32 - 6.0).collect();
+        // lhs rows overlap (stride 3 < k), rhs read transposed (b as [n, k]).
+        let lhs = MatRef {
+            ptr: a.as_ptr(),
+            row_stride: 3,
+            col_stride: 1,
+        };
+        let rhs = MatRef {
+            ptr: b.as_ptr(),
+            row_stride: 1,
+            col_stride: k,
+        };
+        let mut dst = vec![0f32; m * (n + 2)];
+        // SAFETY: lhs reads up to a[(m-1)*3 + k-1] < a.len(); rhs up to b[(n-1)*k + k-1]; dst
+        // rows are n + 2 apart.
+        unsafe {
+            gemm_f32(
+                (m, n, k),
+                dst.as_mut_ptr(),
+                n + 2,
+                lhs,
+                rhs,
+                gemm_parallelism(),
+            );
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * 3 + p] * b[j * k + p]).sum();
+                assert_eq!(dst[i * (n + 2) + j], want, "({i}, {j})");
+            }
+            assert_eq!(dst[i * (n + 2) + n], 0.0, "padding column written");
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Model blocks shared by the encoders: projections (dense or 8-bit block-quantized), fused
+//! Q/K/V, self-attention, convolutions, layer norm. On the CPU in f32 they call the fused
+//! kernels of [`crate::kernels`]; other devices and dtypes use candle's ops, so every block is
+//! device-generic. Quantized weights run candle's block-quantized kernels.
+
+pub mod conv;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Conv1d, LayerNorm, VarBuilder};
+
+pub use crate::kernels::activation::gelu_erf;
+use crate::kernels::{attention, dense};
+pub use conv::FrameConv1d;
+
+/// A layer norm of width `size` from HF/PyTorch's `weight` and `bias` (the one loader the
+/// encoders and the head share; a training `VarBuilder` starts it at weight 1, bias 0).
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
+    candle_nn::layer_norm(size, eps, vb)
+}
+
+/// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
+#[derive(Debug, Clone)]
+pub enum Projection {
+    /// `W^T` as a contiguous [in, out] matrix, which the CPU product reads in place, and the bias
+    /// (zeros where the checkpoint has none).
+    Dense { weight_t: Tensor, bias: Tensor },
+    Quantized {
+        weight: QMatMul,
+        bias: Option<Tensor>,
+    },
+}
+
+/// An HF/PyTorch linear layer's `weight` [out, in] and, when it has one, `bias` [out].
+pub fn linear_weights(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: &VarBuilder,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    let b = if bias {
+        Some(vb.get(out_dim, "bias")?)
+    } else {
+        None
+    };
+    Ok((vb.get((out_dim, in_dim), "weight")?, b))
+}
+
+impl Projection {
+    /// From PyTorch's [out, in] `weight`.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> candle_core::Result<Self> {
+        let bias = match bias {
+            Some(b) => b,
+            None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
+        };
+        Ok(Self::Dense {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
+    /// Loads a linear layer with a bias.
+    pub fn load(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (w, b) = linear_weights(in_dim, out_dim, true, &vb)?;
+        Self::dense(w, b)
+    }
+
+    /// `gelu(x W^T + b)` with the erf GELU; on the CPU in f32 the bias and GELU are applied to
+    /// each output row right after the product, in one pass.
+    pub fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        let y = match self {
+            Self::Dense { weight_t, bias } => {
+                if dense::supported(x, weight_t) {
+                    return dense::dense(x, weight_t, bias, gelu);
+                }
+                x.broadcast_matmul(weight_t)?.broadcast_add(bias)?
+            }
+            Self::Quantized { weight, bias } => {
+                // The quantized kernels take f32 activations; keep the caller's dtype outside.
+                quantized_affine(weight, bias.as_ref(), &x.to_dtype(DType::F32)?)?
+                    .to_dtype(x.dtype())?
+            }
+        };
+        if gelu { gelu_erf(&y) } else { Ok(y) }
+    }
+
+    /// Re-stores the weights as `dtype` blocks (e.g. Q8_0). Shapes whose inner size is not a
+    /// multiple of the block size stay dense.
+    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+        match self {
+            Self::Dense { weight_t, bias } => {
+                let (k, _) = weight_t.dims2()?;
+                if !k.is_multiple_of(dtype.block_size()) {
+                    return Ok(self.clone());
+                }
+                Ok(Self::Quantized {
+                    weight: quantize_matrix(&weight_t.t()?.contiguous()?, dtype)?,
+                    bias: Some(bias.clone()),
+                })
+            }
+            Self::Quantized { .. } => Ok(self.clone()),
+        }
+    }
+}
+
+impl Module for Projection {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.apply(x, false)
+    }
+}
+
+/// A [out, in] weight matrix as `dtype` blocks, ready for `x W^T` products.
+fn quantize_matrix(weight: &Tensor, dtype: GgmlDType) -> candle_core::Result<QMatMul> {
+    QMatMul::from_qtensor(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?)
+}
+
+/// `x W^T + b` for f32 `x` and block-quantized `W`.
+fn quantized_affine(
+    weight: &QMatMul,
+    bias: Option<&Tensor>,
+    x: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let y = weight.forward(&x.contiguous()?)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
+        None => Ok(y),
+    }
+}
+
+/// A 1-D convolution that can run as im2col + a block-quantized product on the CPU (Whisper's
+/// second front-end convolution is 512 x 1536 per output frame: worth quantizing with the
+/// layers). Dense convolutions use candle's own op.
+#[derive(Debug, Clone)]
+pub enum Conv1dLayer {
+    Dense(Conv1d),
+    Quantized {
+        /// [out, in * kernel], rows in the dense weight's (in, kernel) order.
+        weight: QMatMul,
+        bias: Option<Tensor>,
+        in_channels: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+impl Conv1dLayer {
+    /// Quantizes when on the CPU, ungrouped, undilated and `in * kernel` fits whole blocks.
+    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+        let Self::Dense(conv) = self else {
+            return Ok(self.clone());
+        };
+        let cfg = conv.config();
+        let (out, cin, k) = conv.weight().dims3()?;
+        if !conv.weight().device().is_cpu()
+            || cfg.groups != 1
+            || cfg.dilation != 1
+            || !(cin * k).is_multiple_of(dtype.block_size())
+        {
+            return Ok(self.clone());
+        }
+        Ok(Self::Quantized {
+            weight: quantize_matrix(&conv.weight().reshape((out, cin * k))?, dtype)?,
+            bias: conv.bias().cloned(),
+            in_channels: cin,
+            kernel: k,
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
+    }
+}
+
+impl Module for Conv1dLayer {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(c) => c.forward(x),
+            Self::Quantized {
+                weight,
+                bias,
+                in_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                let (b, cin, t) = x.dims3()?;
+                if cin != *in_channels {
+                    candle_core::bail!("conv expects {in_channels} channels, got {cin}");
+                }
+                let dtype = x.dtype();
+                let padded = t + 2 * padding;
+                if padded < *kernel {
+                    candle_core::bail!("conv input of {t} frames is shorter than its kernel");
+                }
+                let t_out = (padded - kernel) / stride + 1;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                // im2col: row (batch, frame) holds x[c, frame * stride + j - padding] at c * kernel + j.
+                let width = cin * kernel;
+                let mut cols = vec![0f32; b * t_out * width];
+                for bi in 0..b {
+                    let xb = &xs[bi * cin * t..(bi + 1) * cin * t];
+                    for f in 0..t_out {
+                        let row = &mut cols[(bi * t_out + f) * width..][..width];
+                        for c in 0..cin {
+                            for j in 0..*kernel {
+                                let pos = (f * stride + j) as isize - *padding as isize;
+                                if pos >= 0 && (pos as usize) < t {
+                                    row[c * kernel + j] = xb[c * t + pos as usize];
+                                }
+                            }
+                        }
+                    }
+                }
+                let cols = Tensor::from_vec(cols, (b, t_out, width), x.device())?;
+                quantized_affine(weight, bias.as_ref(), &cols)?
+                    .transpose(1, 2)?
+                    .to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// Q, K and V as one projection: one [3d, d] product instead of three [d, d] ones.
+#[derive(Debug, Clone)]
+pub struct FusedQkv {
+    proj: Projection,
+    width: usize,
+}
+
+impl FusedQkv {
+    /// A missing bias (Whisper's key projection has none) counts as zeros.
+    pub fn new(
+        q: (Tensor, Option<Tensor>),
+        k: (Tensor, Option<Tensor>),
+        v: (Tensor, Option<Tensor>),
+    ) -> candle_core::Result<Self> {
+        let width = q.0.dim(0)?;
+        let weight = Tensor::cat(&[&q.0, &k.0, &v.0], 0)?;
+        let bias = [q, k, v]
+            .into_iter()
+            .map(|(w, b)| match b {
+                Some(b) => Ok(b),
+                None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device()),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            proj: Projection::dense(weight, Some(Tensor::cat(&bias, 0)?))?,
+            width,
+        })
+    }
+
+    /// Loads `q_proj`, `k_proj` and `v_proj` (HF names, shared by Wav2Vec2 and Whisper) of
+    /// width `width`; Whisper's key projection has no bias.
+    pub fn load(width: usize, key_bias: bool, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::new(
+            linear_weights(width, width, true, &vb.pp("q_proj"))?,
+            linear_weights(width, width, key_bias, &vb.pp("k_proj"))?,
+            linear_weights(width, width, true, &vb.pp("v_proj"))?,
+        )
+    }
+
+    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+        Ok(Self {
+            proj: self.proj.quantize(dtype)?,
+            width: self.width,
+        })
+    }
+
+    /// Q, K and V side by side: [batch, time, 3 * width].
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.proj.forward(x)
+    }
+
+    /// Returns (q, k, v), each [batch, time, width].
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let y = self.project(x)?;
+        let d = self.width;
+        Ok((
+            y.narrow(2, 0, d)?,
+            y.narrow(2, d, d)?,
+            y.narrow(2, 2 * d, d)?,
+        ))
+    }
+}
+
+/// Scaled dot-product self-attention over `x` [batch, time, width], no mask. CPU f32 runs the
+/// fused kernel of [`attention`]; other devices and dtypes candle's ops.
+pub fn self_attention(
+    x: &Tensor,
+    qkv: &FusedQkv,
+    out: &Projection,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    if attention::supported(x) {
+        return out.forward(&attention::fused_self_attention(&qkv.project(x)?, heads)?);
+    }
+    let (b, t, width) = x.dims3()?;
+    let head_dim = width / heads;
+    let split = |y: Tensor| -> candle_core::Result<Tensor> {
+        y.reshape((b, t, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = qkv.forward(x)?;
+    let q = split((q * (head_dim as f64).powf(-0.5))?)?;
+    let k = split(k)?;
+    let v = split(v)?;
+    let scores = q.matmul(&k.t()?)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let ctx = probs
+        .matmul(&v)?
+        .transpose(1, 2)?
+        .reshape((b, t, heads * head_dim))?;
+    out.forward(&ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::Linear;
+
+    /// The fused CPU projection (bias and GELU after the in-place product) against candle's
+    /// `Linear` and GELU, for 2-D and 3-D inputs, with and without a bias, and the generic
+    /// (f16) path.
+    #[test]
+    fn dense_projection_matches_candle_linear() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1., (7, 12), &dev)?;
+        let b = Tensor::randn(0f32, 1., 7, &dev)?;
+        for bias in [Some(b), None] {
+            let proj = Projection::dense(w.clone(), bias.clone())?;
+            let linear = Linear::new(w.clone(), bias);
+            for x in [
+                Tensor::randn(0f32, 1., (2, 45, 12), &dev)?,
+                Tensor::randn(0f32, 1., (3, 12), &dev)?,
+            ] {
+                let want = linear.forward(&x)?;
+                let got = proj.forward(&x)?;
+                assert_eq!(got.dims(), want.dims());
+                assert!(max_abs(&(got - &want)?) < 1e-5);
+                let got = proj.forward_gelu(&x)?;
+                assert!(max_abs(&(got - want.gelu_erf()?)?) < 1e-5);
+            }
+        }
+        let half = Projection::dense(w.to_dtype(DType::F16)?, None)?;
+        let x = Tensor::randn(0f32, 1., (1, 5, 12), &dev)?;
+        let want = Linear::new(w.clone(), None).forward(&x)?.gelu_erf()?;
+        let got = half.forward_gelu(&x.to_dtype(DType::F16)?)?;
+        assert!(max_abs(&(got.to_dtype(DType::F32)? - want)?) < 2e-2);
+        Ok(())
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn quantized_conv_follows_the_dense_one() {
+        let dev = Device::Cpu;
+        let w = Tensor::rand(-0.1f32, 0.1, (32, 128, 2), &dev).unwrap();
+        let b = Tensor::rand(-1f32, 1., 32, &dev).unwrap();
+        let x = Tensor::rand(-1f32, 1., (1, 128, 21), &dev).unwrap();
+        let cfg = candle_nn::Conv1dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let dense = Conv1dLayer::Dense(Conv1d::new(w, Some(b), cfg));
+        let q = dense.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(matches!(q, Conv1dLayer::Quantized { .. }));
+        let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
+        assert_eq!(yd.dims(), yq.dims());
+        let rel = max_abs(&(&yd - &yq).unwrap()) / max_abs(&yd);
+        assert!(rel < 0.02, "relative error {rel}");
+    }
+
+    #[test]
+    fn fused_qkv_equals_separate_projections() {
+        let dev = Device::Cpu;
+        let w = |s: u64| Tensor::rand(-1f32, 1., (8, 8), &dev).map(|t| (t * s as f64).unwrap());
+        let (wq, wk, wv) = (w(1).unwrap(), w(2).unwrap(), w(3).unwrap());
+        let bq = Tensor::rand(-1f32, 1., 8, &dev).unwrap();
+        let bv = Tensor::rand(-1f32, 1., 8, &dev).unwrap();
+        let x = Tensor::rand(-1f32, 1., (1, 5, 8), &dev).unwrap();
+        let fused = FusedQkv::new(
+            (wq.clone(), Some(bq.clone())),
+            (wk.clone(), None),
+            (wv.clone(), Some(bv.clone())),
+        )
+        .unwrap();
+        let (q, k, v) = fused.forward(&x).unwrap();
+        let q_ref = Linear::new(wq, Some(bq)).forward(&x).unwrap();
+        let k_ref = Linear::new(wk, None).forward(&x).unwrap();
+        let v_ref = Linear::new(wv, Some(bv)).forward(&x).unwrap();
+        for (a, b) in [(q, q_ref), (k, k_ref), (v, v_ref)] {
+            assert!(max_abs(&(a - b).unwrap()) < 1e-5);
+        }
+    }
+}
