@@ -50,7 +50,7 @@ pub struct LogMel {
     n_mels: usize,
     filters: Vec<f64>, // [n_mels][N_FFT / 2 + 1]
     /// Per mel band, the range of FFT bins where its triangle is non-zero (a few percent of
-    /// the dense matrix: skipping the zeros makes the filter bank ~20x cheaper).
+    /// the dense matrix, so the filter bank skips the zeros).
     support: Vec<std::ops::Range<usize>>,
     window: Vec<f64>,
     fft: Arc<dyn rustfft::Fft<f64>>,
@@ -334,8 +334,8 @@ impl WhisperEncoder {
 
     /// Stores the transformer layers' projection weights and the front end's convolutions
     /// (where their sizes fit whole blocks: conv2, not the 80-mel conv1) as 8-bit blocks
-    /// (`GgmlDType::Q8_0`): ~4x less weight memory and, on CPUs with AVX512-VNNI, about twice
-    /// the speed. Layer norms and positions stay in the load dtype. A no-op off the CPU: the
+    /// (`GgmlDType::Q8_0`): a quarter of the weight memory and, where candle has a fast
+    /// 8-bit product for the CPU, faster (figures in MODEL_CARD.md). Layer norms and positions stay in the load dtype. A no-op off the CPU: the
     /// block kernels are the CPU's fast path; GPUs run the load dtype.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if !self.device.is_cpu() {
