@@ -839,9 +839,10 @@ impl BaseTransformImpl for ValenceClassify {
         gst::info!(
             CAT,
             imp = self,
-            "model {} on {}",
+            "model {} on {}, encoder weights {}",
             model.name,
-            valence_model::device_name(&device)
+            valence_model::device_name(&device),
+            model.encoder_weights
         );
         let worker = Worker::spawn(model.clone(), self.stats.clone()).map_err(|e| {
             gst::error_msg!(

@@ -171,6 +171,14 @@ fn row(name: &str, audio_s: f64, p: &Paired) {
 
 pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
+    let cpu = valence_model::runtime::CpuFeatures::detect();
+    let int8 = valence_model::runtime::Int8Kernel::for_cpu(&cpu);
+    println!(
+        "CPU features: {}; f32 products: gemm crate (AVX2/FMA kernels where present); \
+         8-bit products: {}",
+        cpu.describe(),
+        int8.name()
+    );
     println!(
         "candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2). Each row: medians of \
          runs alternating candle and PyTorch, and the median of their per-round ratios."
@@ -185,7 +193,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         let x = noise(48000);
         // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
         for (name, quantized) in [
-            ("Whisper base encoder (3 s window)", false),
+            ("Whisper base encoder f32 (3 s window)", false),
             ("  same, q8_0 projections", true),
         ] {
             if quantized {
@@ -225,6 +233,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
             3.0,
             &p,
         );
+        println!("default model encoder weights: {}", m.encoder_weights);
         println!(
             "default model, one 3 s window: {:.4} s -> at 1 s hop {:.1}x real time",
             p.candle,

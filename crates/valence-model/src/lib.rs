@@ -218,6 +218,8 @@ pub struct ValenceModel {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub encoder: Encoder,
+    /// The weight format the encoder runs with here, and why (see [`runtime::encoder_weight_format`]).
+    pub encoder_weights: String,
     pub scaler: Option<scaler::StandardScaler>,
     pub head: head::Head,
     pub labels: Vec<String>,

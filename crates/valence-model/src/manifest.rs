@@ -41,8 +41,9 @@ pub struct EncoderSpec {
     pub kind: EncoderKind,
     /// An HF-layout encoder directory.
     pub path: String,
-    /// `"q8_0"`: on the CPU, the transformer layers' projections run with 8-bit block weights
-    /// (candle's Q8_0, AVX512-VNNI kernels where the CPU has them). GPUs use `dtype`.
+    /// `"q8_0"`: on CPUs where candle has a fast 8-bit product (VNNI), the transformer layers'
+    /// projections run with 8-bit block weights; other CPUs keep f32
+    /// ([`crate::runtime::encoder_weight_format`]). GPUs use `dtype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
 }
@@ -281,10 +282,24 @@ impl Manifest {
             );
         }
         let mut encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
+        // One description, the format chosen here for this device and CPU.
+        let weights = if device.is_cpu() {
+            crate::runtime::encoder_weight_format(
+                self.encoder.quantize.as_deref(),
+                &crate::runtime::CpuFeatures::detect(),
+            )
+        } else {
+            crate::runtime::WeightChoice {
+                quantize: false,
+                reason: format!("{dtype:?} on {}", crate::device_name(device)),
+            }
+        };
         if let Some(q) = &self.encoder.quantize {
             let q = parse_quantization(q)
                 .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
-            encoder.quantize(q)?; // CPU only (a no-op elsewhere)
+            if weights.quantize {
+                encoder.quantize(q)?;
+            }
         }
         self.features
             .validate(encoder.num_layers())
@@ -344,6 +359,7 @@ impl Manifest {
             labels: self.labels.clone(),
             manifest: self,
             encoder,
+            encoder_weights: weights.reason,
             scaler,
             head,
             device: device.clone(),
