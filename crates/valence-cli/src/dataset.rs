@@ -222,3 +222,122 @@ pub fn features(
 pub fn default_feature_cache() -> PathBuf {
     valence_model::registry::cache_dir().join("features")
 }
+
+/// Mean and standard deviation over time of hidden states 0..=`upto` of each buffer:
+/// ([n, upto + 1, width], [n, upto + 1, width]).
+fn encode_pooled(
+    encoder: &Encoder,
+    upto: usize,
+    buffers: impl ExactSizeIterator<Item = Result<Vec<f32>>>,
+    what: &str,
+) -> Result<(Tensor, Tensor)> {
+    let bar = indicatif::ProgressBar::new(buffers.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "encoding {{pos}}/{{len}} {what} [{{bar:30}}] {{eta}}"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (mut means, mut stds) = (Vec::new(), Vec::new());
+    for samples in buffers {
+        let out = encoder.encode_upto(&samples?, Some(upto))?;
+        let hs = Tensor::cat(&out.hidden_states[..=upto], 0)?.to_dtype(DType::F32)?;
+        let m = hs.mean_keepdim(1)?;
+        stds.push(
+            hs.broadcast_sub(&m)?
+                .sqr()?
+                .mean(1)?
+                .sqrt()?
+                .to_device(&Device::Cpu)?,
+        );
+        means.push(m.squeeze(1)?.to_device(&Device::Cpu)?);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
+}
+
+/// How training views of the clips are made (see [`crate::augment`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ViewSpec {
+    /// Views per clip.
+    pub per_clip: usize,
+    /// Window length in seconds (the element's `window`).
+    pub window_s: f64,
+    /// Hidden states up to this one are pooled (the head's deepest layer).
+    pub upto: usize,
+    pub seed: u64,
+}
+
+/// Pooled features of `spec.per_clip` random augmented views of every clip (row `c *
+/// per_clip + v` is view `v` of clip `c`), cached like [`features`]. `last_mean` holds hidden
+/// state `upto` (the views are not run through the whole encoder).
+pub fn view_features(
+    clips: &[Clip],
+    root: &Path,
+    encoder_dir: &Path,
+    quantize: Option<GgmlDType>,
+    spec: ViewSpec,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<FeatureTable> {
+    let key = cache_key(encoder_dir, quantize, clips, root)?;
+    let file = cache_dir.join(format!(
+        "{key}-views{}-w{}-upto{}-seed{}-aug1.safetensors",
+        spec.per_clip, spec.window_s, spec.upto, spec.seed
+    ));
+    if file.is_file() {
+        let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
+        if let (Some(mean), Some(std)) = (t.get("mean"), t.get("std"))
+            && mean.dim(0)? == clips.len() * spec.per_clip
+        {
+            return table_from(mean.clone(), std.clone(), spec.upto);
+        }
+    }
+    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    if let Some(q) = quantize {
+        encoder.quantize(q)?;
+    }
+    let audio = clips
+        .iter()
+        .map(|c| crate::decode::decode_to_16k_mono(&root.join(&c.path)))
+        .collect::<Result<Vec<_>>>()?;
+    let aug = crate::augment::Augmenter {
+        window: (spec.window_s * crate::augment::RATE) as usize,
+    };
+    let n = clips.len();
+    let jobs = (0..n * spec.per_clip).map(|row| {
+        let (c, v) = (row / spec.per_clip, row % spec.per_clip);
+        let mut rng = valence_model::synthetic::SeededNormal::new(
+            spec.seed ^ ((c as u64) << 20) ^ (v as u64),
+        );
+        // Babble from three clips of other speakers.
+        let babble: Vec<&[f32]> = (0..64)
+            .map(|_| (rng.uniform() * n as f64) as usize % n)
+            .filter(|&o| clips[o].speaker != clips[c].speaker)
+            .take(3)
+            .map(|o| audio[o].as_slice())
+            .collect();
+        Ok(aug.view(&audio[c], &babble, &mut rng).0)
+    });
+    let (mean, std) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
+    std::fs::create_dir_all(cache_dir)?;
+    let tmp = file.with_extension("partial");
+    candle_core::safetensors::save(
+        &HashMap::from([
+            ("mean".to_string(), mean.clone()),
+            ("std".to_string(), std.clone()),
+        ]),
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, &file)?;
+    table_from(mean, std, spec.upto)
+}
+
+fn table_from(mean: Tensor, std: Tensor, upto: usize) -> Result<FeatureTable> {
+    let last_mean = mean.narrow(1, upto, 1)?.squeeze(1)?;
+    Ok(FeatureTable {
+        mean,
+        std,
+        last_mean,
+    })
+}

@@ -1,7 +1,8 @@
 //! The library side of the `valence` tool: decoding files, the labelled dataset and its cached
-//! features, training of heads, and evaluation metrics. The subcommands themselves are in the
+//! features, training augmentations, training of heads, and evaluation metrics. The subcommands themselves are in the
 //! binary (`main.rs`).
 
+pub mod augment;
 pub mod dataset;
 pub mod decode;
 pub mod metrics;

@@ -95,6 +95,10 @@ enum Command {
         /// `@cache/encoders/whisper-base` for the shipped default model.
         #[arg(long)]
         encoder_ref: Option<String>,
+        /// Divide the head's logits by this temperature (calibration; `valence cv` prints the
+        /// one fitted on held-out speakers).
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
     },
     /// Classify each clip of a manifest as one utterance and report figures.
     Eval {
@@ -268,7 +272,8 @@ fn run() -> Result<()> {
             features,
             output,
             encoder_ref,
-        } => train::train_model(&features, &output, encoder_ref.as_deref()),
+            temperature,
+        } => train::train_model(&features, &output, encoder_ref.as_deref(), temperature),
         Command::Eval {
             manifest,
             root,

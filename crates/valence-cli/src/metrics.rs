@@ -94,6 +94,85 @@ pub fn report(actual: &[usize], predicted: &[usize], n_classes: usize) -> Report
     }
 }
 
+/// Expected calibration error with `bins` equal-width confidence bins: the support-weighted
+/// mean gap between each bin's accuracy and its mean top-class probability.
+pub fn expected_calibration_error(probs: &[Vec<f32>], actual: &[usize], bins: usize) -> f64 {
+    let mut conf = vec![0f64; bins];
+    let mut correct = vec![0f64; bins];
+    let mut count = vec![0usize; bins];
+    for (p, &a) in probs.iter().zip(actual) {
+        let (best, c) = valence_model::argmax(p);
+        let b = ((c as f64 * bins as f64) as usize).min(bins - 1);
+        conf[b] += c as f64;
+        correct[b] += (best == a) as u8 as f64;
+        count[b] += 1;
+    }
+    let n: usize = count.iter().sum();
+    if n == 0 {
+        return 0.0;
+    }
+    (0..bins)
+        .filter(|&b| count[b] > 0)
+        .map(|b| (correct[b] - conf[b]).abs() / n as f64)
+        .sum()
+}
+
+/// `softmax(log p / t)`: temperature scaling applied to probabilities (the same as dividing the
+/// logits by `t`).
+pub fn with_temperature(p: &[f32], t: f64) -> Vec<f32> {
+    let logits: Vec<f32> = p
+        .iter()
+        .map(|&v| ((v.max(1e-12) as f64).ln() / t) as f32)
+        .collect();
+    valence_model::softmax(&logits)
+}
+
+/// The temperature in [0.25, 4] that minimises the mean negative log-likelihood of `actual`
+/// (grid search on a log scale, fine enough for a one-parameter fit).
+pub fn fit_temperature(probs: &[Vec<f32>], actual: &[usize]) -> f64 {
+    let nll = |t: f64| -> f64 {
+        probs
+            .iter()
+            .zip(actual)
+            .map(|(p, &a)| -((with_temperature(p, t)[a].max(1e-12)) as f64).ln())
+            .sum::<f64>()
+    };
+    (0..=400)
+        .map(|i| 0.25 * 16f64.powf(i as f64 / 400.0))
+        .min_by(|a, b| nll(*a).total_cmp(&nll(*b)))
+        .unwrap_or(1.0)
+}
+
+/// A 95 % bootstrap interval (2.5th and 97.5th percentiles over `rounds` resamples of the
+/// rows, seeded) of the macro-F1.
+pub fn bootstrap_macro_f1(
+    actual: &[usize],
+    predicted: &[usize],
+    n_classes: usize,
+    rounds: usize,
+    seed: u64,
+) -> (f64, f64) {
+    let n = actual.len();
+    if n == 0 {
+        return (0.0, 0.0);
+    }
+    let mut rng = valence_model::synthetic::SeededNormal::new(seed);
+    let mut f1s: Vec<f64> = (0..rounds)
+        .map(|_| {
+            let (mut a, mut p) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for _ in 0..n {
+                let i = ((rng.uniform() * n as f64) as usize).min(n - 1);
+                a.push(actual[i]);
+                p.push(predicted[i]);
+            }
+            report(&a, &p, n_classes).macro_f1
+        })
+        .collect();
+    f1s.sort_by(f64::total_cmp);
+    let at = |q: f64| f1s[((q * (rounds - 1) as f64).round() as usize).min(rounds - 1)];
+    (at(0.025), at(0.975))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +200,34 @@ mod tests {
         let e = report(&[], &[], 3);
         assert_eq!(e.n, 0);
         assert_eq!(e.accuracy, 0.0);
+    }
+
+    #[test]
+    fn calibration_error_and_temperature() {
+        // Always 90 % sure and right 90 % of the time: calibrated.
+        let probs: Vec<Vec<f32>> = (0..100).map(|_| vec![0.9, 0.05, 0.05]).collect();
+        let actual: Vec<usize> = (0..100).map(|i| if i < 90 { 0 } else { 1 }).collect();
+        assert!(expected_calibration_error(&probs, &actual, 15) < 1e-6);
+        // Right only 60 % of the time: ECE 0.3, and a temperature above 1 softens it.
+        let actual: Vec<usize> = (0..100).map(|i| if i < 60 { 0 } else { 1 }).collect();
+        assert!((expected_calibration_error(&probs, &actual, 15) - 0.3).abs() < 1e-6);
+        let t = fit_temperature(&probs, &actual);
+        assert!(t > 1.5, "{t}");
+        let scaled: Vec<Vec<f32>> = probs.iter().map(|p| with_temperature(p, t)).collect();
+        assert!(expected_calibration_error(&scaled, &actual, 15) < 0.05);
+        let p = with_temperature(&[0.7, 0.2, 0.1], 1.0);
+        assert!((p[0] - 0.7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bootstrap_interval_brackets_the_estimate() {
+        let actual: Vec<usize> = (0..300).map(|i| i % 3).collect();
+        let predicted: Vec<usize> = (0..300)
+            .map(|i| if i % 5 == 0 { (i + 1) % 3 } else { i % 3 })
+            .collect();
+        let f1 = report(&actual, &predicted, 3).macro_f1;
+        let (lo, hi) = bootstrap_macro_f1(&actual, &predicted, 3, 500, 1);
+        assert!(lo < f1 && f1 < hi && hi - lo < 0.2, "{lo} {f1} {hi}");
+        assert_eq!(bootstrap_macro_f1(&actual, &predicted, 3, 500, 1), (lo, hi));
     }
 }

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use valence_cli::dataset::{self, Clip};
+use valence_cli::metrics;
 use valence_cli::training::{self as train, TrainConfig};
 use valence_model::head::{Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig};
 use valence_model::manifest::{
@@ -75,6 +76,16 @@ pub struct FeatureArgs {
     /// run (written to the trained manifest's `encoder.quantize`).
     #[arg(long)]
     pub quantize: Option<String>,
+    /// Also train on this many random augmented views of every clip (window-length crops with
+    /// speed, noise, babble, telephone band, room sound and gain; see `augment.rs`).
+    #[arg(long, default_value_t = 0)]
+    pub views: usize,
+    /// Window length of the views in seconds (the element's `window`).
+    #[arg(long, default_value_t = 3.0)]
+    pub view_window: f64,
+    /// Repeat the rows of smaller corpora so that every corpus weighs about the same.
+    #[arg(long)]
+    pub balance_corpora: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -127,6 +138,67 @@ impl FeatureArgs {
         let x = table.select(&self.spec())?;
         let y = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
         Ok((clips, x, y))
+    }
+
+    /// The augmented views of `clips` as extra training rows (none unless `--views`).
+    pub fn load_views(&self, clips: &[Clip]) -> Result<train::ExtraRows> {
+        if self.views == 0 {
+            return Ok(train::ExtraRows::default());
+        }
+        let spec = self.spec();
+        if spec.source != FeatureSource::HiddenStates {
+            bail!("augmented views pool hidden states only");
+        }
+        let table = dataset::view_features(
+            clips,
+            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &self.encoder,
+            self.quantize
+                .as_deref()
+                .map(parse_quantization)
+                .transpose()?,
+            dataset::ViewSpec {
+                per_clip: self.views,
+                window_s: self.view_window,
+                upto: spec.layers.iter().max().copied().unwrap_or(0),
+                seed: self.seed ^ 0xa06,
+            },
+            &self
+                .feature_cache
+                .clone()
+                .unwrap_or_else(dataset::default_feature_cache),
+            &Device::Cpu,
+        )?;
+        Ok(train::ExtraRows {
+            x: table.select(&spec)?,
+            clip: (0..clips.len() * self.views)
+                .map(|r| r / self.views)
+                .collect(),
+        })
+    }
+
+    /// Row expansion for training: corpus balancing when asked for. Row ids below
+    /// `clips.len()` are clips, the rest extra rows of `extra`.
+    pub fn expander<'a>(
+        &self,
+        clips: &'a [Clip],
+        extra: &'a train::ExtraRows,
+    ) -> impl Fn(&[usize]) -> Vec<usize> + 'a {
+        let balance = self.balance_corpora;
+        move |rows: &[usize]| {
+            if !balance {
+                return rows.to_vec();
+            }
+            let corpus = |r: usize| {
+                let c = if r < clips.len() {
+                    r
+                } else {
+                    extra.clip[r - clips.len()]
+                };
+                clips[c].corpus.clone()
+            };
+            train::balance_groups(rows, corpus, 4)
+        }
     }
 
     pub fn train_config(&self, input_dim: usize) -> TrainConfig {
@@ -193,11 +265,89 @@ fn print_eval(title: &str, e: &train::Evaluation) {
 }
 
 /// `valence cv`: grouped-by-speaker k-fold and leave-one-corpus-out figures.
-pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Path>) -> Result<()> {
-    let (clips, x, y) = args.load()?;
-    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+/// Figures of one cross-validation scheme, from out-of-fold probabilities.
+fn scheme_figures(
+    title: &str,
+    probs: &[Vec<f32>],
+    clips: &[Clip],
+    y: &[usize],
+    temperature: f64,
+) -> (train::Evaluation, serde_json::Value) {
+    let pred: Vec<usize> = probs.iter().map(|p| valence_model::argmax(p).0).collect();
     let langs: Vec<String> = clips.iter().map(|c| c.language.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
+    let e = train::evaluate(y, &pred, &langs, &corpora, 3);
+    print_eval(title, &e);
+    let (lo, hi) = metrics::bootstrap_macro_f1(y, &pred, 3, 1000, 7);
+    let scaled: Vec<Vec<f32>> = probs
+        .iter()
+        .map(|p| metrics::with_temperature(p, temperature))
+        .collect();
+    let ece = metrics::expected_calibration_error(probs, y, 15);
+    let ece_t = metrics::expected_calibration_error(&scaled, y, 15);
+    // Per corpus: macro-F1 with its interval where the corpus has all three classes, else the
+    // recall of the classes it has.
+    let mut per_corpus = serde_json::Map::new();
+    let mut three_class = Vec::new();
+    for name in e.per_corpus.keys() {
+        let idx: Vec<usize> = (0..clips.len())
+            .filter(|&i| &clips[i].corpus == name)
+            .collect();
+        let a: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
+        let p: Vec<usize> = idx.iter().map(|&i| pred[i]).collect();
+        let r = metrics::report(&a, &p, 3);
+        let classes = r.per_class.iter().filter(|c| c.support > 0).count();
+        let recall: BTreeMap<&str, f64> = LABELS
+            .iter()
+            .zip(&r.per_class)
+            .filter(|(_, c)| c.support > 0)
+            .map(|(l, c)| (*l, c.recall))
+            .collect();
+        let (lo, hi) = metrics::bootstrap_macro_f1(&a, &p, 3, 1000, 7);
+        if classes == 3 {
+            three_class.push(r.macro_f1);
+        }
+        eprintln!(
+            "  {name:<10} n {:>5}  macro-F1 {:.3} [{lo:.3}, {hi:.3}]  recall {recall:?}{}",
+            r.n,
+            r.macro_f1,
+            if classes == 3 {
+                ""
+            } else {
+                "  (not all three classes: macro-F1 says little)"
+            }
+        );
+        per_corpus.insert(
+            name.clone(),
+            serde_json::json!({"n": r.n, "macro_f1": r.macro_f1, "ci95": [lo, hi],
+                               "three_classes": classes == 3, "recall": recall}),
+        );
+    }
+    let mean3 = three_class.iter().sum::<f64>() / three_class.len().max(1) as f64;
+    let min3 = three_class.iter().copied().fold(f64::MAX, f64::min);
+    eprintln!(
+        "{title}: macro-F1 {:.3} [{lo:.3}, {hi:.3}]; mean over three-class corpora {mean3:.3} \
+         (lowest {min3:.3}); ECE {ece:.3}, at temperature {temperature:.2}: {ece_t:.3}",
+        e.report.macro_f1
+    );
+    let v = serde_json::json!({
+        "macro_f1": e.report.macro_f1, "ci95": [lo, hi], "accuracy": e.report.accuracy,
+        "three_class_corpus_mean_macro_f1": mean3, "three_class_corpus_min_macro_f1": min3,
+        "ece15": ece, "ece15_at_temperature": ece_t,
+        "per_class": e.report.per_class, "confusion": e.report.confusion,
+        "per_corpus": per_corpus, "per_language": e.per_language,
+    });
+    (e, v)
+}
+
+pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Path>) -> Result<()> {
+    let (clips, x, y) = args.load()?;
+    let extra = args.load_views(&clips)?;
+    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
+    if speaker_norm && !extra.x.is_empty() {
+        bail!("--speaker-norm and --views do not combine");
+    }
     let x = if speaker_norm {
         train::normalize_per_group(&x, &speakers)
     } else {
@@ -205,15 +355,24 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
     };
     let cfg = args.train_config(x[0].len());
     let t0 = std::time::Instant::now();
+    let expand = args.expander(&clips, &extra);
     let fold = train::speaker_folds(&speakers, folds, args.seed);
-    let grouped = train::evaluate(
+    let rows = train::ClipRows {
+        x: &x,
+        y: &y,
+        speakers: &speakers,
+    };
+    let grouped_p = train::out_of_fold_probs(rows, &fold, &extra, &expand, &cfg, args.ensemble)?;
+    // Temperature fitted on the grouped-CV predictions (held-out speakers); LOCO then shows
+    // how it transfers to corpora the fit never saw.
+    let temperature = metrics::fit_temperature(&grouped_p, &y);
+    let (grouped, grouped_v) = scheme_figures(
+        &format!("grouped-by-speaker {folds}-fold CV"),
+        &grouped_p,
+        &clips,
         &y,
-        &train::out_of_fold(&x, &y, &speakers, &fold, &cfg, args.ensemble)?,
-        &langs,
-        &corpora,
-        3,
+        temperature,
     );
-    print_eval(&format!("grouped-by-speaker {folds}-fold CV"), &grouped);
     let corpus_ids: Vec<String> = corpora
         .iter()
         .cloned()
@@ -224,18 +383,10 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         .iter()
         .map(|c| corpus_ids.iter().position(|x| x == c).unwrap_or(0))
         .collect();
-    let loco = train::evaluate(
-        &y,
-        &train::out_of_fold(&x, &y, &speakers, &loco_fold, &cfg, args.ensemble)?,
-        &langs,
-        &corpora,
-        3,
-    );
-    print_eval("leave-one-corpus-out", &loco);
-    let loco_mean = loco.per_corpus.values().map(|f| f.macro_f1).sum::<f64>()
-        / loco.per_corpus.len().max(1) as f64;
+    let loco_p = train::out_of_fold_probs(rows, &loco_fold, &extra, &expand, &cfg, args.ensemble)?;
+    let (loco, loco_v) = scheme_figures("leave-one-corpus-out", &loco_p, &clips, &y, temperature);
     eprintln!(
-        "leave-one-corpus-out mean macro-F1 over corpora: {loco_mean:.3}   ({:.0} s)",
+        "temperature {temperature:.3} (fitted on grouped CV); {:.0} s",
         t0.elapsed().as_secs_f64()
     );
     println!(
@@ -243,18 +394,25 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         serde_json::json!({
             "layers": args.layers, "combine": format!("{:?}", args.combine), "pooling": format!("{:?}", args.pooling),
             "head": args.head, "ensemble": args.ensemble, "speaker_norm": speaker_norm,
+            "views": args.views, "balance_corpora": args.balance_corpora,
             "grouped_cv_macro_f1": grouped.report.macro_f1, "grouped_cv_accuracy": grouped.report.accuracy,
-            "loco_macro_f1_mean": loco_mean, "loco_pooled_macro_f1": loco.report.macro_f1,
+            "loco_three_class_mean_macro_f1": loco_v["three_class_corpus_mean_macro_f1"],
+            "loco_three_class_min_macro_f1": loco_v["three_class_corpus_min_macro_f1"],
+            "loco_pooled_macro_f1": loco.report.macro_f1,
+            "temperature": temperature,
+            "grouped_ece15": grouped_v["ece15_at_temperature"], "loco_ece15": loco_v["ece15_at_temperature"],
         })
     );
     if let Some(p) = json {
         let v = serde_json::json!({
             "config": cfg,
             "features": args.spec(),
+            "views": args.views, "view_window": args.view_window,
+            "balance_corpora": args.balance_corpora,
             "speaker_norm": speaker_norm,
-            "grouped_cv": grouped,
-            "leave_one_corpus_out": loco,
-            "leave_one_corpus_out_mean_macro_f1": loco_mean,
+            "temperature": temperature,
+            "grouped_cv": grouped_v,
+            "leave_one_corpus_out": loco_v,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
@@ -263,16 +421,56 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
 
 /// `valence train`: trains on every clip (validation speakers held out for early stopping)
 /// and writes a model directory that uses `encoder_ref` as its encoder path.
-pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>) -> Result<()> {
+/// `temperature` (from `valence cv`, fitted on held-out speakers) divides the head's logits.
+pub fn train_model(
+    args: &FeatureArgs,
+    output: &Path,
+    encoder_ref: Option<&str>,
+    temperature: f64,
+) -> Result<()> {
     let (clips, x, y) = args.load()?;
-    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let extra = args.load_views(&clips)?;
+    let rows = args.expander(&clips, &extra)(&(0..clips.len() + extra.x.len()).collect::<Vec<_>>());
+    let clip_of = |r: usize| {
+        if r < clips.len() {
+            r
+        } else {
+            extra.clip[r - clips.len()]
+        }
+    };
+    let y: Vec<usize> = rows.iter().map(|&r| y[clip_of(r)]).collect();
+    let speakers: Vec<String> = rows
+        .iter()
+        .map(|&r| clips[clip_of(r)].speaker.clone())
+        .collect();
+    let x: Vec<Vec<f32>> = rows
+        .iter()
+        .map(|&r| {
+            if r < clips.len() {
+                x[r].clone()
+            } else {
+                extra.x[r - clips.len()].clone()
+            }
+        })
+        .collect();
+    eprintln!(
+        "training on {} rows ({} clips, {} augmented views{})",
+        x.len(),
+        clips.len(),
+        extra.x.len(),
+        if args.balance_corpora {
+            ", corpora balanced"
+        } else {
+            ""
+        }
+    );
     let cfg = args.train_config(x[0].len());
     let members = args.ensemble.max(1);
     let bar = indicatif::ProgressBar::new((cfg.max_epochs * members) as u64).with_style(
         indicatif::ProgressStyle::with_template("training {pos}/{len} epochs [{bar:30}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let trained = train::train_ensemble(&x, &y, &speakers, &cfg, members, |m, e, loss, f1| {
+    let mut trained = train::train_ensemble(&x, &y, &speakers, &cfg, members, |m, e, loss, f1| {
         bar.set_position((m * cfg.max_epochs + e) as u64);
         bar.set_message(format!(
             "head {}/{members}: loss {loss:.4} val macro-F1 {f1:.3}",
@@ -288,6 +486,10 @@ pub fn train_model(args: &FeatureArgs, output: &Path, encoder_ref: Option<&str>)
         trained.train_loss.first().copied().unwrap_or(0.0),
         trained.train_loss.last().copied().unwrap_or(0.0)
     );
+    if temperature != 1.0 {
+        train::apply_temperature(&mut trained, temperature)?;
+        eprintln!("logits divided by temperature {temperature}");
+    }
     std::fs::create_dir_all(output)?;
     std::fs::write(
         output.join("head_config.json"),

@@ -518,6 +518,74 @@ pub fn evaluate(
     }
 }
 
+/// One feature row, label and speaker per clip.
+#[derive(Debug, Clone, Copy)]
+pub struct ClipRows<'a> {
+    pub x: &'a [Vec<f32>],
+    pub y: &'a [usize],
+    pub speakers: &'a [String],
+}
+
+/// Extra training rows tied to clips (augmented views): row `i` belongs to clip `clip[i]` and
+/// trains only the folds that do not hold that clip out.
+#[derive(Debug, Clone, Default)]
+pub struct ExtraRows {
+    pub x: Vec<Vec<f32>>,
+    pub clip: Vec<usize>,
+}
+
+/// Trains on all folds but one and predicts the held-out fold's clips, for every fold; returns
+/// each clip's class probabilities. `extra` rows join the training side of the folds that do
+/// not hold their clip out, and `expand` may repeat training rows (e.g. to balance corpora).
+pub fn out_of_fold_probs(
+    clips: ClipRows,
+    fold: &[usize],
+    extra: &ExtraRows,
+    expand: impl Fn(&[usize]) -> Vec<usize>,
+    cfg: &TrainConfig,
+    members: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let ClipRows { x, y, speakers } = clips;
+    let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
+    let mut probs = vec![Vec::new(); x.len()];
+    for f in 0..n_folds {
+        let test_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] == f).collect();
+        if test_idx.is_empty() {
+            continue;
+        }
+        // Row ids: clips first, then extra rows offset by the number of clips.
+        let mut rows: Vec<usize> = (0..x.len()).filter(|&i| fold[i] != f).collect();
+        rows.extend(
+            (0..extra.x.len())
+                .filter(|&e| fold[extra.clip[e]] != f)
+                .map(|e| x.len() + e),
+        );
+        let rows = expand(&rows);
+        let row_x = |r: usize| {
+            if r < x.len() {
+                &x[r]
+            } else {
+                &extra.x[r - x.len()]
+            }
+        };
+        let clip_of = |r: usize| {
+            if r < x.len() {
+                r
+            } else {
+                extra.clip[r - x.len()]
+            }
+        };
+        let xs: Vec<Vec<f32>> = rows.iter().map(|&r| row_x(r).clone()).collect();
+        let ys: Vec<usize> = rows.iter().map(|&r| y[clip_of(r)]).collect();
+        let ss: Vec<String> = rows.iter().map(|&r| speakers[clip_of(r)].clone()).collect();
+        let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
+        for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
+            probs[*i] = p;
+        }
+    }
+    Ok(probs)
+}
+
 /// Trains on all folds but one and predicts the held-out fold, for every fold.
 pub fn out_of_fold(
     x: &[Vec<f32>],
@@ -527,23 +595,59 @@ pub fn out_of_fold(
     cfg: &TrainConfig,
     members: usize,
 ) -> Result<Vec<usize>> {
-    let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
-    let mut pred = vec![0usize; x.len()];
-    for f in 0..n_folds {
-        let train_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] != f).collect();
-        let test_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] == f).collect();
-        if test_idx.is_empty() {
-            continue;
-        }
-        let xs: Vec<Vec<f32>> = train_idx.iter().map(|&i| x[i].clone()).collect();
-        let ys: Vec<usize> = train_idx.iter().map(|&i| y[i]).collect();
-        let ss: Vec<String> = train_idx.iter().map(|&i| speakers[i].clone()).collect();
-        let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
-        for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
-            pred[*i] = argmax(&p);
-        }
+    let probs = out_of_fold_probs(
+        ClipRows { x, y, speakers },
+        fold,
+        &ExtraRows::default(),
+        |r| r.to_vec(),
+        cfg,
+        members,
+    )?;
+    Ok(probs.iter().map(|p| argmax(p)).collect())
+}
+
+/// Row indices with the rows of smaller groups repeated so that every group contributes about
+/// as many rows as the largest one (each row at most `max_repeat` times), in a stable order.
+pub fn balance_groups(
+    rows: &[usize],
+    group_of: impl Fn(usize) -> String,
+    max_repeat: usize,
+) -> Vec<usize> {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for &r in rows {
+        *counts.entry(group_of(r)).or_default() += 1;
     }
-    Ok(pred)
+    let largest = counts.values().copied().max().unwrap_or(0);
+    let mut out = Vec::with_capacity(rows.len());
+    for &r in rows {
+        let n = counts[&group_of(r)];
+        let repeat = (largest as f64 / n as f64)
+            .round()
+            .clamp(1.0, max_repeat as f64) as usize;
+        out.extend(std::iter::repeat_n(r, repeat));
+    }
+    out
+}
+
+/// Divides the last layer of an MLP/linear head by `t`: the same as dividing its logits by `t`
+/// (temperature scaling), so a calibrated head needs no new head type.
+pub fn apply_temperature(trained: &mut Trained, t: f64) -> Result<()> {
+    let HeadConfig::Mlp(mlp) = &trained.head_config else {
+        bail!("temperature scaling is implemented for MLP and linear heads");
+    };
+    let last = mlp.hidden.len();
+    for k in [
+        format!("classifier.{last}.weight"),
+        format!("classifier.{last}.bias"),
+    ] {
+        let v = trained
+            .tensors
+            .get(&k)
+            .with_context(|| format!("trained head lacks {k}"))?;
+        let scaled = (v / t)?;
+        trained.tensors.insert(k, scaled);
+    }
+    Ok(())
 }
 
 /// Per-speaker standardisation (what a running per-stream normalisation approximates).
