@@ -76,6 +76,13 @@ struct Stats {
     inference_ns: AtomicU64,
 }
 
+/// How results leave the element, read from the settings once per buffer.
+#[derive(Debug, Clone, Copy)]
+struct Output {
+    post_messages: bool,
+    attach_meta: bool,
+}
+
 /// One window's outcome, ready to post and attach.
 #[derive(Debug, Clone)]
 struct WindowResult {
@@ -185,9 +192,11 @@ struct State {
     /// the end of the stream still have a buffer to ride on.
     held: Option<gst::Buffer>,
     warned_behind: bool,
+    /// Read from the settings once per buffer.
     silence_threshold: f64,
-    post_messages: bool,
-    attach_meta: bool,
+    /// Messages (warnings, QoS) made while the state is locked, posted once it is not: a bus
+    /// sync handler may call back into the element.
+    outbox: Vec<gst::Message>,
 }
 
 impl State {
@@ -287,8 +296,15 @@ impl ValenceClassify {
         s
     }
 
-    /// Attaches results to `buf` as ValenceMeta (making it writable only then) and posts them.
-    fn publish(&self, state: &State, results: &[WindowResult], buf: Option<&mut gst::Buffer>) {
+    /// Attaches results to `buf` as ValenceMeta (making it writable only then) and queues
+    /// their element messages in the outbox, per the settings read for this buffer.
+    fn publish(
+        &self,
+        state: &mut State,
+        out: Output,
+        results: &[WindowResult],
+        buf: Option<&mut gst::Buffer>,
+    ) {
         if results.is_empty() {
             return;
         }
@@ -296,7 +312,7 @@ impl ValenceClassify {
             .iter()
             .map(|r| self.result_structure(state, r))
             .collect();
-        if state.attach_meta
+        if out.attach_meta
             && let Some(buf) = buf
         {
             crate::register_meta();
@@ -313,12 +329,38 @@ impl ValenceClassify {
                 }
             }
         }
-        if state.post_messages {
+        if out.post_messages {
             for s in structures {
                 let msg = gst::message::Element::builder(s).src(&*self.obj()).build();
-                let _ = self.obj().post_message(msg);
+                state.outbox.push(msg);
             }
         }
+    }
+
+    fn error_message<T: gst::MessageErrorDomain>(&self, domain: T, text: &str) -> gst::Message {
+        gst::message::Error::builder(domain, text)
+            .src(&*self.obj())
+            .build()
+    }
+
+    /// Posts what the outbox held; called with no lock held.
+    fn post_all(&self, messages: Vec<gst::Message>) {
+        for m in messages {
+            let _ = self.obj().post_message(m);
+        }
+    }
+
+    /// The settings one buffer is handled with, read once (before the state lock is taken,
+    /// so the two locks are never held together).
+    fn output_settings(&self) -> (Output, f64) {
+        let s = self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            Output {
+                post_messages: s.post_messages,
+                attach_meta: s.attach_meta,
+            },
+            s.silence_threshold,
+        )
     }
 
     /// Sends the buffer held back in non-live mode downstream (before a serialized event).
@@ -378,11 +420,13 @@ impl ValenceClassify {
                     Pending::Ready(Self::make_result(state, pts, duration, &probs));
             }
             Err(e) => {
-                gst::element_imp_warning!(
-                    self,
-                    gst::StreamError::Decode,
-                    ["Window at {} not classified: {}", pts, e]
-                );
+                let msg = gst::message::Warning::builder(
+                    gst::StreamError::Failed,
+                    &format!("Window at {pts} not classified: {e}"),
+                )
+                .src(&*self.obj())
+                .build();
+                state.outbox.push(msg);
                 state.pending.remove(idx);
             }
         }
@@ -458,16 +502,17 @@ impl ValenceClassify {
             )
             .src(&*self.obj())
             .build();
-        let _ = self.obj().post_message(msg);
+        state.outbox.push(msg);
         if !state.warned_behind {
             state.warned_behind = true;
-            gst::element_imp_warning!(
-                self,
-                gst::CoreError::TooLazy,
-                [
-                    "Inference is slower than real time: skipping whole windows (see windows-skipped)"
-                ]
-            );
+            let msg = gst::message::Warning::builder(
+                gst::ResourceError::Busy,
+                "Inference is slower than real time: skipping whole windows \
+                 (see the windows-skipped property and QoS messages)",
+            )
+            .src(&*self.obj())
+            .build();
+            state.outbox.push(msg);
         }
     }
 
@@ -492,13 +537,15 @@ impl ValenceClassify {
         buf: &gst::BufferRef,
     ) -> Result<Vec<WindowResult>, gst::FlowError> {
         let Some(info) = state.info.clone() else {
-            gst::element_imp_error!(self, gst::CoreError::Negotiation, ["No caps before data"]);
+            let msg = self.error_message(gst::CoreError::Negotiation, "No caps before data");
+            state.outbox.push(msg);
             return Err(gst::FlowError::NotNegotiated);
         };
-        let map = buf.map_readable().map_err(|_| {
-            gst::element_imp_error!(self, gst::ResourceError::Read, ["Cannot map buffer"]);
-            gst::FlowError::Error
-        })?;
+        let Ok(map) = buf.map_readable() else {
+            let msg = self.error_message(gst::ResourceError::Read, "Cannot map buffer");
+            state.outbox.push(msg);
+            return Err(gst::FlowError::Error);
+        };
         let bpf = info.bpf() as usize;
         let frames = map.len() / bpf.max(1);
         let data = &map[..frames * bpf];
@@ -553,11 +600,11 @@ impl ValenceClassify {
                 audio::downmix(&s, channels, |x| x as f32 / 32768.0)
             }
             other => {
-                gst::element_imp_error!(
-                    self,
+                let msg = self.error_message(
                     gst::CoreError::Negotiation,
-                    ["Unsupported format {other:?}"]
+                    &format!("Unsupported format {other:?}"),
                 );
+                state.outbox.push(msg);
                 return Err(gst::FlowError::NotNegotiated);
             }
         };
@@ -698,38 +745,10 @@ impl ObjectImpl for ValenceClassify {
             }
             "window" => s.window = value.get().unwrap_or(DEFAULT_WINDOW),
             "hop" => s.hop = value.get().unwrap_or(DEFAULT_HOP),
-            "post-messages" => {
-                s.post_messages = value.get().unwrap_or(true);
-                if let Some(st) = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                {
-                    st.post_messages = s.post_messages;
-                }
-            }
-            "attach-meta" => {
-                s.attach_meta = value.get().unwrap_or(true);
-                if let Some(st) = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                {
-                    st.attach_meta = s.attach_meta;
-                }
-            }
+            "post-messages" => s.post_messages = value.get().unwrap_or(true),
+            "attach-meta" => s.attach_meta = value.get().unwrap_or(true),
             "silence-threshold" => {
-                s.silence_threshold = value.get().unwrap_or(DEFAULT_SILENCE_THRESHOLD);
-                if let Some(st) = self
-                    .state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                {
-                    st.silence_threshold = s.silence_threshold;
-                }
+                s.silence_threshold = value.get().unwrap_or(DEFAULT_SILENCE_THRESHOLD)
             }
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
@@ -874,8 +893,7 @@ impl BaseTransformImpl for ValenceClassify {
             held: None,
             warned_behind: false,
             silence_threshold: settings.silence_threshold,
-            post_messages: settings.post_messages,
-            attach_meta: settings.attach_meta,
+            outbox: Vec::new(),
         });
         Ok(())
     }
@@ -914,6 +932,9 @@ impl BaseTransformImpl for ValenceClassify {
         for r in results.into_iter().rev() {
             state.pending.push_front(Pending::Ready(r));
         }
+        let messages = std::mem::take(&mut state.outbox);
+        drop(guard);
+        self.post_all(messages);
         Ok(())
     }
 
@@ -921,30 +942,49 @@ impl BaseTransformImpl for ValenceClassify {
         let Some(mut buf) = self.take_queued_buffer() else {
             return Ok(GenerateOutputSuccess::NoOutput);
         };
+        let (out, silence_threshold) = self.output_settings();
         let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let Some(state) = guard.as_mut() else {
             return Err(gst::FlowError::Flushing);
         };
-        let results = self.analyse(state, &buf)?;
-        self.publish(state, &results, Some(&mut buf));
-        if state.live == Some(true) {
-            return Ok(GenerateOutputSuccess::Buffer(buf));
-        }
-        Ok(match state.held.replace(buf) {
-            Some(prev) => GenerateOutputSuccess::Buffer(prev),
-            None => GenerateOutputSuccess::NoOutput,
-        })
+        state.silence_threshold = silence_threshold;
+        let analysed = self.analyse(state, &buf);
+        let results = match analysed {
+            Ok(r) => r,
+            Err(e) => {
+                let messages = std::mem::take(&mut state.outbox);
+                drop(guard);
+                self.post_all(messages);
+                return Err(e);
+            }
+        };
+        self.publish(state, out, &results, Some(&mut buf));
+        let ret = if state.live == Some(true) {
+            GenerateOutputSuccess::Buffer(buf)
+        } else {
+            match state.held.replace(buf) {
+                Some(prev) => GenerateOutputSuccess::Buffer(prev),
+                None => GenerateOutputSuccess::NoOutput,
+            }
+        };
+        let messages = std::mem::take(&mut state.outbox);
+        drop(guard);
+        self.post_all(messages);
+        Ok(ret)
     }
 
     fn sink_event(&self, event: gst::Event) -> bool {
         match event.view() {
             gst::EventView::Eos(_) => {
+                let (out, _) = self.output_settings();
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(state) = guard.as_mut() {
                     let results = self.drain(state);
                     let mut held = state.held.take();
-                    self.publish(state, &results, held.as_mut());
+                    self.publish(state, out, &results, held.as_mut());
+                    let messages = std::mem::take(&mut state.outbox);
                     drop(guard);
+                    self.post_all(messages);
                     if let (Some(b), Some(pad)) = (held, self.obj().static_pad("src")) {
                         let _ = pad.push(b);
                     }
@@ -972,6 +1012,7 @@ impl BaseTransformImpl for ValenceClassify {
             }
             gst::EventView::Gap(_) => {
                 let _ = self.push_held();
+                let (out, _) = self.output_settings();
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(state) = guard.as_mut()
                     && state.anchor.is_some()
@@ -979,7 +1020,10 @@ impl BaseTransformImpl for ValenceClassify {
                     self.close_window_stream(state);
                     let block = !state.live.unwrap_or(false);
                     let results = self.collect_ready(state, block);
-                    self.publish(state, &results, None);
+                    self.publish(state, out, &results, None);
+                    let messages = std::mem::take(&mut state.outbox);
+                    drop(guard);
+                    self.post_all(messages);
                 }
             }
             _ if event.is_serialized() => {

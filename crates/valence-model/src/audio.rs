@@ -7,8 +7,13 @@ use rubato::{FftFixedIn, Resampler};
 /// The rate every model runs at.
 pub const MODEL_RATE: u32 = 16000;
 
+/// Largest sample magnitude the analysis sees (+36 dBFS): float audio far outside [-1, 1] is
+/// garbage to classify anyway, and unbounded values overflow the resampler's FFT to NaN.
+pub const MAX_ANALYSIS_AMPLITUDE: f32 = 64.0;
+
 /// Averages interleaved channels into mono; NaN and ±Inf samples count as silence so one bad
-/// sample cannot poison a whole window.
+/// sample cannot poison a whole window, and finite samples are clamped to
+/// ±[`MAX_ANALYSIS_AMPLITUDE`].
 pub fn downmix<T: Copy>(interleaved: &[T], channels: usize, to_f32: impl Fn(T) -> f32) -> Vec<f32> {
     let channels = channels.max(1);
     let scale = 1.0 / channels as f32;
@@ -19,7 +24,11 @@ pub fn downmix<T: Copy>(interleaved: &[T], channels: usize, to_f32: impl Fn(T) -
                 .iter()
                 .map(|&s| {
                     let v = to_f32(s);
-                    if v.is_finite() { v } else { 0.0 }
+                    if v.is_finite() {
+                        v.clamp(-MAX_ANALYSIS_AMPLITUDE, MAX_ANALYSIS_AMPLITUDE)
+                    } else {
+                        0.0
+                    }
                 })
                 .sum::<f32>()
                 * scale
@@ -321,6 +330,21 @@ mod tests {
         assert_eq!(m, vec![0.5, 0.25, 0.5]);
         let s = downmix(&[i16::MAX, i16::MIN], 1, |x| x as f32 / 32768.0);
         assert!((s[0] - 1.0).abs() < 1e-4 && (s[1] + 1.0).abs() < 1e-6);
+        let huge = downmix(&[f32::MAX, f32::MAX, -1e38, 1e38], 2, |x| x);
+        assert_eq!(huge, vec![MAX_ANALYSIS_AMPLITUDE, 0.0]);
+    }
+
+    /// Adjacent huge samples used to make rubato's FFT overflow and panic.
+    #[test]
+    fn resampler_survives_huge_samples_after_downmix() {
+        let raw: Vec<f32> = (0..48000)
+            .map(|i| if i % 2 == 0 { 1e38 } else { -1e38 })
+            .collect();
+        let mono = downmix(&raw, 1, |x| x);
+        let mut r = StreamResampler::new(48000).unwrap();
+        let mut out = r.process(&mono);
+        out.extend(r.flush());
+        assert!(!out.is_empty() && out.iter().all(|v| v.is_finite()));
     }
 
     #[test]

@@ -100,6 +100,35 @@ impl HeadConfig {
             Self::Mlp(c) => c.num_classes,
         }
     }
+
+    /// Refuses sizes that would divide by zero or build empty layers at inference time.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(w) = self.classifier_dims().iter().position(|&d| d == 0) {
+            bail!(
+                "head: classifier layer {w} has width 0 ({:?})",
+                self.classifier_dims()
+            );
+        }
+        if let Self::Transformer(c) = self {
+            if c.nhead == 0 || c.patch_size == 0 || c.dim_feedforward == 0 {
+                bail!(
+                    "transformer head: nhead ({}), patch_size ({}) and dim_feedforward ({}) must be > 0",
+                    c.nhead,
+                    c.patch_size,
+                    c.dim_feedforward
+                );
+            }
+            if c.input_dim == 0 || !c.d_model.is_multiple_of(c.nhead) {
+                bail!(
+                    "transformer head: d_model {} must be divisible by nhead {} (input_dim {})",
+                    c.d_model,
+                    c.nhead,
+                    c.input_dim
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Linear layers with an activation (and dropout when training) between them.
@@ -265,7 +294,11 @@ struct TransformerHead {
 
 impl TransformerHead {
     fn new(cfg: &TransformerHeadConfig, vb: VarBuilder) -> Result<Self> {
-        if cfg.patch_size == 0 || !cfg.d_model.is_multiple_of(cfg.nhead.max(1)) {
+        if cfg.patch_size == 0
+            || cfg.nhead == 0
+            || cfg.d_model == 0
+            || !cfg.d_model.is_multiple_of(cfg.nhead)
+        {
             bail!(
                 "transformer head: d_model {} must be divisible by nhead {} and patch_size > 0",
                 cfg.d_model,
@@ -338,6 +371,7 @@ pub struct Head {
 impl Head {
     /// Builds the head from a `VarBuilder` (a checkpoint for inference, a `VarMap` for training).
     pub fn new(config: &HeadConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
         let inner = match config {
             HeadConfig::Transformer(c) => HeadImpl::Transformer(TransformerHead::new(c, vb)?),
             HeadConfig::Mlp(c) => HeadImpl::Mlp(Mlp::new(
@@ -527,4 +561,50 @@ pub fn head_from_tensors(
         .with_context(|| format!("loading head weights from {}", origin.display()))?;
     store.check_all_used(&[])?;
     Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transformer(nhead: usize) -> HeadConfig {
+        HeadConfig::Transformer(TransformerHeadConfig {
+            input_dim: 16,
+            patch_size: 4,
+            d_model: 8,
+            nhead,
+            num_layers: 1,
+            dim_feedforward: 16,
+            dropout: 0.0,
+            norm_first: false,
+            activation: Activation::Relu,
+            final_norm: false,
+            hidden: vec![4],
+            head_activation: Activation::Relu,
+            num_classes: 3,
+        })
+    }
+
+    /// `nhead: 0` used to load and then divide by zero on every window.
+    #[test]
+    fn sizes_that_cannot_run_are_refused_at_load() {
+        let vb = || VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let e = Head::new(&transformer(0), vb())
+            .err()
+            .expect("nhead 0 must fail");
+        assert!(e.to_string().contains("nhead"), "{e}");
+        assert!(
+            Head::new(&transformer(3), vb()).is_err(),
+            "8 is not divisible by 3"
+        );
+        assert!(Head::new(&transformer(2), vb()).is_ok());
+        let mlp = HeadConfig::Mlp(MlpHeadConfig {
+            input_dim: 4,
+            hidden: vec![0],
+            dropout: 0.0,
+            head_activation: Activation::Relu,
+            num_classes: 3,
+        });
+        assert!(Head::new(&mlp, vb()).is_err());
+    }
 }

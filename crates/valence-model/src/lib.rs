@@ -8,6 +8,7 @@
 
 pub mod audio;
 pub mod ct2;
+pub mod files;
 pub mod head;
 pub mod kernels;
 pub mod manifest;
@@ -137,7 +138,7 @@ impl Encoder {
 pub fn detect_encoder_kind(dir: &Path) -> Result<EncoderKind> {
     let path = dir.join("config.json");
     let v: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&path)
+        &files::read_metadata_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", path.display()))?;

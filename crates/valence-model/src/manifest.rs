@@ -221,7 +221,7 @@ impl Manifest {
         if !dir.is_dir() {
             bail!("model directory {} does not exist", dir.display());
         }
-        let text = std::fs::read_to_string(&path)
+        let text = crate::files::read_metadata_string(&path)
             .with_context(|| format!("{} is missing or unreadable", path.display()))?;
         let m: Manifest = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a valid valence manifest", path.display()))?;
@@ -310,7 +310,7 @@ impl Manifest {
             HeadSpec::Files { config, weights } => {
                 let cpath = Self::resolve(dir, config);
                 let cfg: HeadConfig = serde_json::from_str(
-                    &std::fs::read_to_string(&cpath)
+                    &crate::files::read_metadata_string(&cpath)
                         .with_context(|| format!("cannot read head config {}", cpath.display()))?,
                 )
                 .with_context(|| format!("{} is not a valid head config", cpath.display()))?;
@@ -380,7 +380,7 @@ pub fn load_card_head(
 )> {
     let cfg_path = card_dir.join("config.json");
     let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path)
+        &crate::files::read_metadata_string(&cfg_path)
             .with_context(|| format!("cannot read {}", cfg_path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", cfg_path.display()))?;

@@ -78,7 +78,7 @@ fn card_labels(cfg: &serde_json::Value) -> Vec<String> {
 pub fn write_reference_model(card: &Path, encoder: &Path, out: &Path) -> Result<()> {
     let cfg_path = card.join("config.json");
     let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&cfg_path)
+        &crate::files::read_metadata_string(&cfg_path)
             .with_context(|| format!("cannot read {}", cfg_path.display()))?,
     )
     .with_context(|| format!("{} is not JSON", cfg_path.display()))?;

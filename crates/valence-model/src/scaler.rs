@@ -26,10 +26,18 @@ impl StandardScaler {
                 scale.len()
             );
         }
+        // A NaN or infinite value would turn every feature row into NaN and every window
+        // into constant thirds: refuse the file instead.
+        if let Some(i) = mean.iter().position(|v| !v.is_finite()) {
+            bail!("scaler mean[{i}] is {} (must be finite)", mean[i]);
+        }
+        if let Some(i) = scale.iter().position(|v| !v.is_finite()) {
+            bail!("scaler scale[{i}] is {} (must be finite)", scale[i]);
+        }
         // scikit-learn replaces zero scales by 1; do the same for hand-made files.
         let scale = scale
             .into_iter()
-            .map(|s| if s == 0.0 || !s.is_finite() { 1.0 } else { s })
+            .map(|s| if s == 0.0 { 1.0 } else { s })
             .collect();
         Ok(Self { mean, scale })
     }
@@ -96,10 +104,8 @@ impl StandardScaler {
         let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
         let r = match ext {
             "json" => {
-                let s: StandardScaler = serde_json::from_str(
-                    &std::fs::read_to_string(path)
-                        .with_context(|| format!("cannot read {}", path.display()))?,
-                )?;
+                let s: StandardScaler =
+                    serde_json::from_str(&crate::files::read_metadata_string(path)?)?;
                 Self::new(s.mean, s.scale)
             }
             "safetensors" => {
@@ -114,8 +120,7 @@ impl StandardScaler {
                 Self::new(v("mean")?, v("scale")?)
             }
             "pkl" | "pickle" | "joblib" => {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let bytes = crate::files::read_metadata(path)?;
                 from_sklearn_pickle(&bytes)
             }
             _ => bail!("unknown scaler format (expected .json, .safetensors or .pkl)"),
@@ -508,6 +513,20 @@ pub fn from_sklearn_pickle(bytes: &[u8]) -> Result<StandardScaler> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn non_finite_values_are_refused() {
+        for (m, sc) in [
+            (vec![0.0, f32::NAN], vec![1.0, 1.0]),
+            (vec![0.0, 1.0], vec![f32::INFINITY, 1.0]),
+            (vec![f32::NEG_INFINITY], vec![1.0]),
+        ] {
+            let e = StandardScaler::new(m, sc).unwrap_err().to_string();
+            assert!(e.contains("must be finite"), "{e}");
+        }
+        let ok = StandardScaler::new(vec![1.0, 2.0], vec![0.0, 2.0]).unwrap();
+        assert_eq!(ok.scale, vec![1.0, 2.0]);
+    }
 
     #[test]
     fn fit_matches_population_statistics() {

@@ -209,13 +209,13 @@ impl Wav2Vec2Model {
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: Wav2Vec2Config = serde_json::from_str(
-            &std::fs::read_to_string(&config_path)
+            &crate::files::read_metadata_string(&config_path)
                 .with_context(|| format!("cannot read {}", config_path.display()))?,
         )
         .with_context(|| format!("{} is not a Wav2Vec2 config", config_path.display()))?;
         let pre_path = dir.join("preprocessor_config.json");
         let preprocessor = if pre_path.is_file() {
-            serde_json::from_str(&std::fs::read_to_string(&pre_path)?)
+            serde_json::from_str(&crate::files::read_metadata_string(&pre_path)?)
                 .with_context(|| format!("{} is not valid", pre_path.display()))?
         } else {
             Wav2Vec2Preprocessor::default()

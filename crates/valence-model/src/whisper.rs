@@ -241,7 +241,7 @@ impl WhisperEncoder {
     /// `pytorch_model.bin`); decoder weights, if any, are ignored.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
+        let text = crate::files::read_metadata_string(&config_path)
             .with_context(|| format!("cannot read {}", config_path.display()))?;
         let config: WhisperEncoderConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a Whisper config", config_path.display()))?;
