@@ -576,6 +576,7 @@ pub fn eval(
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
     let e = train::evaluate(&y, &pred, &langs, &corpora, 3);
     print_eval(&format!("{} on {}", m.name, manifest.display()), &e);
+    println!("encoder weights: {}", m.encoder_weights);
     println!(
         "{:<10} {:>9} {:>9} {:>6}",
         "language", "accuracy", "macro-F1", "n"
@@ -602,6 +603,9 @@ pub fn eval(
             "confusion": e.report.confusion,
             "per_language": e.per_language,
             "per_corpus": e.per_corpus,
+            "encoder_weights": m.encoder_weights,
+            "clips": clips.iter().map(|c| &c.path).collect::<Vec<_>>(),
+            "predictions": e.predictions,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }

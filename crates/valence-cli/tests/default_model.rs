@@ -240,3 +240,87 @@ fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
         assert!((a - b).abs() < 1e-6);
     }
 }
+
+/// One augmentation pass and one head training on its views, on a handful of shared clips:
+/// the views are window-sized and differ from the clean clips' features, training on them
+/// lowers the loss, and folding a temperature into the head divides its logits exactly.
+#[test]
+fn augmented_views_of_shared_clips_train_a_head() {
+    let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
+        return;
+    };
+    init();
+    let clips = some_clips(&data, 4);
+    let cache = std::env::temp_dir().join(format!("valence-views-test-{}", std::process::id()));
+    let spec = FeatureSpec {
+        source: FeatureSource::HiddenStates,
+        layers: vec![2, 3],
+        combine: Combine::Concat,
+        pooling: Pooling::Mean,
+    };
+    let views = dataset::view_features(
+        &clips,
+        &data,
+        &enc,
+        None,
+        dataset::ViewSpec {
+            per_clip: 2,
+            window_s: 3.0,
+            upto: 3,
+            seed: 5,
+        },
+        &cache,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let clean = dataset::features(&clips, &data, &enc, None, &cache, &Device::Cpu).unwrap();
+    let xv = views.select(&spec).unwrap();
+    let xc = clean.select(&spec).unwrap();
+    assert_eq!(xv.len(), clips.len() * 2);
+    let moved = (0..clips.len())
+        .filter(|&c| max_row_diff(&xv[2 * c], &xc[c]) > 1e-3)
+        .count();
+    assert!(
+        moved * 2 >= clips.len(),
+        "views barely differ from the clean clips"
+    );
+
+    let y: Vec<usize> = (0..xv.len())
+        .map(|r| clips[r / 2].label().unwrap())
+        .collect();
+    let speakers: Vec<String> = (0..xv.len())
+        .map(|r| clips[r / 2].speaker.clone())
+        .collect();
+    let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+        input_dim: xv[0].len(),
+        hidden: vec![32],
+        dropout: 0.2,
+        head_activation: Default::default(),
+        num_classes: 3,
+    }));
+    cfg.max_epochs = 15;
+    cfg.patience = 100;
+    cfg.lr = 1e-3;
+    let mut t = train(&xv, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
+    assert!(
+        t.train_loss.last().unwrap() < &t.train_loss[0],
+        "loss {:?}",
+        t.train_loss
+    );
+    let idx: Vec<usize> = (0..xc.len()).collect();
+    let before = t.predict(&xc, &idx).unwrap();
+    valence_cli::training::apply_temperature(&mut t, 2.0).unwrap();
+    let after = t.predict(&xc, &idx).unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        let want = valence_cli::metrics::with_temperature(b, 2.0);
+        assert!(max_row_diff(&want, a) < 1e-5, "{want:?} vs {a:?}");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+fn max_row_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
