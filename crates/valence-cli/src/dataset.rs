@@ -70,6 +70,8 @@ pub struct FeatureTable {
     pub std: Tensor,
     /// [clips, width]: the model output, mean over time.
     pub last_mean: Tensor,
+    /// [clips, layers + 1, width]: mean over the voiced frames (`voiced_mean` pooling).
+    pub voiced_mean: Tensor,
 }
 
 impl FeatureTable {
@@ -88,6 +90,7 @@ impl FeatureTable {
             Ok(match spec.pooling {
                 Pooling::Mean => m,
                 Pooling::MeanStd => Tensor::cat(&[m, self.std.narrow(1, l, 1)?.squeeze(1)?], 1)?,
+                Pooling::VoicedMean => self.voiced_mean.narrow(1, l, 1)?.squeeze(1)?,
             })
         };
         let t = match spec.source {
@@ -163,13 +166,17 @@ pub fn features(
                 .cloned()
                 .with_context(|| format!("{} lacks {k}", file.display()))
         };
-        let table = FeatureTable {
-            mean: get("mean")?,
-            std: get("std")?,
-            last_mean: get("last_mean")?,
-        };
-        if table.len() == clips.len() {
-            return Ok(table);
+        // Caches made before `voiced_mean` existed lack it: encode again.
+        if let Ok(voiced_mean) = get("voiced_mean") {
+            let table = FeatureTable {
+                mean: get("mean")?,
+                std: get("std")?,
+                last_mean: get("last_mean")?,
+                voiced_mean,
+            };
+            if table.len() == clips.len() {
+                return Ok(table);
+            }
         }
     }
     let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
@@ -180,7 +187,8 @@ pub fn features(
         indicatif::ProgressStyle::with_template("encoding {pos}/{len} clips [{bar:30}] {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let (mut means, mut stds, mut lasts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut means, mut stds, mut lasts, mut voiced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in clips {
         let path = root.join(&c.path);
         let samples = crate::decode::decode_to_16k_mono(&path)?;
@@ -190,6 +198,7 @@ pub fn features(
         let hs = Tensor::cat(&out.hidden_states, 0)?.to_dtype(DType::F32)?; // [L+1, T, D]
         let m = hs.mean_keepdim(1)?;
         let sd = hs.broadcast_sub(&m)?.sqr()?.mean(1)?.sqrt()?;
+        voiced.push(voiced_pool(&hs, &samples)?);
         means.push(m.squeeze(1)?.to_device(&Device::Cpu)?);
         stds.push(sd.to_device(&Device::Cpu)?);
         lasts.push(
@@ -206,12 +215,14 @@ pub fn features(
         mean: Tensor::stack(&means, 0)?,
         std: Tensor::stack(&stds, 0)?,
         last_mean: Tensor::stack(&lasts, 0)?,
+        voiced_mean: Tensor::stack(&voiced, 0)?,
     };
     std::fs::create_dir_all(cache_dir)?;
     let mut m = HashMap::new();
     m.insert("mean".to_string(), table.mean.clone());
     m.insert("std".to_string(), table.std.clone());
     m.insert("last_mean".to_string(), table.last_mean.clone());
+    m.insert("voiced_mean".to_string(), table.voiced_mean.clone());
     let tmp = file.with_extension("partial");
     candle_core::safetensors::save(&m, &tmp)?;
     std::fs::rename(&tmp, &file)?;
@@ -223,24 +234,26 @@ pub fn default_feature_cache() -> PathBuf {
     valence_model::registry::cache_dir().join("features")
 }
 
-/// Mean and standard deviation over time of hidden states 0..=`upto` of each buffer:
-/// ([n, upto + 1, width], [n, upto + 1, width]).
+/// Mean, standard deviation and voiced mean over time of hidden states 0..=`upto` of each
+/// buffer: three [n, upto + 1, width] tensors.
 fn encode_pooled(
     encoder: &Encoder,
     upto: usize,
     buffers: impl ExactSizeIterator<Item = Result<Vec<f32>>>,
     what: &str,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let bar = indicatif::ProgressBar::new(buffers.len() as u64).with_style(
         indicatif::ProgressStyle::with_template(&format!(
             "encoding {{pos}}/{{len}} {what} [{{bar:30}}] {{eta}}"
         ))
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let (mut means, mut stds) = (Vec::new(), Vec::new());
+    let (mut means, mut stds, mut voiced) = (Vec::new(), Vec::new(), Vec::new());
     for samples in buffers {
-        let out = encoder.encode_upto(&samples?, Some(upto))?;
+        let samples = samples?;
+        let out = encoder.encode_upto(&samples, Some(upto))?;
         let hs = Tensor::cat(&out.hidden_states[..=upto], 0)?.to_dtype(DType::F32)?;
+        voiced.push(voiced_pool(&hs, &samples)?);
         let m = hs.mean_keepdim(1)?;
         stds.push(
             hs.broadcast_sub(&m)?
@@ -253,7 +266,21 @@ fn encode_pooled(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    Ok((Tensor::stack(&means, 0)?, Tensor::stack(&stds, 0)?))
+    Ok((
+        Tensor::stack(&means, 0)?,
+        Tensor::stack(&stds, 0)?,
+        Tensor::stack(&voiced, 0)?,
+    ))
+}
+
+/// Mean over the voiced frames of states `hs` [layers, frames, width] computed from `samples`:
+/// [layers, width] (the same rule as the model's `voiced_mean` pooling).
+fn voiced_pool(hs: &Tensor, samples: &[f32]) -> Result<Tensor> {
+    let mask = valence_model::manifest::voiced_frame_mask(samples, hs.dim(1)?);
+    let n = mask.iter().filter(|&&m| m).count().max(1);
+    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32 / n as f32).collect();
+    let w = Tensor::from_vec(w, (1, mask.len(), 1), hs.device())?;
+    Ok(hs.broadcast_mul(&w)?.sum(1)?.to_device(&Device::Cpu)?)
 }
 
 /// How training views of the clips are made (see [`crate::augment`]).
@@ -282,15 +309,16 @@ pub fn view_features(
 ) -> Result<FeatureTable> {
     let key = cache_key(encoder_dir, quantize, clips, root)?;
     let file = cache_dir.join(format!(
-        "{key}-views{}-w{}-upto{}-seed{}-aug1.safetensors",
+        "{key}-views{}-w{}-upto{}-seed{}-aug1v.safetensors",
         spec.per_clip, spec.window_s, spec.upto, spec.seed
     ));
     if file.is_file() {
         let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
-        if let (Some(mean), Some(std)) = (t.get("mean"), t.get("std"))
+        if let (Some(mean), Some(std), Some(voiced)) =
+            (t.get("mean"), t.get("std"), t.get("voiced_mean"))
             && mean.dim(0)? == clips.len() * spec.per_clip
         {
-            return table_from(mean.clone(), std.clone(), spec.upto);
+            return table_from(mean.clone(), std.clone(), voiced.clone(), spec.upto);
         }
     }
     let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
@@ -319,25 +347,27 @@ pub fn view_features(
             .collect();
         Ok(aug.view(&audio[c], &babble, &mut rng).0)
     });
-    let (mean, std) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
+    let (mean, std, voiced) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
     std::fs::create_dir_all(cache_dir)?;
     let tmp = file.with_extension("partial");
     candle_core::safetensors::save(
         &HashMap::from([
             ("mean".to_string(), mean.clone()),
             ("std".to_string(), std.clone()),
+            ("voiced_mean".to_string(), voiced.clone()),
         ]),
         &tmp,
     )?;
     std::fs::rename(&tmp, &file)?;
-    table_from(mean, std, spec.upto)
+    table_from(mean, std, voiced, spec.upto)
 }
 
-fn table_from(mean: Tensor, std: Tensor, upto: usize) -> Result<FeatureTable> {
+fn table_from(mean: Tensor, std: Tensor, voiced_mean: Tensor, upto: usize) -> Result<FeatureTable> {
     let last_mean = mean.narrow(1, upto, 1)?.squeeze(1)?;
     Ok(FeatureTable {
         mean,
         std,
         last_mean,
+        voiced_mean,
     })
 }

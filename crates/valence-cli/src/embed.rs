@@ -14,7 +14,7 @@ pub fn run(model: &Path, input: &Path, output: &Path, device: &Device) -> Result
     let out = if model.join(MANIFEST_FILE).is_file() {
         let m = ValenceModel::load(model, device)?;
         let out = m.encoder.encode(&samples)?;
-        let pooled = m.pooled_features(&out)?;
+        let pooled = m.pooled_features(&out, &samples)?;
         tensors.insert(
             "pooled".to_string(),
             pooled.squeeze(0)?.to_device(&Device::Cpu)?,

@@ -97,6 +97,8 @@ pub enum CombineArg {
 pub enum PoolingArg {
     Mean,
     MeanStd,
+    /// Mean over the frames that carry sound (see the model's `voiced_mean`).
+    VoicedMean,
 }
 
 impl FeatureArgs {
@@ -111,6 +113,7 @@ impl FeatureArgs {
             pooling: match self.pooling {
                 PoolingArg::Mean => Pooling::Mean,
                 PoolingArg::MeanStd => Pooling::MeanStd,
+                PoolingArg::VoicedMean => Pooling::VoicedMean,
             },
         }
     }

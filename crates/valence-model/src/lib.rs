@@ -256,8 +256,8 @@ impl ValenceModel {
     }
 
     /// Mean-pooled features the head reads, as configured in the manifest.
-    pub fn pooled_features(&self, out: &EncoderOutput) -> Result<Tensor> {
-        self.manifest.features.pool(out)
+    pub fn pooled_features(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
+        self.manifest.features.pool(out, samples)
     }
 
     /// Encoder features for `samples` (16 kHz mono): [1, feature_dim], before the scaler.
@@ -268,7 +268,7 @@ impl ValenceModel {
             FeatureSource::LastHiddenState => None,
         };
         let out = self.encoder.encode_upto(samples, upto)?;
-        self.pooled_features(&out)
+        self.pooled_features(&out, samples)
     }
 
     /// Head probabilities for pooled features [batch, dim].

@@ -84,6 +84,41 @@ pub enum Pooling {
     Mean,
     /// Mean and standard deviation over time, side by side.
     MeanStd,
+    /// Mean over the frames that carry sound: frames whose stretch of input is within
+    /// [`VOICED_RANGE_DB`] of the loudest one and above [`VOICED_FLOOR_DBFS`]
+    /// ([`voiced_frame_mask`]). A word in 3 s of room sound pools as the word, not the room.
+    VoicedMean,
+}
+
+/// Frames quieter than the loudest frame by more than this do not count for `voiced_mean`.
+pub const VOICED_RANGE_DB: f64 = 30.0;
+/// Frames below this level (RMS, dBFS) never count for `voiced_mean`.
+pub const VOICED_FLOOR_DBFS: f64 = -55.0;
+
+/// Which of `frames` encoder frames (each covering an equal share of `samples`) count as
+/// voiced: RMS within [`VOICED_RANGE_DB`] of the loudest frame and above
+/// [`VOICED_FLOOR_DBFS`]; every frame when none does (silence pools like `mean`).
+pub fn voiced_frame_mask(samples: &[f32], frames: usize) -> Vec<bool> {
+    if frames == 0 {
+        return Vec::new();
+    }
+    let db: Vec<f64> = (0..frames)
+        .map(|f| {
+            let a = f * samples.len() / frames;
+            let b = ((f + 1) * samples.len() / frames)
+                .max(a + 1)
+                .min(samples.len());
+            crate::audio::rms_dbfs(samples.get(a..b).unwrap_or(&[]))
+        })
+        .collect();
+    let loudest = db.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let threshold = (loudest - VOICED_RANGE_DB).max(VOICED_FLOOR_DBFS);
+    let mask: Vec<bool> = db.iter().map(|&d| d >= threshold).collect();
+    if mask.iter().any(|&m| m) {
+        mask
+    } else {
+        vec![true; frames]
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -111,7 +146,7 @@ impl FeatureSpec {
     /// Feature width for an encoder of width `w`.
     pub fn dim(&self, w: usize) -> usize {
         let per_layer = match self.pooling {
-            Pooling::Mean => w,
+            Pooling::Mean | Pooling::VoicedMean => w,
             Pooling::MeanStd => 2 * w,
         };
         match (self.source, self.combine) {
@@ -133,15 +168,23 @@ impl FeatureSpec {
     }
 
     /// Pools encoder states into [1, dim] (f32).
-    pub fn pool(&self, out: &EncoderOutput) -> Result<Tensor> {
+    /// Pools `out`, the encoder's states for `samples` (which `voiced_mean` reads).
+    pub fn pool(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
         let pool_one = |t: &Tensor| -> Result<Tensor> {
             let t = t.to_dtype(DType::F32)?; // [1, frames, width]
-            let mean = t.mean(1)?;
             Ok(match self.pooling {
-                Pooling::Mean => mean,
+                Pooling::Mean => t.mean(1)?,
                 Pooling::MeanStd => {
+                    let mean = t.mean(1)?;
                     let var = t.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
                     Tensor::cat(&[mean, var.sqrt()?], 1)?
+                }
+                Pooling::VoicedMean => {
+                    let mask = voiced_frame_mask(samples, t.dim(1)?);
+                    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32).collect();
+                    let n = w.iter().sum::<f32>();
+                    let w = (Tensor::from_vec(w, (1, mask.len(), 1), t.device())? / n as f64)?;
+                    t.broadcast_mul(&w)?.sum(1)?
                 }
             })
         };
@@ -401,4 +444,47 @@ pub fn load_card_head(
         }
     }
     Ok((hc, mapped, wpath, scaler))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn voiced_mask_keeps_the_loud_stretch_of_a_word_in_room_sound() {
+        let mut x = vec![0.001f32; 16000];
+        for v in &mut x[6400..9600] {
+            *v = 0.3;
+        }
+        let mask = voiced_frame_mask(&x, 50);
+        let on: Vec<usize> = (0..50).filter(|&f| mask[f]).collect();
+        assert_eq!(on, (20..30).collect::<Vec<_>>());
+        assert!(voiced_frame_mask(&[0.0; 1600], 5).iter().all(|&m| m));
+        assert!(voiced_frame_mask(&[], 0).is_empty());
+    }
+
+    /// `voiced_mean` pools only the voiced frames; `mean` all of them.
+    #[test]
+    fn voiced_mean_pools_the_voiced_frames_only() -> Result<()> {
+        let mut x = vec![0.0f32; 1000];
+        for v in &mut x[500..] {
+            *v = 0.5;
+        }
+        // Two frames: the first silent (state 10), the second voiced (state 2).
+        let state = Tensor::new(&[[[10f32, 10.], [2., 2.]]], &candle_core::Device::Cpu)?;
+        let out = EncoderOutput {
+            hidden_states: vec![state.clone()],
+            last_hidden_state: state,
+        };
+        let mut spec = FeatureSpec {
+            source: FeatureSource::HiddenStates,
+            layers: vec![0],
+            combine: Combine::Concat,
+            pooling: Pooling::VoicedMean,
+        };
+        assert_eq!(spec.pool(&out, &x)?.to_vec2::<f32>()?, vec![vec![2f32, 2.]]);
+        spec.pooling = Pooling::Mean;
+        assert_eq!(spec.pool(&out, &x)?.to_vec2::<f32>()?, vec![vec![6f32, 6.]]);
+        Ok(())
+    }
 }
