@@ -3,8 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+/// The model crate's fixtures. Written relative to the `crates/` folder so that the CLI's
+/// tests, which include this file too, find the same folder.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../valence-model/tests/fixtures")
 }
 
 /// Reads a 16-bit PCM mono WAV (the committed fixture) into f32 samples.
