@@ -47,7 +47,7 @@ pub struct FeatureArgs {
     /// How several layers are joined.
     #[arg(long, value_enum, default_value = "mean")]
     pub combine: CombineArg,
-    /// Mean, or mean and standard deviation over time.
+    /// Mean over time, mean and standard deviation, or mean over the frames that carry sound.
     #[arg(long, value_enum, default_value = "mean")]
     pub pooling: PoolingArg,
     #[arg(long, value_enum, default_value = "mlp")]
