@@ -192,16 +192,7 @@ fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
     let x = table.select(&spec).unwrap();
     let y: Vec<usize> = clips.iter().map(|c| c.label().unwrap()).collect();
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
-    let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
-        input_dim: x[0].len(),
-        hidden: vec![32],
-        dropout: 0.2,
-        head_activation: Default::default(),
-        num_classes: 3,
-    }));
-    cfg.max_epochs = 15;
-    cfg.patience = 100;
-    cfg.lr = 1e-3;
+    let cfg = quick_recipe(x[0].len());
     let t = train(&x, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
@@ -291,16 +282,7 @@ fn augmented_views_of_shared_clips_train_a_head() {
     let speakers: Vec<String> = (0..xv.len())
         .map(|r| clips[r / 2].speaker.clone())
         .collect();
-    let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
-        input_dim: xv[0].len(),
-        hidden: vec![32],
-        dropout: 0.2,
-        head_activation: Default::default(),
-        num_classes: 3,
-    }));
-    cfg.max_epochs = 15;
-    cfg.patience = 100;
-    cfg.lr = 1e-3;
+    let cfg = quick_recipe(xv[0].len());
     let mut t = train(&xv, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
@@ -323,4 +305,19 @@ fn max_row_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A small MLP with the card's recipe, shortened for tests: 15 epochs, no early stop.
+fn quick_recipe(input_dim: usize) -> TrainConfig {
+    let mut cfg = TrainConfig::card_recipe(HeadConfig::Mlp(MlpHeadConfig {
+        input_dim,
+        hidden: vec![32],
+        dropout: 0.2,
+        head_activation: Default::default(),
+        num_classes: 3,
+    }));
+    cfg.max_epochs = 15;
+    cfg.patience = 100;
+    cfg.lr = 1e-3;
+    cfg
 }
