@@ -59,26 +59,59 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
 
 type Key = (PathBuf, String);
 
-static MODELS: Lazy<Mutex<HashMap<Key, Weak<ValenceModel>>>> = Lazy::new(Default::default);
+/// The newest modification time of the files directly in a model directory: a model whose files
+/// changed on disk is loaded again rather than served from memory.
+fn dir_stamp(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max()
+}
+
+type Stamp = Option<std::time::SystemTime>;
+/// Loaded models by key, weakly (they live as long as an element uses them), with the files'
+/// stamp at load.
+type Loaded = HashMap<Key, (Weak<ValenceModel>, Stamp)>;
+
+static MODELS: Lazy<Mutex<Loaded>> = Lazy::new(Default::default);
 static LOADS: Lazy<Mutex<HashMap<PathBuf, usize>>> = Lazy::new(Default::default);
+/// The model handed out last stays loaded after its last user is gone, so a pipeline that goes
+/// NULL -> PLAYING -> NULL again and again (or a CLI that classifies file after file) does not
+/// load and free the same weights every cycle.
+static RECENT: Lazy<Mutex<Option<Arc<ValenceModel>>>> = Lazy::new(Default::default);
 
 /// The process-wide copy of a model, loading it on first use. The lock is held while loading
 /// so that concurrent first users wait for one load instead of starting their own.
 pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let key = (canonical.clone(), device_name(device));
+    let stamp = dir_stamp(&canonical);
     let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(m) = models.get(&key).and_then(Weak::upgrade) {
-        return Ok(m);
-    }
-    let model = Arc::new(ValenceModel::load(&canonical, device)?);
-    *LOADS
+    let cached = models
+        .get(&key)
+        .filter(|(_, s)| *s == stamp)
+        .and_then(|(w, _)| w.upgrade());
+    let model = match cached {
+        Some(m) => m,
+        None => {
+            let model = Arc::new(ValenceModel::load(&canonical, device)?);
+            *LOADS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(canonical.clone())
+                .or_default() += 1;
+            models.retain(|_, (w, _)| w.strong_count() > 0);
+            models.insert(key, (Arc::downgrade(&model), stamp));
+            model
+        }
+    };
+    drop(models);
+    // The previous recent model (if another) is freed here, outside the registry lock.
+    let previous = RECENT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .entry(canonical.clone())
-        .or_default() += 1;
-    models.retain(|_, w| w.strong_count() > 0);
-    models.insert(key, Arc::downgrade(&model));
+        .replace(model.clone());
+    drop(previous);
     Ok(model)
 }
 
@@ -91,4 +124,27 @@ pub fn load_count(dir: &Path) -> usize {
         .get(&canonical)
         .copied()
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Repeated start/stop cycles reuse the loaded weights; changed files are loaded again.
+    #[test]
+    fn a_released_model_is_reused_until_its_files_change() {
+        let dir = std::env::temp_dir().join(format!("valence-registry-{}", std::process::id()));
+        crate::synthetic::write_tiny_model(&dir, 9).unwrap();
+        for _ in 0..5 {
+            let m = shared_model(&dir, &Device::Cpu).unwrap();
+            drop(m); // the last element stops
+        }
+        assert_eq!(load_count(&dir), 1);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let manifest = dir.join("valence.json");
+        std::fs::write(&manifest, std::fs::read(&manifest).unwrap()).unwrap();
+        let _m = shared_model(&dir, &Device::Cpu).unwrap();
+        assert_eq!(load_count(&dir), 2, "rewritten files must be loaded again");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
