@@ -195,12 +195,10 @@ pub fn features(
         let out = encoder
             .encode(&samples)
             .with_context(|| format!("encoding {}", path.display()))?;
-        let hs = Tensor::cat(&out.hidden_states, 0)?.to_dtype(DType::F32)?; // [L+1, T, D]
-        let m = hs.mean_keepdim(1)?;
-        let sd = hs.broadcast_sub(&m)?.sqr()?.mean(1)?.sqrt()?;
-        voiced.push(voiced_pool(&hs, &samples)?);
-        means.push(m.squeeze(1)?.to_device(&Device::Cpu)?);
-        stds.push(sd.to_device(&Device::Cpu)?);
+        let (m, sd, v) = pool_states(&out.hidden_states, &samples)?;
+        means.push(m);
+        stds.push(sd);
+        voiced.push(v);
         lasts.push(
             out.last_hidden_state
                 .to_dtype(DType::F32)?
@@ -252,17 +250,10 @@ fn encode_pooled(
     for samples in buffers {
         let samples = samples?;
         let out = encoder.encode_upto(&samples, Some(upto))?;
-        let hs = Tensor::cat(&out.hidden_states[..=upto], 0)?.to_dtype(DType::F32)?;
-        voiced.push(voiced_pool(&hs, &samples)?);
-        let m = hs.mean_keepdim(1)?;
-        stds.push(
-            hs.broadcast_sub(&m)?
-                .sqr()?
-                .mean(1)?
-                .sqrt()?
-                .to_device(&Device::Cpu)?,
-        );
-        means.push(m.squeeze(1)?.to_device(&Device::Cpu)?);
+        let (m, sd, v) = pool_states(&out.hidden_states[..=upto], &samples)?;
+        means.push(m);
+        stds.push(sd);
+        voiced.push(v);
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -273,14 +264,18 @@ fn encode_pooled(
     ))
 }
 
-/// Mean over the voiced frames of states `hs` [layers, frames, width] computed from `samples`:
-/// [layers, width] (the same rule as the model's `voiced_mean` pooling).
-fn voiced_pool(hs: &Tensor, samples: &[f32]) -> Result<Tensor> {
-    let mask = valence_model::manifest::voiced_frame_mask(samples, hs.dim(1)?);
-    let n = mask.iter().filter(|&&m| m).count().max(1);
-    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32 / n as f32).collect();
-    let w = Tensor::from_vec(w, (1, mask.len(), 1), hs.device())?;
-    Ok(hs.broadcast_mul(&w)?.sum(1)?.to_device(&Device::Cpu)?)
+/// Mean, standard deviation and voiced mean over time of one clip's hidden states (each
+/// [1, frames, width]), for `samples`: three [states, width] CPU tensors.
+fn pool_states(states: &[Tensor], samples: &[f32]) -> Result<(Tensor, Tensor, Tensor)> {
+    let hs = Tensor::cat(states, 0)?.to_dtype(DType::F32)?; // [L, T, D]
+    let m = hs.mean_keepdim(1)?;
+    let sd = hs.broadcast_sub(&m)?.sqr()?.mean(1)?.sqrt()?;
+    let v = valence_model::manifest::voiced_mean(&hs, samples)?;
+    Ok((
+        m.squeeze(1)?.to_device(&Device::Cpu)?,
+        sd.to_device(&Device::Cpu)?,
+        v.to_device(&Device::Cpu)?,
+    ))
 }
 
 /// How training views of the clips are made (see [`crate::augment`]).

@@ -192,14 +192,7 @@ impl FeatureArgs {
             if !balance {
                 return rows.to_vec();
             }
-            let corpus = |r: usize| {
-                let c = if r < clips.len() {
-                    r
-                } else {
-                    extra.clip[r - clips.len()]
-                };
-                clips[c].corpus.clone()
-            };
+            let corpus = |r: usize| clips[extra.clip_of(r, clips.len())].corpus.clone();
             train::balance_groups(rows, corpus, 4)
         }
     }
@@ -434,28 +427,15 @@ pub fn train_model(
     let (clips, x, y) = args.load()?;
     let extra = args.load_views(&clips)?;
     let rows = args.expander(&clips, &extra)(&(0..clips.len() + extra.x.len()).collect::<Vec<_>>());
-    let clip_of = |r: usize| {
-        if r < clips.len() {
-            r
-        } else {
-            extra.clip[r - clips.len()]
-        }
-    };
-    let y: Vec<usize> = rows.iter().map(|&r| y[clip_of(r)]).collect();
-    let speakers: Vec<String> = rows
-        .iter()
-        .map(|&r| clips[clip_of(r)].speaker.clone())
-        .collect();
-    let x: Vec<Vec<f32>> = rows
-        .iter()
-        .map(|&r| {
-            if r < clips.len() {
-                x[r].clone()
-            } else {
-                extra.x[r - clips.len()].clone()
-            }
-        })
-        .collect();
+    let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+    let (x, y, speakers) = extra.gather(
+        train::ClipRows {
+            x: &x,
+            y: &y,
+            speakers: &speakers,
+        },
+        &rows,
+    );
     eprintln!(
         "training on {} rows ({} clips, {} augmented views{})",
         x.len(),

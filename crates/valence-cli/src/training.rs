@@ -534,6 +534,42 @@ pub struct ExtraRows {
     pub clip: Vec<usize>,
 }
 
+impl ExtraRows {
+    /// The clip of training row `r`: row ids below `n_clips` are clips, the rest extra rows.
+    pub fn clip_of(&self, r: usize, n_clips: usize) -> usize {
+        if r < n_clips {
+            r
+        } else {
+            self.clip[r - n_clips]
+        }
+    }
+
+    /// Features, labels and speakers of training rows `rows` (ids as in [`Self::clip_of`]).
+    pub fn gather(
+        &self,
+        clips: ClipRows,
+        rows: &[usize],
+    ) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+        let n = clips.x.len();
+        let x = rows
+            .iter()
+            .map(|&r| {
+                if r < n {
+                    clips.x[r].clone()
+                } else {
+                    self.x[r - n].clone()
+                }
+            })
+            .collect();
+        let y = rows.iter().map(|&r| clips.y[self.clip_of(r, n)]).collect();
+        let s = rows
+            .iter()
+            .map(|&r| clips.speakers[self.clip_of(r, n)].clone())
+            .collect();
+        (x, y, s)
+    }
+}
+
 /// Trains on all folds but one and predicts the held-out fold's clips, for every fold; returns
 /// each clip's class probabilities. `extra` rows join the training side of the folds that do
 /// not hold their clip out, and `expand` may repeat training rows (e.g. to balance corpora).
@@ -545,7 +581,7 @@ pub fn out_of_fold_probs(
     cfg: &TrainConfig,
     members: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let ClipRows { x, y, speakers } = clips;
+    let x = clips.x;
     let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut probs = vec![Vec::new(); x.len()];
     for f in 0..n_folds {
@@ -561,23 +597,7 @@ pub fn out_of_fold_probs(
                 .map(|e| x.len() + e),
         );
         let rows = expand(&rows);
-        let row_x = |r: usize| {
-            if r < x.len() {
-                &x[r]
-            } else {
-                &extra.x[r - x.len()]
-            }
-        };
-        let clip_of = |r: usize| {
-            if r < x.len() {
-                r
-            } else {
-                extra.clip[r - x.len()]
-            }
-        };
-        let xs: Vec<Vec<f32>> = rows.iter().map(|&r| row_x(r).clone()).collect();
-        let ys: Vec<usize> = rows.iter().map(|&r| y[clip_of(r)]).collect();
-        let ss: Vec<String> = rows.iter().map(|&r| speakers[clip_of(r)].clone()).collect();
+        let (xs, ys, ss) = extra.gather(clips, &rows);
         let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
         for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
             probs[*i] = p;

@@ -95,6 +95,16 @@ pub const VOICED_RANGE_DB: f64 = 30.0;
 /// Frames below this level (RMS, dBFS) never count for `voiced_mean`.
 pub const VOICED_FLOOR_DBFS: f64 = -55.0;
 
+/// Mean over dimension 1 (frames) of `states` [n, frames, width], counting only the frames
+/// [`voiced_frame_mask`] keeps for `samples`: [n, width].
+pub fn voiced_mean(states: &Tensor, samples: &[f32]) -> Result<Tensor> {
+    let mask = voiced_frame_mask(samples, states.dim(1)?);
+    let n = mask.iter().filter(|&&m| m).count().max(1) as f32;
+    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32 / n).collect();
+    let w = Tensor::from_vec(w, (1, mask.len(), 1), states.device())?;
+    Ok(states.broadcast_mul(&w)?.sum(1)?)
+}
+
 /// Which of `frames` encoder frames (each covering an equal share of `samples`) count as
 /// voiced: RMS within [`VOICED_RANGE_DB`] of the loudest frame and above
 /// [`VOICED_FLOOR_DBFS`]; every frame when none does (silence pools like `mean`).
@@ -179,13 +189,7 @@ impl FeatureSpec {
                     let var = t.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
                     Tensor::cat(&[mean, var.sqrt()?], 1)?
                 }
-                Pooling::VoicedMean => {
-                    let mask = voiced_frame_mask(samples, t.dim(1)?);
-                    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32).collect();
-                    let n = w.iter().sum::<f32>();
-                    let w = (Tensor::from_vec(w, (1, mask.len(), 1), t.device())? / n as f64)?;
-                    t.broadcast_mul(&w)?.sum(1)?
-                }
+                Pooling::VoicedMean => voiced_mean(&t, samples)?,
             })
         };
         match self.source {

@@ -112,15 +112,7 @@ pub fn exp_approx(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::kernels::max_abs;
 
     /// candle's own f64 erf as the reference.
     fn erf_f64(x: f64) -> f64 {

@@ -320,6 +320,7 @@ pub fn self_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::max_abs;
     use candle_core::Device;
     use candle_nn::Linear;
 
@@ -352,15 +353,6 @@ mod tests {
         let got = half.forward_gelu(&x.to_dtype(DType::F16)?)?;
         assert!(max_abs(&(got.to_dtype(DType::F32)? - want)?) < 2e-2);
         Ok(())
-    }
-
-    fn max_abs(t: &Tensor) -> f32 {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
