@@ -178,12 +178,15 @@ mod tests {
                 .matmul(&split(2)?)?
                 .transpose(1, 2)?
                 .reshape((b, t, width))?;
-            let diff = (got - want)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "{:?}: max diff {diff}", (b, t, heads, hd));
+            let diff = crate::kernels::max_abs(&(got - &want)?);
+            // f32 rounding scales with the outputs (contexts of several units here): an absolute
+            // 1e-5 failed about 1 run in 150 on random inputs; a wrong kernel errs by O(1).
+            let bound = 1e-5 * crate::kernels::max_abs(&want).max(1.0);
+            assert!(
+                diff < bound,
+                "{:?}: max diff {diff} (bound {bound})",
+                (b, t, heads, hd)
+            );
         }
         Ok(())
     }
