@@ -884,3 +884,123 @@ fn hostile_model_directories_fail_cleanly_at_start() {
     assert!(e.contains("must be finite"), "{e}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// Runs `streams` non-live harnesses at once on one inference service (`instance`), each on its
+/// own thread with its own audio; returns each stream's probabilities and average batch size.
+fn concurrent_streams(
+    streams: usize,
+    instance: &str,
+    batch_size: u32,
+) -> Vec<(Vec<[f64; 3]>, f64)> {
+    let start = std::sync::Barrier::new(streams);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..streams)
+            .map(|i| {
+                let start = &start;
+                s.spawn(move || {
+                    let (mut h, bus) = harness(
+                        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+                        &[
+                            ("model-instance-id", instance.to_value()),
+                            ("batch-size", batch_size.to_value()),
+                            ("batch-timeout", 500_000_000u64.to_value()),
+                        ],
+                    );
+                    start.wait();
+                    // Each stream hears different audio (another stretch of the signal).
+                    let per = 1600;
+                    for k in 0..50 {
+                        let s = signal(16000, 1, 0.1, (i * 7919 + k * per) % 160_000);
+                        let buf = f32_buffer(&s, Some(k as u64 * 100_000_000), 100_000_000);
+                        assert_eq!(h.push(buf), Ok(gst::FlowSuccess::Ok));
+                    }
+                    assert!(h.push_event(gst::event::Eos::new()));
+                    let probs = valence_messages(&bus)
+                        .iter()
+                        .map(|m| {
+                            ["negative", "neutral", "positive"].map(|k| m.get::<f64>(k).unwrap())
+                        })
+                        .collect::<Vec<_>>();
+                    let el = h.element().unwrap();
+                    (probs, el.property::<f64>("average-batch-size"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Four streams batched together give what each gives alone (batch size 1), within 1e-5.
+#[test]
+fn batched_streams_give_the_same_results_as_batch_size_one() {
+    let alone = concurrent_streams(4, "batch-test-alone", 1);
+    let batched = concurrent_streams(4, "batch-test-batched", 4);
+    for (i, ((a, a_batch), (b, b_batch))) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.len(), 3, "5 s at 3 s / 1 s make 3 windows");
+        assert_eq!(a.len(), b.len());
+        for (pa, pb) in a.iter().zip(b) {
+            for (x, y) in pa.iter().zip(pb) {
+                assert!(
+                    (x - y).abs() <= 1e-5,
+                    "stream {i}: {pa:?} alone, {pb:?} batched"
+                );
+            }
+        }
+        assert_eq!(*a_batch, 1.0);
+        assert!(
+            *b_batch > 1.0,
+            "stream {i} ran in batches of {b_batch} on average"
+        );
+    }
+    // Different streams heard different audio.
+    assert_ne!(alone[0].0, alone[1].0);
+}
+
+/// A non-live element waiting for its window's batch (another element shares the service and
+/// the batch timeout is long) returns at once on FLUSH_START, and stop() does not wait either.
+#[test]
+fn flush_start_and_stop_return_while_a_window_waits_for_its_batch() {
+    let props = [
+        ("model-instance-id", "slow-batch".to_value()),
+        ("batch-size", 8u32.to_value()),
+        ("batch-timeout", 10_000_000_000u64.to_value()),
+    ];
+    let caps = "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved";
+    let (_other, _) = harness(caps, &props); // a second client: batches wait to fill
+    let (mut h, bus) = harness(caps, &props);
+    let el = h.element().unwrap();
+    let t0 = std::time::Instant::now();
+    let flow = std::thread::scope(|s| {
+        let pusher = s.spawn(move || {
+            // The 30th buffer completes the first window, which then waits for its batch.
+            let mut last = Ok(gst::FlowSuccess::Ok);
+            for k in 0..30 {
+                let samples = signal(16000, 1, 0.1, k * 1600);
+                last = h.push(f32_buffer(
+                    &samples,
+                    Some(k as u64 * 100_000_000),
+                    100_000_000,
+                ));
+                if last.is_err() {
+                    break;
+                }
+            }
+            (last, h)
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let sink = el.static_pad("sink").unwrap();
+        assert!(sink.send_event(gst::event::FlushStart::new()));
+        pusher.join().unwrap()
+    });
+    let (last, h) = flow;
+    assert_eq!(last, Err(gst::FlowError::Flushing));
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(5),
+        "FLUSH_START waited for the batch ({:?})",
+        t0.elapsed()
+    );
+    assert!(valence_messages(&bus).is_empty());
+    let t1 = std::time::Instant::now();
+    drop(h); // stops the element
+    assert!(t1.elapsed() < std::time::Duration::from_secs(5));
+}

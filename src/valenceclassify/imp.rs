@@ -1,18 +1,19 @@
 //! Element implementation. Audio passes through in place; analysis happens on a 16 kHz mono
-//! copy that is cut into windows and classified by a worker thread.
+//! copy that is cut into windows and sent to the model's inference service
+//! ([`valence_model::service`]), which batches the windows of every element sharing the model.
 //!
-//! Non-live streams: the streaming thread hands each finished window to the worker and waits for
-//! its result, so every window is classified, in order, and results ride on the buffer that
-//! completed the window. Live streams: the streaming thread never waits; the worker takes one
-//! window at a time plus one queued, and a window that finds the queue full is skipped, counted
-//! and reported with a QoS message. Results then ride on the first buffer after they are ready.
+//! Non-live streams: the streaming thread submits each buffer's finished windows and waits for
+//! their results (holding no lock), so every window is classified, in order, and results ride on
+//! the buffer that completed the window. Live streams: the streaming thread never waits; an
+//! element keeps at most [`LIVE_MAX_IN_FLIGHT`] windows in the service, and a window that finds
+//! them all busy is skipped, counted and reported with a QoS message. Results then ride on the
+//! first buffer after they are ready. FLUSH_START and `stop()` cancel the element's queued
+//! windows and return at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use gst::glib;
 use gst::prelude::*;
@@ -23,6 +24,7 @@ use gst_base::subclass::prelude::*;
 use once_cell::sync::Lazy;
 
 use valence_model::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
+use valence_model::service::{BatchConfig, Client, Completed, Wait};
 use valence_model::{ValenceModel, registry};
 
 static CAT: Lazy<gst::DebugCategory> = Lazy::new(|| {
@@ -38,6 +40,12 @@ const DEFAULT_DEVICE: &str = "auto";
 const DEFAULT_WINDOW: u64 = 3_000_000_000;
 const DEFAULT_HOP: u64 = 1_000_000_000;
 const DEFAULT_SILENCE_THRESHOLD: f64 = -60.0;
+const DEFAULT_BATCH_SIZE: u32 = 8;
+const DEFAULT_BATCH_TIMEOUT: u64 = 20_000_000;
+/// A live element's windows in the service at most (one running, one queued per element, as a
+/// worker thread with a one-slot queue had): a stream that outpaces inference skips windows
+/// instead of building a queue.
+const LIVE_MAX_IN_FLIGHT: usize = 2;
 /// At EOS, audio not yet in any window is classified when there is at least this much.
 const MIN_TAIL_NS: u64 = 1_000_000_000;
 /// Timestamp jumps larger than this (between the expected and the actual PTS) restart windows.
@@ -52,6 +60,9 @@ struct Settings {
     post_messages: bool,
     attach_meta: bool,
     silence_threshold: f64,
+    batch_size: u32,
+    batch_timeout: u64,
+    model_instance_id: String,
 }
 
 impl Default for Settings {
@@ -64,6 +75,9 @@ impl Default for Settings {
             post_messages: true,
             attach_meta: true,
             silence_threshold: DEFAULT_SILENCE_THRESHOLD,
+            batch_size: DEFAULT_BATCH_SIZE,
+            batch_timeout: DEFAULT_BATCH_TIMEOUT,
+            model_instance_id: String::new(),
         }
     }
 }
@@ -74,6 +88,8 @@ struct Stats {
     skipped: AtomicU64,
     silent: AtomicU64,
     inference_ns: AtomicU64,
+    /// Sum over classified windows of the size of the batch each ran in.
+    batched_windows: AtomicU64,
 }
 
 /// How results leave the element, read from the settings once per buffer.
@@ -93,76 +109,6 @@ struct WindowResult {
     probabilities: Vec<f64>,
 }
 
-struct Job {
-    id: u64,
-    samples: Vec<f32>,
-}
-
-struct JobDone {
-    id: u64,
-    outcome: Result<Vec<f32>, String>,
-}
-
-/// The inference thread of one element instance; the model itself is shared process-wide.
-struct Worker {
-    jobs: Option<SyncSender<Job>>,
-    done: Receiver<JobDone>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Worker {
-    fn spawn(model: Arc<ValenceModel>, stats: Arc<Stats>) -> std::io::Result<Self> {
-        // One job waiting besides the one running: a live stream that outpaces inference
-        // skips windows instead of building a queue.
-        let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(1);
-        let (done_tx, done_rx) = mpsc::channel::<JobDone>();
-        let thread = std::thread::Builder::new()
-            .name("valence-infer".into())
-            .spawn(move || {
-                for job in jobs_rx {
-                    let t0 = Instant::now();
-                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        model.classify(&job.samples)
-                    }));
-                    let outcome = match outcome {
-                        Ok(Ok(p)) => Ok(p.probabilities),
-                        Ok(Err(e)) => Err(format!("{e:#}")),
-                        Err(_) => Err("inference panicked".to_string()),
-                    };
-                    if outcome.is_ok() {
-                        stats.classified.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .inference_ns
-                            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    }
-                    if done_tx
-                        .send(JobDone {
-                            id: job.id,
-                            outcome,
-                        })
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            })?;
-        Ok(Self {
-            jobs: Some(jobs_tx),
-            done: done_rx,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.jobs.take(); // closes the queue; the thread ends after its current job
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 enum Pending {
     InFlight {
         id: u64,
@@ -175,7 +121,8 @@ enum Pending {
 /// Everything that lives from `start` to `stop`.
 struct State {
     model: Arc<ValenceModel>,
-    worker: Worker,
+    /// This element's connection to the model's inference service.
+    client: Arc<Client>,
     info: Option<gst_audio::AudioInfo>,
     resampler: Option<StreamResampler>,
     windower: Windower,
@@ -377,37 +324,26 @@ impl ValenceClassify {
         }
     }
 
-    /// Moves finished jobs into `pending` and returns the ready results at its head, in order.
-    fn collect_ready(&self, state: &mut State, block: bool) -> Vec<WindowResult> {
+    /// Moves delivered outcomes into `pending` and returns the ready results at its head, in
+    /// window order. Never waits.
+    fn collect_ready(&self, state: &mut State) -> Vec<WindowResult> {
+        for done in state.client.take_done() {
+            self.resolve(state, done);
+        }
         let mut out = Vec::new();
-        loop {
-            // Take everything already done.
-            while let Ok(done) = state.worker.done.try_recv() {
-                self.resolve(state, done);
-            }
-            while let Some(Pending::Ready(_)) = state.pending.front() {
-                if let Some(Pending::Ready(r)) = state.pending.pop_front() {
-                    out.push(r);
-                }
-            }
-            if !block || state.pending.is_empty() {
-                return out;
-            }
-            match state.worker.done.recv() {
-                Ok(done) => self.resolve(state, done),
-                Err(_) => {
-                    state.pending.clear();
-                    return out;
-                }
+        while let Some(Pending::Ready(_)) = state.pending.front() {
+            if let Some(Pending::Ready(r)) = state.pending.pop_front() {
+                out.push(r);
             }
         }
+        out
     }
 
-    fn resolve(&self, state: &mut State, done: JobDone) {
+    fn resolve(&self, state: &mut State, done: Completed) {
         let Some(idx) = state
             .pending
             .iter()
-            .position(|p| matches!(p, Pending::InFlight { id, .. } if *id == done.id))
+            .position(|p| matches!(p, Pending::InFlight { id, .. } if *id == done.tag))
         else {
             return; // from before a flush
         };
@@ -416,6 +352,13 @@ impl ValenceClassify {
         };
         match done.outcome {
             Ok(probs) => {
+                self.stats.classified.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .inference_ns
+                    .fetch_add(done.model_time.as_nanos() as u64, Ordering::Relaxed);
+                self.stats
+                    .batched_windows
+                    .fetch_add(done.batch_size as u64, Ordering::Relaxed);
                 state.pending[idx] =
                     Pending::Ready(Self::make_result(state, pts, duration, &probs));
             }
@@ -432,7 +375,39 @@ impl ValenceClassify {
         }
     }
 
-    /// Queues windows for inference (or reports them as silence).
+    /// Non-live (or when `always`): waits until the windows this element has in the service
+    /// have results, with no lock held (the outbox is posted first). Returns the state lock
+    /// taken again, or None when the element flushed or stopped meanwhile.
+    fn settle<'a>(
+        &'a self,
+        mut guard: MutexGuard<'a, Option<State>>,
+        always: bool,
+    ) -> Option<MutexGuard<'a, Option<State>>> {
+        let state = guard.as_mut()?;
+        let waits = always || !state.live.unwrap_or(false);
+        let in_flight = state
+            .pending
+            .iter()
+            .any(|p| matches!(p, Pending::InFlight { .. }));
+        if !waits || !in_flight {
+            return Some(guard);
+        }
+        let client = state.client.clone();
+        let generation = client.generation();
+        let messages = std::mem::take(&mut state.outbox);
+        drop(guard);
+        self.post_all(messages);
+        if client.wait_idle(generation) == Wait::Cancelled {
+            return None;
+        }
+        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(s) if Arc::ptr_eq(&s.client, &client) => Some(guard),
+            _ => None,
+        }
+    }
+
+    /// Sends windows to the inference service (or reports them as silence). Never waits.
     fn submit(&self, state: &mut State, windows: Vec<Window>) {
         let live = state.live.unwrap_or(false);
         let min = state.model.encoder.min_samples();
@@ -446,38 +421,16 @@ impl ValenceClassify {
                     .push_back(Pending::Ready(Self::silence_result(pts, duration, n)));
                 continue;
             }
+            if live && state.client.outstanding() >= LIVE_MAX_IN_FLIGHT {
+                self.skip_window(state, pts, duration);
+                continue;
+            }
             let id = state.next_job;
             state.next_job += 1;
-            let Some(jobs) = state.worker.jobs.as_ref() else {
-                return;
-            };
-            let job = Job {
-                id,
-                samples: w.samples,
-            };
-            let sent = if live {
-                match jobs.try_send(job) {
-                    Ok(()) => true,
-                    Err(TrySendError::Full(_)) => false,
-                    Err(TrySendError::Disconnected(_)) => false,
-                }
-            } else {
-                jobs.send(job).is_ok()
-            };
-            if sent {
-                state
-                    .pending
-                    .push_back(Pending::InFlight { id, pts, duration });
-                if !live {
-                    // Keep at most one window in flight: wait for it before cutting the next.
-                    let ready = self.collect_ready(state, true);
-                    for r in ready {
-                        state.pending.push_back(Pending::Ready(r));
-                    }
-                }
-            } else {
-                self.skip_window(state, pts, duration);
-            }
+            state.client.submit(id, w.samples);
+            state
+                .pending
+                .push_back(Pending::InFlight { id, pts, duration });
         }
     }
 
@@ -530,12 +483,8 @@ impl ValenceClassify {
         }
     }
 
-    /// Analyses one input buffer's samples; returns results to publish now.
-    fn analyse(
-        &self,
-        state: &mut State,
-        buf: &gst::BufferRef,
-    ) -> Result<Vec<WindowResult>, gst::FlowError> {
+    /// Analyses one input buffer's samples: its finished windows go to the service.
+    fn analyse(&self, state: &mut State, buf: &gst::BufferRef) -> Result<(), gst::FlowError> {
         let Some(info) = state.info.clone() else {
             let msg = self.error_message(gst::CoreError::Negotiation, "No caps before data");
             state.outbox.push(msg);
@@ -570,7 +519,7 @@ impl ValenceClassify {
             self.close_window_stream(state);
         }
         if frames == 0 {
-            return Ok(self.collect_ready(state, false));
+            return Ok(());
         }
         if state.anchor.is_none() {
             let seg_start = self
@@ -615,7 +564,7 @@ impl ValenceClassify {
         };
         let windows = state.windower.push(&resampled);
         self.submit(state, windows);
-        Ok(self.collect_ready(state, !state.live.unwrap_or(false)))
+        Ok(())
     }
 
     /// Ends the current window stream: what is left in the resampler goes into the windows,
@@ -631,12 +580,6 @@ impl ValenceClassify {
             self.submit(state, vec![w]);
         }
         state.restart_windows();
-    }
-
-    /// End of stream: close the windows and wait for everything in flight.
-    fn drain(&self, state: &mut State) -> Vec<WindowResult> {
-        self.close_window_stream(state);
-        self.collect_ready(state, true)
     }
 }
 
@@ -701,6 +644,38 @@ impl ObjectImpl for ValenceClassify {
                     .default_value(DEFAULT_SILENCE_THRESHOLD)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecUInt::builder("batch-size")
+                    .nick("Batch size")
+                    .blurb(
+                        "The most windows the model's inference service runs at once (shared by \
+                         the elements using the same model, device and model-instance-id; the \
+                         first element to start sets it)",
+                    )
+                    .minimum(1)
+                    .maximum(256)
+                    .default_value(DEFAULT_BATCH_SIZE)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecUInt64::builder("batch-timeout")
+                    .nick("Batch timeout")
+                    .blurb(
+                        "Longest time in nanoseconds a window waits for others to fill a batch \
+                         (only when several elements share the service)",
+                    )
+                    .maximum(10_000_000_000)
+                    .default_value(DEFAULT_BATCH_TIMEOUT)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("model-instance-id")
+                    .nick("Model instance id")
+                    .blurb(
+                        "Elements with the same model, device and id share one inference \
+                         service (weights are shared regardless); empty: one service per model \
+                         and device",
+                    )
+                    .default_value(Some(""))
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("windows-classified")
                     .nick("Windows classified")
                     .blurb("Windows the model classified since the element started")
@@ -718,7 +693,15 @@ impl ObjectImpl for ValenceClassify {
                     .build(),
                 glib::ParamSpecUInt64::builder("average-inference-time")
                     .nick("Average inference time")
-                    .blurb("Mean time the model took per classified window, in nanoseconds")
+                    .blurb(
+                        "Mean model time per classified window in nanoseconds (a batch's time \
+                         divided by its size)",
+                    )
+                    .read_only()
+                    .build(),
+                glib::ParamSpecDouble::builder("average-batch-size")
+                    .nick("Average batch size")
+                    .blurb("Mean size of the batches this element's windows ran in")
                     .read_only()
                     .build(),
             ]
@@ -750,6 +733,15 @@ impl ObjectImpl for ValenceClassify {
             "silence-threshold" => {
                 s.silence_threshold = value.get().unwrap_or(DEFAULT_SILENCE_THRESHOLD)
             }
+            "batch-size" => s.batch_size = value.get().unwrap_or(DEFAULT_BATCH_SIZE),
+            "batch-timeout" => s.batch_timeout = value.get().unwrap_or(DEFAULT_BATCH_TIMEOUT),
+            "model-instance-id" => {
+                s.model_instance_id = value
+                    .get::<Option<String>>()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
+            }
             other => gst::warning!(CAT, imp = self, "unknown property {other}"),
         }
     }
@@ -764,6 +756,9 @@ impl ObjectImpl for ValenceClassify {
             "post-messages" => s.post_messages.to_value(),
             "attach-meta" => s.attach_meta.to_value(),
             "silence-threshold" => s.silence_threshold.to_value(),
+            "batch-size" => s.batch_size.to_value(),
+            "batch-timeout" => s.batch_timeout.to_value(),
+            "model-instance-id" => s.model_instance_id.to_value(),
             "windows-classified" => self.stats.classified.load(Ordering::Relaxed).to_value(),
             "windows-skipped" => self.stats.skipped.load(Ordering::Relaxed).to_value(),
             "windows-silent" => self.stats.silent.load(Ordering::Relaxed).to_value(),
@@ -771,6 +766,11 @@ impl ObjectImpl for ValenceClassify {
                 let n = self.stats.classified.load(Ordering::Relaxed);
                 let t = self.stats.inference_ns.load(Ordering::Relaxed);
                 t.checked_div(n).unwrap_or(0).to_value()
+            }
+            "average-batch-size" => {
+                let n = self.stats.classified.load(Ordering::Relaxed);
+                let b = self.stats.batched_windows.load(Ordering::Relaxed);
+                if n == 0 { 0.0 } else { b as f64 / n as f64 }.to_value()
             }
             _ => glib::Value::from_type(pspec.value_type()),
         }
@@ -849,12 +849,52 @@ impl BaseTransformImpl for ValenceClassify {
         let dir = registry::resolve_model(&settings.model).map_err(|e| {
             gst::error_msg!(gst::ResourceError::NotFound, ("Cannot find model: {:#}", e))
         })?;
-        let model = registry::shared_model(&dir, &device).map_err(|e| {
-            gst::error_msg!(
-                gst::ResourceError::OpenRead,
-                ("Cannot load model {}: {:#}", dir.display(), e)
-            )
-        })?;
+        // Loading a large model takes seconds: say so (a failed load is an error naming it).
+        let loading = registry::needs_load(&dir, &device);
+        let load_msg = |kind, text: String| {
+            gst::message::Progress::builder(kind, "load-model", &text)
+                .src(&*self.obj())
+                .build()
+        };
+        if loading {
+            let _ = self.obj().post_message(load_msg(
+                gst::ProgressType::Start,
+                format!("Loading model {}", dir.display()),
+            ));
+        }
+        let config = BatchConfig {
+            max_batch: settings.batch_size.max(1) as usize,
+            timeout: Duration::from_nanos(settings.batch_timeout),
+        };
+        let service = registry::shared_service(&dir, &device, &settings.model_instance_id, config)
+            .map_err(|e| {
+                if loading {
+                    let _ = self.obj().post_message(load_msg(
+                        gst::ProgressType::Error,
+                        format!("Cannot load model {}", dir.display()),
+                    ));
+                }
+                gst::error_msg!(
+                    gst::ResourceError::OpenRead,
+                    ("Cannot load model {}: {:#}", dir.display(), e)
+                )
+            })?;
+        if loading {
+            let _ = self.obj().post_message(load_msg(
+                gst::ProgressType::Complete,
+                format!("Loaded model {}", dir.display()),
+            ));
+        }
+        let model = service.model().clone();
+        if service.config() != config {
+            gst::info!(
+                CAT,
+                imp = self,
+                "the model's service runs with {:?} (set by the element that started it), not {:?}",
+                service.config(),
+                config
+            );
+        }
         gst::info!(
             CAT,
             imp = self,
@@ -863,24 +903,20 @@ impl BaseTransformImpl for ValenceClassify {
             valence_model::device_name(&device),
             model.encoder_weights
         );
-        let worker = Worker::spawn(model.clone(), self.stats.clone()).map_err(|e| {
-            gst::error_msg!(
-                gst::CoreError::Failed,
-                ("Cannot start inference thread: {}", e)
-            )
-        })?;
+        let client = Arc::new(service.client());
         for c in [
             &self.stats.classified,
             &self.stats.skipped,
             &self.stats.silent,
             &self.stats.inference_ns,
+            &self.stats.batched_windows,
         ] {
             c.store(0, Ordering::Relaxed);
         }
         let window_samples = audio::ns_to_samples(settings.window) as usize;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(State {
             model,
-            worker,
+            client,
             info: None,
             resampler: None,
             windower: Windower::new(window_samples, audio::ns_to_samples(settings.hop) as usize),
@@ -899,8 +935,11 @@ impl BaseTransformImpl for ValenceClassify {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        // Dropping the state joins the worker after its current window.
-        let _ = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
+        // Cancels this element's queued windows; a batch already running finishes without us.
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(state) = state {
+            state.client.cancel();
+        }
         Ok(())
     }
 
@@ -913,7 +952,6 @@ impl BaseTransformImpl for ValenceClassify {
         };
         // A rate change mid-stream: flush the old resampler into the windows so they continue
         // seamlessly, and rebase the expected-timestamp bookkeeping on the new rate.
-        let mut results = Vec::new();
         if let (Some(old), Some(r)) = (state.info.as_ref(), state.resampler.as_mut()) {
             let rest = r.flush();
             let windows = state.windower.push(&rest);
@@ -921,17 +959,19 @@ impl BaseTransformImpl for ValenceClassify {
                 (state.anchor_frames as u128 * 1_000_000_000u128 / old.rate() as u128) as u64;
             state.anchor_frames = 0;
             self.submit(state, windows);
-            results = self.collect_ready(state, !state.live.unwrap_or(false));
         }
+        // Their results ride on the next buffers, ahead of anything later, in window order.
+        let Some(mut guard) = self.settle(guard, false) else {
+            return Err(gst::loggable_error!(CAT, "Flushed while changing caps"));
+        };
+        let Some(state) = guard.as_mut() else {
+            return Err(gst::loggable_error!(CAT, "Caps before start"));
+        };
         state.resampler =
             Some(StreamResampler::new(info.rate()).map_err(|e| {
                 gst::loggable_error!(CAT, "Cannot resample from {}: {e}", info.rate())
             })?);
         state.info = Some(info);
-        // Ahead of anything still pending, in window order.
-        for r in results.into_iter().rev() {
-            state.pending.push_front(Pending::Ready(r));
-        }
         let messages = std::mem::take(&mut state.outbox);
         drop(guard);
         self.post_all(messages);
@@ -948,16 +988,19 @@ impl BaseTransformImpl for ValenceClassify {
             return Err(gst::FlowError::Flushing);
         };
         state.silence_threshold = silence_threshold;
-        let analysed = self.analyse(state, &buf);
-        let results = match analysed {
-            Ok(r) => r,
-            Err(e) => {
-                let messages = std::mem::take(&mut state.outbox);
-                drop(guard);
-                self.post_all(messages);
-                return Err(e);
-            }
+        if let Err(e) = self.analyse(state, &buf) {
+            let messages = std::mem::take(&mut state.outbox);
+            drop(guard);
+            self.post_all(messages);
+            return Err(e);
+        }
+        let Some(mut guard) = self.settle(guard, false) else {
+            return Err(gst::FlowError::Flushing);
         };
+        let Some(state) = guard.as_mut() else {
+            return Err(gst::FlowError::Flushing);
+        };
+        let results = self.collect_ready(state);
         self.publish(state, out, &results, Some(&mut buf));
         let ret = if state.live == Some(true) {
             GenerateOutputSuccess::Buffer(buf)
@@ -979,7 +1022,13 @@ impl BaseTransformImpl for ValenceClassify {
                 let (out, _) = self.output_settings();
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(state) = guard.as_mut() {
-                    let results = self.drain(state);
+                    // Close the windows and wait for everything in flight, live or not.
+                    self.close_window_stream(state);
+                }
+                if let Some(mut guard) = self.settle(guard, true)
+                    && let Some(state) = guard.as_mut()
+                {
+                    let results = self.collect_ready(state);
                     let mut held = state.held.take();
                     self.publish(state, out, &results, held.as_mut());
                     let messages = std::mem::take(&mut state.outbox);
@@ -991,13 +1040,19 @@ impl BaseTransformImpl for ValenceClassify {
                 }
             }
             gst::EventView::FlushStart(_) => {
-                if let Some(state) = self
+                // Cancelling wakes a streaming thread waiting for results (it returns
+                // Flushing) and drops this element's queued windows.
+                let client = self
                     .state
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .as_mut()
-                {
-                    state.held = None;
+                    .map(|state| {
+                        state.held = None;
+                        state.client.clone()
+                    });
+                if let Some(client) = client {
+                    client.cancel();
                 }
             }
             gst::EventView::FlushStop(_) => {
@@ -1014,12 +1069,18 @@ impl BaseTransformImpl for ValenceClassify {
                 let _ = self.push_held();
                 let (out, _) = self.output_settings();
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(state) = guard.as_mut()
-                    && state.anchor.is_some()
+                let closed = match guard.as_mut() {
+                    Some(state) if state.anchor.is_some() => {
+                        self.close_window_stream(state);
+                        true
+                    }
+                    _ => false,
+                };
+                if closed
+                    && let Some(mut guard) = self.settle(guard, false)
+                    && let Some(state) = guard.as_mut()
                 {
-                    self.close_window_stream(state);
-                    let block = !state.live.unwrap_or(false);
-                    let results = self.collect_ready(state, block);
+                    let results = self.collect_ready(state);
                     self.publish(state, out, &results, None);
                     let messages = std::mem::take(&mut state.outbox);
                     drop(guard);

@@ -17,6 +17,7 @@ pub mod reference;
 pub mod registry;
 pub mod runtime;
 pub mod scaler;
+pub mod service;
 pub mod synthetic;
 pub mod wav2vec2;
 pub mod weights;
@@ -108,6 +109,18 @@ impl Encoder {
         match self {
             Self::Wav2Vec2(m) => m.encode_upto(samples, upto),
             Self::Whisper(m) => m.encode_upto(samples, upto),
+        }
+    }
+
+    /// Encodes inputs of one length as one batch (see the encoders' `encode_batch_upto`).
+    pub fn encode_batch_upto(
+        &self,
+        inputs: &[&[f32]],
+        upto: Option<usize>,
+    ) -> Result<EncoderOutput> {
+        match self {
+            Self::Wav2Vec2(m) => m.encode_batch_upto(inputs, upto),
+            Self::Whisper(m) => m.encode_batch_upto(inputs, upto),
         }
     }
 
@@ -262,12 +275,7 @@ impl ValenceModel {
 
     /// Encoder features for `samples` (16 kHz mono): [1, feature_dim], before the scaler.
     pub fn features(&self, samples: &[f32]) -> Result<Tensor> {
-        let spec = &self.manifest.features;
-        let upto = match spec.source {
-            FeatureSource::HiddenStates => spec.layers.iter().max().copied(),
-            FeatureSource::LastHiddenState => None,
-        };
-        let out = self.encoder.encode_upto(samples, upto)?;
+        let out = self.encoder.encode_upto(samples, self.layers_needed())?;
         self.pooled_features(&out, samples)
     }
 
@@ -295,5 +303,74 @@ impl ValenceModel {
     pub fn classify(&self, samples: &[f32]) -> Result<Prediction> {
         let f = self.features(samples)?;
         Ok(self.classify_features(&f)?.remove(0))
+    }
+
+    /// The deepest layer the features read (None: the whole encoder).
+    fn layers_needed(&self) -> Option<usize> {
+        let spec = &self.manifest.features;
+        match spec.source {
+            FeatureSource::HiddenStates => spec.layers.iter().max().copied(),
+            FeatureSource::LastHiddenState => None,
+        }
+    }
+
+    /// Classifies many windows at once, each as [`Self::classify`] would alone. Windows of one
+    /// length run as one batch through the encoder (no padding, so no window changes another's
+    /// result); each window gets its own outcome, so one bad window fails only itself.
+    pub fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Prediction>> {
+        let mut outcomes: Vec<Option<Result<Prediction>>> = windows.iter().map(|_| None).collect();
+        let mut lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        for len in lengths {
+            let members: Vec<usize> = (0..windows.len())
+                .filter(|&i| windows[i].len() == len)
+                .collect();
+            let group: Vec<&[f32]> = members.iter().map(|&i| windows[i]).collect();
+            match self.classify_same_length(&group) {
+                Ok(preds) => {
+                    for (&i, p) in members.iter().zip(preds) {
+                        outcomes[i] = Some(Ok(p));
+                    }
+                }
+                // The batch failed as a whole: classify its windows one by one, so the error
+                // each gets is its own.
+                Err(_) if group.len() > 1 => {
+                    for &i in &members {
+                        outcomes[i] = Some(self.classify(windows[i]));
+                    }
+                }
+                Err(e) => outcomes[members[0]] = Some(Err(e)),
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(anyhow::anyhow!("window not classified"))))
+            .collect()
+    }
+
+    fn classify_same_length(&self, windows: &[&[f32]]) -> Result<Vec<Prediction>> {
+        if windows.len() == 1 {
+            return Ok(vec![self.classify(windows[0])?]);
+        }
+        let out = self
+            .encoder
+            .encode_batch_upto(windows, self.layers_needed())?;
+        let rows = windows
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let row = EncoderOutput {
+                    hidden_states: out
+                        .hidden_states
+                        .iter()
+                        .map(|h| h.narrow(0, i, 1))
+                        .collect::<candle_core::Result<_>>()?,
+                    last_hidden_state: out.last_hidden_state.narrow(0, i, 1)?,
+                };
+                self.pooled_features(&row, w)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.classify_features(&Tensor::cat(&rows, 0)?)
     }
 }

@@ -10,6 +10,7 @@ use candle_core::Device;
 use once_cell::sync::Lazy;
 
 use super::{ValenceModel, device_name};
+use crate::service::{BatchConfig, InferenceService};
 
 /// Name of the model that `valence setup` installs and the element uses by default.
 pub const DEFAULT_MODEL: &str = "default";
@@ -69,29 +70,58 @@ fn dir_stamp(dir: &Path) -> Option<std::time::SystemTime> {
 }
 
 type Stamp = Option<std::time::SystemTime>;
-/// Loaded models by key, weakly (they live as long as an element uses them), with the files'
-/// stamp at load.
-type Loaded = HashMap<Key, (Weak<ValenceModel>, Stamp)>;
 
-static MODELS: Lazy<Mutex<Loaded>> = Lazy::new(Default::default);
+/// One model's slot: a weak reference to the loaded copy (it lives as long as someone uses it)
+/// and the files' stamp at load. Each slot has its own lock, held while that model loads, so
+/// concurrent first users share one load and loading one model never stalls users of another.
+#[derive(Default)]
+struct Slot {
+    model: Weak<ValenceModel>,
+    stamp: Stamp,
+}
+
+static MODELS: Lazy<Mutex<HashMap<Key, Arc<Mutex<Slot>>>>> = Lazy::new(Default::default);
 static LOADS: Lazy<Mutex<HashMap<PathBuf, usize>>> = Lazy::new(Default::default);
 /// The model handed out last stays loaded after its last user is gone, so a pipeline that goes
 /// NULL -> PLAYING -> NULL again and again (or a CLI that classifies file after file) does not
 /// load and free the same weights every cycle.
 static RECENT: Lazy<Mutex<Option<Arc<ValenceModel>>>> = Lazy::new(Default::default);
 
-/// The process-wide copy of a model, loading it on first use. The lock is held while loading
-/// so that concurrent first users wait for one load instead of starting their own.
+/// Whether `shared_model` would load `dir` from disk now (nobody holds a current copy).
+pub fn needs_load(dir: &Path, device: &Device) -> bool {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let key = (canonical.clone(), device_name(device));
+    let slot = MODELS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .cloned();
+    match slot {
+        None => true,
+        Some(slot) => {
+            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.stamp != dir_stamp(&canonical) || slot.model.strong_count() == 0
+        }
+    }
+}
+
+/// The process-wide copy of a model, loading it on first use (see [`Slot`] for the locking).
 pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let key = (canonical.clone(), device_name(device));
+    let slot = {
+        let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
+        models.retain(|k, s| {
+            *k == key
+                || s.try_lock()
+                    .map(|s| s.model.strong_count() > 0)
+                    .unwrap_or(true)
+        });
+        models.entry(key).or_default().clone()
+    };
+    let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
     let stamp = dir_stamp(&canonical);
-    let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
-    let cached = models
-        .get(&key)
-        .filter(|(_, s)| *s == stamp)
-        .and_then(|(w, _)| w.upgrade());
-    let model = match cached {
+    let model = match slot.model.upgrade().filter(|_| slot.stamp == stamp) {
         Some(m) => m,
         None => {
             let model = Arc::new(ValenceModel::load(&canonical, device)?);
@@ -100,19 +130,51 @@ pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
                 .unwrap_or_else(|e| e.into_inner())
                 .entry(canonical.clone())
                 .or_default() += 1;
-            models.retain(|_, (w, _)| w.strong_count() > 0);
-            models.insert(key, (Arc::downgrade(&model), stamp));
+            *slot = Slot {
+                model: Arc::downgrade(&model),
+                stamp,
+            };
             model
         }
     };
-    drop(models);
-    // The previous recent model (if another) is freed here, outside the registry lock.
+    drop(slot);
+    // The previous recent model (if another) is freed here, outside the registry locks.
     let previous = RECENT
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .replace(model.clone());
     drop(previous);
     Ok(model)
+}
+
+/// Services by (model directory, device, instance id), weakly: a service lives while an element
+/// uses it.
+type ServiceKey = (PathBuf, String, String);
+static SERVICES: Lazy<Mutex<HashMap<ServiceKey, Weak<InferenceService>>>> =
+    Lazy::new(Default::default);
+
+/// The inference service for a model on a device, shared by every caller that gives the same
+/// `instance` id (by default, "": all users of the model on that device). The first caller's
+/// `config` starts it; later callers get the running service whatever they ask for (see
+/// [`InferenceService::config`]).
+pub fn shared_service(
+    dir: &Path,
+    device: &Device,
+    instance: &str,
+    config: BatchConfig,
+) -> Result<Arc<InferenceService>> {
+    let model = shared_model(dir, device)?;
+    let key = (model.dir.clone(), device_name(device), instance.to_string());
+    let mut services = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+    services.retain(|_, s| s.strong_count() > 0);
+    if let Some(s) = services.get(&key).and_then(|s| s.upgrade())
+        && Arc::ptr_eq(s.model(), &model)
+    {
+        return Ok(s);
+    }
+    let service = InferenceService::start(model, config)?;
+    services.insert(key, Arc::downgrade(&service));
+    Ok(service)
 }
 
 /// How many times the model in `dir` has been loaded from disk in this process (any device).

@@ -441,6 +441,34 @@ impl Wav2Vec2Model {
         self.forward_upto(&x, upto)
     }
 
+    /// Encodes several inputs of the same length as one batch: row `i` of every state is what
+    /// [`Self::encode_upto`] gives for `inputs[i]` alone (normalisation is per input).
+    pub fn encode_batch_upto(
+        &self,
+        inputs: &[&[f32]],
+        upto: Option<usize>,
+    ) -> Result<EncoderOutput> {
+        let Some(first) = inputs.first() else {
+            bail!("empty batch");
+        };
+        let len = first.len();
+        if inputs.iter().any(|x| x.len() != len) {
+            bail!("a batch holds inputs of one length");
+        }
+        if len < self.receptive_field() {
+            bail!(
+                "audio too short for Wav2Vec2: {len} samples, at least {} needed",
+                self.receptive_field()
+            );
+        }
+        let mut x = Vec::with_capacity(len * inputs.len());
+        for input in inputs {
+            x.extend(self.preprocess(input));
+        }
+        let x = Tensor::from_vec(x, (inputs.len(), 1, len), &self.device)?.to_dtype(self.dtype)?;
+        self.forward_upto(&x, upto)
+    }
+
     /// `input` is [batch, 1, samples], already preprocessed.
     pub fn forward(&self, input: &Tensor) -> Result<EncoderOutput> {
         self.forward_upto(input, None)

@@ -379,6 +379,42 @@ impl WhisperEncoder {
         EncoderOutput::concat_time(pieces)
     }
 
+    /// Encodes several inputs of the same length (at most 30 s) as one batch: row `i` of every
+    /// state is what [`Self::encode_upto`] gives for `inputs[i]` alone.
+    pub fn encode_batch_upto(
+        &self,
+        inputs: &[&[f32]],
+        upto: Option<usize>,
+    ) -> Result<EncoderOutput> {
+        let Some(first) = inputs.first() else {
+            bail!("empty batch");
+        };
+        let len = first.len();
+        if inputs.iter().any(|x| x.len() != len) {
+            bail!("a batch holds inputs of one length");
+        }
+        if len > MAX_SAMPLES || inputs.len() == 1 {
+            if inputs.len() == 1 {
+                return self.encode_upto(first, upto);
+            }
+            bail!("batched inputs are at most {MAX_SAMPLES} samples");
+        }
+        if LogMel::frames(len) < 2 {
+            bail!(
+                "audio too short for Whisper: {len} samples, at least {} needed",
+                2 * HOP_LENGTH
+            );
+        }
+        let mut mel = Vec::new();
+        for x in inputs {
+            mel.extend(self.mel.compute(x));
+        }
+        let frames = mel.len() / (self.mel.n_mels() * inputs.len());
+        let mel = Tensor::from_vec(mel, (inputs.len(), self.mel.n_mels(), frames), &self.device)?
+            .to_dtype(self.dtype)?;
+        self.forward_mel_upto(&mel, upto)
+    }
+
     /// `mel` is [batch, n_mels, frames] with frames <= 3000.
     pub fn forward_mel(&self, mel: &Tensor) -> Result<EncoderOutput> {
         self.forward_mel_upto(mel, None)
