@@ -41,7 +41,10 @@ const DEFAULT_WINDOW: u64 = 3_000_000_000;
 const DEFAULT_HOP: u64 = 1_000_000_000;
 const DEFAULT_SILENCE_THRESHOLD: f64 = -60.0;
 const DEFAULT_BATCH_SIZE: u32 = 8;
-const DEFAULT_BATCH_TIMEOUT: u64 = 20_000_000;
+/// No waiting by default: on a CPU a batch runs no faster per window than single windows (see
+/// README), so waiting would only add latency; windows that queue while a batch runs still go
+/// together. GPUs, where batches pay, want a few milliseconds.
+const DEFAULT_BATCH_TIMEOUT: u64 = 0;
 /// A live element's windows in the service at most (one running, one queued per element, as a
 /// worker thread with a one-slot queue had): a stream that outpaces inference skips windows
 /// instead of building a queue.

@@ -239,6 +239,24 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
             p.candle,
             1.0 / p.candle
         );
+        // What the inference service's batches cost per window (windows of one length).
+        for batch in [1usize, 4, 8] {
+            let xs: Vec<Vec<f32>> = (0..batch).map(|i| noise(48000 + i)).collect();
+            let xs: Vec<&[f32]> = xs.iter().map(|x| &x[..48000]).collect();
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let t0 = Instant::now();
+                for r in m.classify_batch(&xs) {
+                    r?;
+                }
+                times.push(t0.elapsed().as_secs_f64() / batch as f64);
+            }
+            let t = median(times);
+            println!(
+                "default model, batch of {batch} 3 s windows: {t:.4} s per window -> {:.1} windows/s",
+                1.0 / t
+            );
+        }
         // End to end, as `valence classify` runs: decodebin, resampling, windows, messages.
         std::fs::create_dir_all(work)?;
         let wav = work.join("bench-60s-48k.wav");

@@ -10,6 +10,7 @@ mod classify;
 mod embed;
 mod plot;
 mod setup;
+mod streams;
 mod train;
 
 use valence_model as model;
@@ -131,12 +132,23 @@ enum Command {
         /// A Python with torch and transformers for the reference timings.
         #[arg(long)]
         python: Option<String>,
-        /// whisper, xlsr or all.
+        /// whisper, xlsr or all (model speed beside PyTorch); live (live streams held on this
+        /// machine) or files (non-live streams' throughput), each with the element's batching
+        /// on and off.
         #[arg(long, default_value = "whisper")]
         what: String,
         /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
         #[arg(long)]
         work_dir: Option<PathBuf>,
+        /// live/files: the stream counts to run, smallest first (files compares with the first).
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 16, 32, 64])]
+        streams: Vec<usize>,
+        /// live/files: seconds per run (live) or of audio per stream (files).
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// live/files: the model the streams use.
+        #[arg(long, default_value = "default")]
+        model: String,
     },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
@@ -294,11 +306,17 @@ fn run() -> Result<()> {
             python,
             what,
             work_dir,
-        } => bench::run(
-            python.as_deref(),
-            &what,
-            &work_dir.unwrap_or_else(bench::default_work_dir),
-        ),
+            streams: counts,
+            seconds,
+            model,
+        } => match what.as_str() {
+            "live" | "files" => streams::run(&model, what == "live", &counts, seconds),
+            _ => bench::run(
+                python.as_deref(),
+                &what,
+                &work_dir.unwrap_or_else(bench::default_work_dir),
+            ),
+        },
         Command::MakeTestModel { output, seed } => {
             model::synthetic::write_tiny_model(&output, seed)?;
             eprintln!("random-weight test model written to {}", output.display());

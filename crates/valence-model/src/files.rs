@@ -78,3 +78,21 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// Checks that a size read from a config file lies in `range`: configs are data, and a value
+/// like `encoder_layers: 4294967297` must be an error, not an allocation or an overflow.
+pub fn check_size(
+    file: &str,
+    name: &str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<()> {
+    if !range.contains(&value) {
+        anyhow::bail!(
+            "{file}: {name} = {value} is outside {}..={}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(())
+}

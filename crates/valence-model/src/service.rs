@@ -30,7 +30,7 @@ impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_batch: 8,
-            timeout: Duration::from_millis(20),
+            timeout: Duration::ZERO,
         }
     }
 }

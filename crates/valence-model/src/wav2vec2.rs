@@ -52,6 +52,63 @@ pub struct Wav2Vec2Config {
     pub layer_norm_eps: f64,
 }
 
+impl Wav2Vec2Config {
+    /// Every size within what a Wav2Vec2 model can have, so nothing is allocated or multiplied
+    /// from a corrupt value.
+    pub fn validate(&self) -> Result<()> {
+        use crate::files::check_size;
+        let f = "Wav2Vec2 config";
+        let n = self.conv_dim.len();
+        if self.conv_kernel.len() != n || self.conv_stride.len() != n || n == 0 {
+            bail!("conv_dim, conv_kernel and conv_stride must have the same non-zero length");
+        }
+        check_size(f, "number of conv layers", n, 1..=32)?;
+        for i in 0..n {
+            check_size(f, "conv_dim", self.conv_dim[i], 1..=16384)?;
+            check_size(f, "conv_kernel", self.conv_kernel[i], 1..=1024)?;
+            check_size(f, "conv_stride", self.conv_stride[i], 1..=1024)?;
+        }
+        check_size(f, "hidden_size", self.hidden_size, 1..=16384)?;
+        check_size(f, "num_hidden_layers", self.num_hidden_layers, 0..=256)?;
+        check_size(
+            f,
+            "num_attention_heads",
+            self.num_attention_heads,
+            1..=self.hidden_size,
+        )?;
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            bail!(
+                "{f}: hidden_size {} is not divisible by {} heads",
+                self.hidden_size,
+                self.num_attention_heads
+            );
+        }
+        check_size(f, "intermediate_size", self.intermediate_size, 1..=65536)?;
+        check_size(
+            f,
+            "num_conv_pos_embeddings",
+            self.num_conv_pos_embeddings,
+            1..=1024,
+        )?;
+        check_size(
+            f,
+            "num_conv_pos_embedding_groups",
+            self.num_conv_pos_embedding_groups,
+            1..=self.hidden_size,
+        )?;
+        if !self
+            .hidden_size
+            .is_multiple_of(self.num_conv_pos_embedding_groups)
+        {
+            bail!("{f}: hidden_size is not divisible by num_conv_pos_embedding_groups");
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            bail!("{f}: layer_norm_eps must be a positive number");
+        }
+        Ok(())
+    }
+}
+
 /// HF `preprocessor_config.json` fields that change the numbers.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Wav2Vec2Preprocessor {
@@ -246,10 +303,8 @@ impl Wav2Vec2Model {
         vb: VarBuilder,
         device: &Device,
     ) -> Result<Self> {
+        cfg.validate()?;
         let n = cfg.conv_dim.len();
-        if cfg.conv_kernel.len() != n || cfg.conv_stride.len() != n || n == 0 {
-            bail!("conv_dim, conv_kernel and conv_stride must have the same non-zero length");
-        }
         let layer_norm_convs = match cfg.feat_extract_norm.as_str() {
             "layer" => true,
             "group" => false,

@@ -43,6 +43,32 @@ fn default_gelu() -> String {
     "gelu".into()
 }
 
+impl WhisperEncoderConfig {
+    /// Every size within what a Whisper encoder can have (the largest has 32 layers of width
+    /// 1280 and 1500 positions), so nothing is allocated from a corrupt value.
+    pub fn validate(&self) -> Result<()> {
+        use crate::files::check_size;
+        let f = "Whisper config";
+        check_size(f, "num_mel_bins", self.num_mel_bins, 1..=512)?;
+        check_size(f, "d_model", self.d_model, 1..=16384)?;
+        check_size(f, "encoder_layers", self.encoder_layers, 0..=256)?;
+        check_size(
+            f,
+            "encoder_attention_heads",
+            self.encoder_attention_heads,
+            1..=self.d_model,
+        )?;
+        check_size(f, "encoder_ffn_dim", self.encoder_ffn_dim, 1..=65536)?;
+        check_size(
+            f,
+            "max_source_positions",
+            self.max_source_positions,
+            1..=1 << 20,
+        )?;
+        Ok(())
+    }
+}
+
 /// Log-mel spectrogram exactly as HF's `WhisperFeatureExtractor` computes it, without padding
 /// to 30 s: centred STFT (reflect padding), periodic Hann window, power spectrum, Slaney mel
 /// filters, log10, dynamic range clamp to max - 8, then (x + 4) / 4. Returns [n_mels, frames].
@@ -273,6 +299,7 @@ impl WhisperEncoder {
         vb: VarBuilder,
         device: &Device,
     ) -> Result<Self> {
+        cfg.validate()?;
         if cfg.activation_function != "gelu" {
             bail!(
                 "unsupported Whisper activation `{}`",
