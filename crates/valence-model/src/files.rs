@@ -39,6 +39,24 @@ pub fn read_metadata_string(path: &Path) -> Result<String> {
         .with_context(|| format!("{} is not UTF-8 text", path.display()))
 }
 
+/// Checks that a size read from a config file lies in `range`: configs are data, and a value
+/// like `encoder_layers: 4294967297` must be an error, not an allocation or an overflow.
+pub fn check_size(
+    file: &str,
+    name: &str,
+    value: usize,
+    range: std::ops::RangeInclusive<usize>,
+) -> anyhow::Result<()> {
+    if !range.contains(&value) {
+        anyhow::bail!(
+            "{file}: {name} = {value} is outside {}..={}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,22 +95,4 @@ mod tests {
         assert_eq!(read_metadata_string(&ok).unwrap(), "{}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-}
-
-/// Checks that a size read from a config file lies in `range`: configs are data, and a value
-/// like `encoder_layers: 4294967297` must be an error, not an allocation or an overflow.
-pub fn check_size(
-    file: &str,
-    name: &str,
-    value: usize,
-    range: std::ops::RangeInclusive<usize>,
-) -> anyhow::Result<()> {
-    if !range.contains(&value) {
-        anyhow::bail!(
-            "{file}: {name} = {value} is outside {}..={}",
-            range.start(),
-            range.end()
-        );
-    }
-    Ok(())
 }
