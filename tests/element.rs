@@ -1004,3 +1004,47 @@ fn flush_start_and_stop_return_while_a_window_waits_for_its_batch() {
     drop(h); // stops the element
     assert!(t1.elapsed() < std::time::Duration::from_secs(5));
 }
+
+/// Loading a model from disk is announced with progress messages (start, then complete), and
+/// a second element on the same model loads nothing and announces nothing.
+#[test]
+fn model_loading_posts_progress_messages() {
+    init();
+    let dir = std::env::temp_dir().join(format!("valence-progress-{}", std::process::id()));
+    valence_model::synthetic::write_tiny_model(&dir, 23).unwrap();
+    let progress = |bus: &gst::Bus| -> Vec<(gst::ProgressType, String)> {
+        let mut out = Vec::new();
+        while let Some(m) = bus.pop() {
+            if let gst::MessageView::Progress(p) = m.view() {
+                let (kind, code, _text) = p.get();
+                out.push((kind, code.to_string()));
+            }
+        }
+        out
+    };
+    let make = || {
+        let el = gst::ElementFactory::make("valenceclassify")
+            .property("model", dir.to_string_lossy().as_ref())
+            .property("device", "cpu")
+            .build()
+            .unwrap();
+        let bus = gst::Bus::new();
+        el.set_bus(Some(&bus));
+        el.set_state(gst::State::Paused).unwrap();
+        (el, bus)
+    };
+    let (first, bus) = make();
+    assert_eq!(
+        progress(&bus),
+        [
+            (gst::ProgressType::Start, "load-model".to_string()),
+            (gst::ProgressType::Complete, "load-model".to_string())
+        ]
+    );
+    let (second, bus) = make();
+    assert!(progress(&bus).is_empty(), "the loaded model is shared");
+    for el in [first, second] {
+        el.set_state(gst::State::Null).unwrap();
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
