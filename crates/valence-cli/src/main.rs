@@ -149,6 +149,9 @@ enum Command {
         /// live/files: the model the streams use.
         #[arg(long, default_value = "default")]
         model: String,
+        /// live/files: run only this configuration, in this process (how the table's rows run).
+        #[arg(long, hide = true)]
+        sharing: Option<usize>,
     },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
@@ -309,8 +312,16 @@ fn run() -> Result<()> {
             streams: counts,
             seconds,
             model,
-        } => match what.as_str() {
-            "live" | "files" => streams::run(&model, what == "live", &counts, seconds),
+            sharing,
+        } => match (what.as_str(), sharing) {
+            ("live" | "files", Some(k)) => streams::run_one(
+                &model,
+                what == "live",
+                counts.first().copied().unwrap_or(1),
+                k,
+                seconds,
+            ),
+            ("live" | "files", None) => streams::run(&model, what == "live", &counts, seconds),
             _ => bench::run(
                 python.as_deref(),
                 &what,

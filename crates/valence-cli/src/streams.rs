@@ -36,7 +36,7 @@ pub const SHARINGS: [Sharing; 3] = [
 ];
 
 /// What one run of N streams gave.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Figures {
     pub classified: u64,
     pub skipped: u64,
@@ -226,14 +226,25 @@ pub fn run_streams(
     Ok(f)
 }
 
-/// The live-capacity and file-throughput tables.
-pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<()> {
+/// One configuration in this process, printed as one JSON line for the parent (see [`run`]).
+pub fn run_one(model: &str, live: bool, n: usize, sharing: usize, seconds: f64) -> Result<()> {
     gst::init()?;
     gstvalence::plugin_register_static().context("cannot register the valence plugin")?;
+    let cfg = *SHARINGS.get(sharing).context("no such sharing")?;
+    let f = run_streams(model, n, cfg, live, seconds, "one")?;
+    println!("{}", serde_json::to_string(&f)?);
+    Ok(())
+}
+
+/// The live-capacity and file-throughput tables. Each row runs in a fresh child process (this
+/// binary with `--sharing K`), so memory and CPU figures do not carry over from earlier rows:
+/// an allocator keeps what a previous configuration freed.
+pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<()> {
     let dir = valence_model::registry::resolve_model(model)?;
     let model = dir.to_string_lossy().to_string();
     println!(
-        "{} streams, 48 kHz mono pink noise, model {}, 3 s window / 1 s hop, {} s {}, {}",
+        "{} streams, 48 kHz mono pink noise, model {}, 3 s window / 1 s hop, {} s {}, {}; \
+         each row in a fresh process",
         if live { "live" } else { "file (non-live)" },
         dir.display(),
         seconds,
@@ -244,12 +255,28 @@ pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<(
         },
         valence_model::runtime::CpuFeatures::detect().describe()
     );
-    println!("RSS before any stream: {:.0} MB", rss_mb());
+    let exe = std::env::current_exe()?;
     let mut alone: Vec<Option<f64>> = vec![None; SHARINGS.len()];
     for &n in streams {
         for (k, sharing) in SHARINGS.iter().enumerate() {
-            let tag = format!("{}-{n}-{k}", if live { "live" } else { "file" });
-            let f = run_streams(&model, n, *sharing, live, seconds, &tag)?;
+            let out = std::process::Command::new(&exe)
+                .args(["bench", "--what", if live { "live" } else { "files" }])
+                .args([
+                    "--streams",
+                    &n.to_string(),
+                    "--seconds",
+                    &seconds.to_string(),
+                ])
+                .args(["--model", &model, "--sharing", &k.to_string()])
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("cannot run a benchmark child process")?;
+            if !out.status.success() {
+                bail!("the run with {n} streams ({}) failed", sharing.name);
+            }
+            let text = String::from_utf8_lossy(&out.stdout);
+            let f: Figures = serde_json::from_str(text.lines().last().unwrap_or(""))
+                .with_context(|| format!("child printed {text:?}"))?;
             if live {
                 println!(
                     "N={n:3} {:42} classified {:6} skipped {:6} ({:5.1} %) {} cpu {:.2} cores, RSS {:.0} MB, mean batch {:.2}, latency p50 {:.3} s p99 {:.3} s",
