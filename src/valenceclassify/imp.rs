@@ -40,11 +40,23 @@ const DEFAULT_DEVICE: &str = "auto";
 const DEFAULT_WINDOW: u64 = 3_000_000_000;
 const DEFAULT_HOP: u64 = 1_000_000_000;
 const DEFAULT_SILENCE_THRESHOLD: f64 = -60.0;
-const DEFAULT_BATCH_SIZE: u32 = 8;
+/// 0: automatic, see [`batch_size_for`].
+const DEFAULT_BATCH_SIZE: u32 = 0;
 /// No waiting by default: on a CPU a batch runs no faster per window than single windows (see
 /// README), so waiting would only add latency; windows that queue while a batch runs still go
 /// together. GPUs, where batches pay, want a few milliseconds.
 const DEFAULT_BATCH_TIMEOUT: u64 = 0;
+/// The batch size `batch-size=0` means on a device: 1 on the CPU, where a batch costs as much
+/// per window as single windows and only makes windows wait for each other (README, "Batching"),
+/// 8 elsewhere, where batches are what a GPU is fast at.
+fn batch_size_for(setting: u32, device_name: &str) -> usize {
+    match setting {
+        0 if device_name == "cpu" => 1,
+        0 => 8,
+        n => n as usize,
+    }
+}
+
 /// A live element's windows in the service at most (one running, one queued per element, as a
 /// worker thread with a one-slot queue had): a stream that outpaces inference skips windows
 /// instead of building a queue.
@@ -136,7 +148,7 @@ struct State {
     /// Input-rate frames counted before the last rate change, converted to ns.
     anchor_offset_ns: u64,
     live: Option<bool>,
-    next_job: u64,
+    next_window_id: u64,
     pending: VecDeque<Pending>,
     /// Non-live: the last buffer, held until the next one or EOS so that windows completed by
     /// the end of the stream still have a buffer to ride on.
@@ -428,8 +440,8 @@ impl ValenceClassify {
                 self.skip_window(state, pts, duration);
                 continue;
             }
-            let id = state.next_job;
-            state.next_job += 1;
+            let id = state.next_window_id;
+            state.next_window_id += 1;
             state.client.submit(id, w.samples);
             state
                 .pending
@@ -652,9 +664,9 @@ impl ObjectImpl for ValenceClassify {
                     .blurb(
                         "The most windows the model's inference service runs at once (shared by \
                          the elements using the same model, device and model-instance-id; the \
-                         first element to start sets it)",
+                         first element to start sets it); 0: automatic (1 on the CPU, 8 on a GPU)",
                     )
-                    .minimum(1)
+                    .minimum(0)
                     .maximum(256)
                     .default_value(DEFAULT_BATCH_SIZE)
                     .mutable_ready()
@@ -866,7 +878,7 @@ impl BaseTransformImpl for ValenceClassify {
             ));
         }
         let config = BatchConfig {
-            max_batch: settings.batch_size.max(1) as usize,
+            max_batch: batch_size_for(settings.batch_size, &valence_model::device_name(&device)),
             timeout: Duration::from_nanos(settings.batch_timeout),
         };
         let service = registry::shared_service(&dir, &device, &settings.model_instance_id, config)
@@ -927,7 +939,7 @@ impl BaseTransformImpl for ValenceClassify {
             anchor_frames: 0,
             anchor_offset_ns: 0,
             live: None,
-            next_job: 0,
+            next_window_id: 0,
             pending: VecDeque::new(),
             held: None,
             warned_behind: false,

@@ -87,10 +87,16 @@ static LOADS: Lazy<Mutex<HashMap<PathBuf, usize>>> = Lazy::new(Default::default)
 /// load and free the same weights every cycle.
 static RECENT: Lazy<Mutex<Option<Arc<ValenceModel>>>> = Lazy::new(Default::default);
 
-/// Whether `shared_model` would load `dir` from disk now (nobody holds a current copy).
-pub fn needs_load(dir: &Path, device: &Device) -> bool {
+/// The canonical directory and the registry key of a model on a device.
+fn model_key(dir: &Path, device: &Device) -> (PathBuf, Key) {
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let key = (canonical.clone(), device_name(device));
+    (canonical, key)
+}
+
+/// Whether `shared_model` would load `dir` from disk now (nobody holds a current copy).
+pub fn needs_load(dir: &Path, device: &Device) -> bool {
+    let (canonical, key) = model_key(dir, device);
     let slot = MODELS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -107,8 +113,7 @@ pub fn needs_load(dir: &Path, device: &Device) -> bool {
 
 /// The process-wide copy of a model, loading it on first use (see [`Slot`] for the locking).
 pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
-    let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    let key = (canonical.clone(), device_name(device));
+    let (canonical, key) = model_key(dir, device);
     let slot = {
         let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
         models.retain(|k, s| {

@@ -239,10 +239,6 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn service(&self) -> &Arc<InferenceService> {
-        &self.service
-    }
-
     /// The current generation (see [`Self::cancel`]).
     pub fn generation(&self) -> u64 {
         lock(&self.shared.inbox).generation
