@@ -147,6 +147,17 @@ impl Encoder {
     }
 }
 
+/// The common length of a batch's inputs (an error for an empty batch or mixed lengths).
+pub(crate) fn batch_length(inputs: &[&[f32]]) -> Result<usize> {
+    let Some(first) = inputs.first() else {
+        bail!("empty batch");
+    };
+    if inputs.iter().any(|x| x.len() != first.len()) {
+        bail!("a batch holds inputs of one length");
+    }
+    Ok(first.len())
+}
+
 /// Reads `model_type` from an HF `config.json`.
 pub fn detect_encoder_kind(dir: &Path) -> Result<EncoderKind> {
     let path = dir.join("config.json");

@@ -503,13 +503,7 @@ impl Wav2Vec2Model {
         inputs: &[&[f32]],
         upto: Option<usize>,
     ) -> Result<EncoderOutput> {
-        let Some(first) = inputs.first() else {
-            bail!("empty batch");
-        };
-        let len = first.len();
-        if inputs.iter().any(|x| x.len() != len) {
-            bail!("a batch holds inputs of one length");
-        }
+        let len = crate::batch_length(inputs)?;
         if len < self.receptive_field() {
             bail!(
                 "audio too short for Wav2Vec2: {len} samples, at least {} needed",

@@ -413,16 +413,10 @@ impl WhisperEncoder {
         inputs: &[&[f32]],
         upto: Option<usize>,
     ) -> Result<EncoderOutput> {
-        let Some(first) = inputs.first() else {
-            bail!("empty batch");
-        };
-        let len = first.len();
-        if inputs.iter().any(|x| x.len() != len) {
-            bail!("a batch holds inputs of one length");
-        }
+        let len = crate::batch_length(inputs)?;
         if len > MAX_SAMPLES || inputs.len() == 1 {
             if inputs.len() == 1 {
-                return self.encode_upto(first, upto);
+                return self.encode_upto(inputs[0], upto);
             }
             bail!("batched inputs are at most {MAX_SAMPLES} samples");
         }
