@@ -107,23 +107,22 @@ fn element_counts(pipelines: &[gst::Pipeline]) -> Result<(u64, u64, f64)> {
 
 /// Runs `n` pipelines `audiotestsrc (48 kHz) ! valenceclassify ! fakesink` in this process:
 /// live ones for `seconds` against the clock, or non-live ones of `seconds` of audio each as
-/// fast as they go. `tag` keeps services of different runs apart.
+/// fast as they go.
 pub fn run_streams(
     model: &str,
     n: usize,
     sharing: Sharing,
     live: bool,
     seconds: f64,
-    tag: &str,
 ) -> Result<Figures> {
     let buffers = (seconds * 48_000.0 / 960.0).round() as u64;
     let latencies = Arc::new(Mutex::new(Vec::<f64>::new()));
     let mut pipelines = Vec::with_capacity(n);
     for i in 0..n {
         let instance = if sharing.shared {
-            format!("bench-{tag}")
+            "bench".to_string()
         } else {
-            format!("bench-{tag}-{i}")
+            format!("bench-{i}")
         };
         let limit = if live {
             String::new()
@@ -231,7 +230,7 @@ pub fn run_one(model: &str, live: bool, n: usize, sharing: usize, seconds: f64) 
     gst::init()?;
     gstvalence::plugin_register_static().context("cannot register the valence plugin")?;
     let cfg = *SHARINGS.get(sharing).context("no such sharing")?;
-    let f = run_streams(model, n, cfg, live, seconds, "one")?;
+    let f = run_streams(model, n, cfg, live, seconds)?;
     println!("{}", serde_json::to_string(&f)?);
     Ok(())
 }

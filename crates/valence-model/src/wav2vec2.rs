@@ -173,13 +173,7 @@ struct Attention {
 
 impl Attention {
     fn load(cfg: &Wav2Vec2Config, vb: VarBuilder) -> Result<Self> {
-        let h = cfg.hidden_size;
-        if !h.is_multiple_of(cfg.num_attention_heads) {
-            bail!(
-                "hidden_size {h} is not divisible by num_attention_heads {}",
-                cfg.num_attention_heads
-            );
-        }
+        let h = cfg.hidden_size; // divisible by the heads: checked by `Wav2Vec2Config::validate`
         Ok(Self {
             qkv: FusedQkv::load(h, true, vb.clone())?,
             out: Projection::load(h, h, vb.pp("out_proj"))?,
@@ -373,9 +367,6 @@ impl Wav2Vec2Model {
         let pc = enc.pp("pos_conv_embed.conv");
         let k = cfg.num_conv_pos_embeddings;
         let groups = cfg.num_conv_pos_embedding_groups;
-        if !h.is_multiple_of(groups) {
-            bail!("hidden_size {h} is not divisible by num_conv_pos_embedding_groups {groups}");
-        }
         // Weight norm with dim=2: w = g * v / ||v||, the norm taken over dims 0 and 1.
         let g = pc.get((1, 1, k), "weight_g")?;
         let v = pc.get((h, h / groups, k), "weight_v")?;

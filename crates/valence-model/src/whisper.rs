@@ -58,6 +58,13 @@ impl WhisperEncoderConfig {
             self.encoder_attention_heads,
             1..=self.d_model,
         )?;
+        if !self.d_model.is_multiple_of(self.encoder_attention_heads) {
+            bail!(
+                "{f}: d_model {} is not divisible by {} heads",
+                self.d_model,
+                self.encoder_attention_heads
+            );
+        }
         check_size(f, "encoder_ffn_dim", self.encoder_ffn_dim, 1..=65536)?;
         check_size(
             f,
@@ -307,12 +314,6 @@ impl WhisperEncoder {
             );
         }
         let d = cfg.d_model;
-        if !d.is_multiple_of(cfg.encoder_attention_heads) {
-            bail!(
-                "d_model {d} is not divisible by {} heads",
-                cfg.encoder_attention_heads
-            );
-        }
         let conv = |cin: usize, stride: usize, vb: VarBuilder| -> candle_core::Result<Conv1d> {
             Ok(Conv1d::new(
                 vb.get((d, cin, 3), "weight")?,
