@@ -4,6 +4,7 @@
     python bench/torch_reference.py xlsr OUT_DIR                # random xlsr-53-sized Wav2Vec2, saved for candle
     python bench/torch_reference.py whisper ENCODER_DIR         # the imported Whisper base encoder
     python bench/torch_reference.py whisper-upto-4 ENCODER_DIR  # its first 4 layers only
+    python bench/torch_reference.py products -                  # single products "f32:M:K:N", "int8:M:K:N"
 
 A worker: it builds the model, prints one JSON line ({"ready": true, ...}), then for every line
 it reads on stdin naming an input ("10s", "3s") runs the model once on it and prints
@@ -67,6 +68,28 @@ def whisper(enc_dir, upto=None):
     return run, {}
 
 
+def products():
+    """x [M, K] times a [K, N] Linear: f32, or int8 with PyTorch's dynamic quantization (int8
+    weights per tensor, activations quantized per call: fbgemm, the same scheme as ONNX
+    Runtime's dynamic-quantized MatMul)."""
+    import warnings
+    warnings.filterwarnings("ignore")
+    cache = {}
+
+    def run(key):
+        if key not in cache:
+            kind, m, k, n = key.split(":")
+            lin = torch.nn.Linear(int(k), int(n)).eval()
+            if kind == "int8":
+                lin = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin), {torch.nn.Linear},
+                                                             dtype=torch.qint8)
+            cache[key] = (lin, torch.randn(int(m), int(k)))
+        lin, x = cache[key]
+        return lin(x)
+
+    return run, {"engine": torch.backends.quantized.engine}
+
+
 def main():
     what, path = sys.argv[1], sys.argv[2]
     if what == "xlsr":
@@ -75,6 +98,8 @@ def main():
         run, info = whisper(path, int(what[len("whisper-upto-"):]))
     elif what == "whisper":
         run, info = whisper(path)
+    elif what == "products":
+        run, info = products()
     else:
         sys.exit(f"unknown model {what!r}")
     info.update({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()})

@@ -6,10 +6,10 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 
 use valence_model::registry;
+use valence_model::runtime::Int8Kernel;
 use valence_model::wav2vec2::Wav2Vec2Model;
 use valence_model::whisper::WhisperEncoder;
 
@@ -172,17 +172,24 @@ fn row(name: &str, audio_s: f64, p: &Paired) {
 pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let cpu = valence_model::runtime::CpuFeatures::detect();
-    let int8 = valence_model::runtime::Int8Kernel::for_cpu(&cpu);
+    let int8 = valence_model::runtime::int8_kernel();
     println!(
         "CPU features: {}; f32 products: gemm crate (AVX2/FMA kernels where present); \
-         8-bit products: {}",
+         8-bit products: {}{}",
         cpu.describe(),
-        int8.name()
+        int8.name(),
+        match std::env::var(valence_model::runtime::INT8_KERNEL_VAR) {
+            Ok(v) => format!(" ({}={v})", valence_model::runtime::INT8_KERNEL_VAR),
+            Err(_) => String::new(),
+        }
     );
     println!(
         "candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2). Each row: medians of \
          runs alternating candle and PyTorch, and the median of their per-round ratios."
     );
+    if what == "all" || what == "products" {
+        products(python, int8)?;
+    }
     if what == "all" || what == "whisper" {
         let enc_dir = registry::cache_dir().join("encoders/whisper-base");
         let mut enc = WhisperEncoder::load_dir(&enc_dir, DType::F32, &Device::Cpu)
@@ -194,10 +201,10 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
         for (name, quantized) in [
             ("Whisper base encoder f32 (3 s window)", false),
-            ("  same, q8_0 projections", true),
+            ("  same, int8 projections", true),
         ] {
             if quantized {
-                enc.quantize(GgmlDType::Q8_0)?;
+                enc.quantize(int8)?;
             }
             let p = paired(
                 30,
@@ -293,7 +300,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         );
         for quantized in [false, true] {
             if quantized {
-                m.quantize(GgmlDType::Q8_0)?;
+                m.quantize(int8)?;
             }
             for secs in [10usize, 3] {
                 let x = noise(16000 * secs);
@@ -305,13 +312,100 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
                     Some((&mut torch, &key)),
                 )?;
                 let name = if quantized {
-                    format!("  same, q8_0 projections ({secs} s)")
+                    format!("  same, int8 projections ({secs} s)")
                 } else {
                     format!("xlsr-53-sized Wav2Vec2 ({secs} s)")
                 };
                 row(&name, secs as f64, &p);
             }
         }
+    }
+    Ok(())
+}
+
+/// The encoders' projections one by one: candle's f32 product (the model's fused dense op) and
+/// every 8-bit kernel this CPU runs (activation quantization included), beside PyTorch's f32
+/// `Linear` and its dynamic-quantized int8 `Linear` (fbgemm, the scheme of ONNX Runtime's
+/// int8 MatMul) on the same sizes.
+fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
+    use valence_model::kernels::int8::{self, PackedWeights};
+    let mut torch = python
+        .map(|p| TorchWorker::start(p, "products", Path::new("-")))
+        .transpose()?;
+    if let Some(t) = &torch {
+        println!("PyTorch quantized engine: {}", t.info["engine"]);
+    }
+    let kernels: Vec<Int8Kernel> = [
+        Int8Kernel::Avx2,
+        Int8Kernel::AvxVnni,
+        Int8Kernel::Avx512Vnni,
+    ]
+    .into_iter()
+    .filter(|k| k.runs_here() && k.rank_at_most(best))
+    .collect();
+    // Whisper base at 3 s (150 frames), then xlsr-53 at 10 s (499 frames).
+    for (label, m, k, n) in [
+        ("Whisper qkv", 150usize, 512usize, 1536usize),
+        ("Whisper out", 150, 512, 512),
+        ("Whisper fc1", 150, 512, 2048),
+        ("Whisper fc2", 150, 2048, 512),
+        ("Whisper conv2", 150, 1536, 512),
+        ("xlsr qkv", 499, 1024, 3072),
+        ("xlsr fc1", 499, 1024, 4096),
+        ("xlsr fc2", 499, 4096, 1024),
+    ] {
+        let w = noise(n * k);
+        let x = noise(m * k);
+        let wt = candle_core::Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)?;
+        let proj = valence_model::nn::Projection::dense(wt, None)?;
+        let xt = candle_core::Tensor::from_vec(x.clone(), (m, k), &Device::Cpu)?;
+        let rounds = 15;
+        let key = format!("f32:{m}:{k}:{n}");
+        let f32p = paired(
+            rounds,
+            || {
+                candle_core::Module::forward(&proj, &xt)?;
+                Ok(())
+            },
+            torch.as_mut().map(|w| (w, key.as_str())),
+        )?;
+        let key = format!("int8:{m}:{k}:{n}");
+        let torch_int8 = match torch.as_mut() {
+            Some(w) => Some(paired(rounds, || Ok(()), Some((w, key.as_str())))?.torch),
+            None => None,
+        }
+        .flatten();
+        let packed = PackedWeights::pack(&w, n, k)?;
+        let mut dst = vec![0f32; m * n];
+        let mut line = format!(
+            "{label:<14} {m:>3}x{k:>4}x{n:>4}  f32 {:>6.2} ms",
+            f32p.candle * 1e3
+        );
+        for kernel in &kernels {
+            let p = paired(
+                rounds,
+                || {
+                    let q = int8::quantize_rows(&x, m, k);
+                    int8::matmul(&q, &packed, &mut dst, *kernel);
+                    Ok(())
+                },
+                None,
+            )?;
+            line += &format!(
+                "  {} {:>6.2} ms ({:.2}x f32)",
+                kernel.short_name(),
+                p.candle * 1e3,
+                f32p.candle / p.candle
+            );
+        }
+        if let (Some(tf), Some(ti)) = (f32p.torch, torch_int8) {
+            line += &format!(
+                "  | PyTorch f32 {:>6.2} ms, int8 {:>6.2} ms",
+                tf * 1e3,
+                ti * 1e3
+            );
+        }
+        println!("{line}");
     }
     Ok(())
 }

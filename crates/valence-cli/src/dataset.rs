@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use valence_model::runtime::Int8Kernel;
 
 use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
 use valence_model::{Encoder, LABELS};
@@ -118,16 +118,23 @@ impl FeatureTable {
 
 fn cache_key(
     encoder_dir: &Path,
-    quantize: Option<GgmlDType>,
+    quantize: Option<Int8Kernel>,
     clips: &[Clip],
     root: &Path,
 ) -> Result<String> {
     let mut h = Sha256::new();
     h.update(b"valence-features-v1");
-    if let Some(q) = quantize {
-        // Only quantized runs add to the key, so f32 caches made earlier stay valid.
-        // "+conv2": since the front end's second convolution is quantized too.
-        h.update(format!("quantize={q:?}+conv2").as_bytes());
+    if quantize.is_some() {
+        // Only quantized runs add to the key, so f32 caches made earlier stay valid. Every
+        // 8-bit kernel gives the same features (kernels::int8), so the kernel is not part of it;
+        // the format's block size is.
+        h.update(
+            format!(
+                "quantize=int8-k{}+conv2",
+                valence_model::kernels::int8::K_BLOCK
+            )
+            .as_bytes(),
+        );
     }
     let weights = valence_model::find_weights_file(encoder_dir)?;
     let meta = std::fs::metadata(&weights)?;
@@ -153,7 +160,7 @@ pub fn features(
     clips: &[Clip],
     root: &Path,
     encoder_dir: &Path,
-    quantize: Option<GgmlDType>,
+    quantize: Option<Int8Kernel>,
     cache_dir: &Path,
     device: &Device,
 ) -> Result<FeatureTable> {
@@ -297,7 +304,7 @@ pub fn view_features(
     clips: &[Clip],
     root: &Path,
     encoder_dir: &Path,
-    quantize: Option<GgmlDType>,
+    quantize: Option<Int8Kernel>,
     spec: ViewSpec,
     cache_dir: &Path,
     device: &Device,

@@ -132,7 +132,8 @@ enum Command {
         /// A Python with torch and transformers for the reference timings.
         #[arg(long)]
         python: Option<String>,
-        /// whisper, xlsr or all (model speed beside PyTorch); live (live streams held on this
+        /// whisper, xlsr or all (model speed beside PyTorch); products (the encoders' single
+        /// projections in f32 and 8 bits, beside PyTorch's); live (live streams held on this
         /// machine) or files (non-live streams' throughput), each with the element's batching
         /// on and off.
         #[arg(long, default_value = "whisper")]

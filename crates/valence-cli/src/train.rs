@@ -72,8 +72,8 @@ pub struct FeatureArgs {
     /// hidden layer or linear heads; the result is one wider MLP).
     #[arg(long, default_value_t = 1)]
     pub ensemble: usize,
-    /// Run the encoder with block-quantized projection weights (`q8_0`), as the model will
-    /// run (written to the trained manifest's `encoder.quantize`).
+    /// Run the encoder with 8-bit projection weights (`int8`; `q8_0` is its older name), as the
+    /// model will run (written to the trained manifest's `encoder.quantize`).
     #[arg(long)]
     pub quantize: Option<String>,
     /// Also train on this many random augmented views of every clip (window-length crops with
@@ -128,7 +128,7 @@ impl FeatureArgs {
         let quantize = self
             .quantize
             .as_deref()
-            .map(parse_quantization)
+            .map(quantization_kernel)
             .transpose()?;
         let table = dataset::features(
             &clips,
@@ -158,7 +158,7 @@ impl FeatureArgs {
             &self.encoder,
             self.quantize
                 .as_deref()
-                .map(parse_quantization)
+                .map(quantization_kernel)
                 .transpose()?,
             dataset::ViewSpec {
                 per_clip: self.views,
@@ -235,6 +235,14 @@ impl FeatureArgs {
         cfg.lr = self.lr;
         cfg
     }
+}
+
+/// The 8-bit kernel for a `--quantize` value: the features of every kernel are identical, so
+/// training takes this CPU's fastest (scalar loops where there is no AVX2: slow, but the same
+/// features the model will see).
+fn quantization_kernel(q: &str) -> Result<valence_model::runtime::Int8Kernel> {
+    parse_quantization(q)?;
+    Ok(valence_model::runtime::int8_kernel())
 }
 
 fn print_eval(title: &str, e: &train::Evaluation) {

@@ -60,17 +60,17 @@ fn whisper_base_import_matches_ctranslate2() {
 }
 
 /// The 8-bit encoder the default model runs on the CPU stays close to the f32 one, layer by
-/// layer, and gives nearly the same pooled features (the head was trained on q8_0 features; a
-/// broken quantized path would drift far more than block rounding does).
+/// layer, and gives nearly the same pooled features (measured: 0.4-7.6 % RMS over layers 0-4,
+/// pooled cosine >= 0.9996; a broken quantized path would drift far more than rounding does).
 #[test]
-fn q8_0_whisper_base_stays_close_to_f32() {
+fn int8_whisper_base_stays_close_to_f32() {
     let Some(dir) = encoder_dir() else { return };
     let dense =
         valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     let mut quantized =
         valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
     quantized
-        .quantize(candle_core::quantized::GgmlDType::Q8_0)
+        .quantize(valence_model::runtime::int8_kernel())
         .unwrap();
     let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
     let (a, b) = (

@@ -93,12 +93,12 @@ impl Encoder {
         self.encode_upto(samples, None)
     }
 
-    /// Re-stores the transformer layers' projection weights in a block-quantized format (on the
-    /// CPU; a no-op on other devices).
-    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+    /// Re-stores the transformer layers' projection weights as 8-bit values run by `kernel` (on
+    /// the CPU; a no-op on other devices).
+    pub fn quantize(&mut self, kernel: kernels::int8::Int8Kernel) -> Result<()> {
         match self {
-            Self::Wav2Vec2(m) => m.quantize(dtype),
-            Self::Whisper(m) => m.quantize(dtype),
+            Self::Wav2Vec2(m) => m.quantize(kernel),
+            Self::Whisper(m) => m.quantize(kernel),
         }
     }
 

@@ -19,7 +19,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -41,19 +40,19 @@ pub struct EncoderSpec {
     pub kind: EncoderKind,
     /// An HF-layout encoder directory.
     pub path: String,
-    /// `"q8_0"`: on CPUs where candle has a fast 8-bit product (VNNI), the transformer layers'
-    /// projections run with 8-bit block weights; other CPUs keep f32
-    /// ([`crate::runtime::encoder_weight_format`]). GPUs use `dtype`.
+    /// `"int8"` (or `"q8_0"`, its name in older manifests): on CPUs with an 8-bit kernel faster
+    /// than f32 (AVX2 and up) the transformer layers' projections run with 8-bit weights; other
+    /// CPUs keep f32 ([`crate::runtime::encoder_weight_format`]). GPUs use `dtype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
 }
 
-/// Parses a manifest's `encoder.quantize` value.
-pub fn parse_quantization(s: &str) -> Result<GgmlDType> {
-    Ok(match s {
-        "q8_0" => GgmlDType::Q8_0,
-        other => bail!("unsupported encoder quantization `{other}` (q8_0)"),
-    })
+/// Checks a manifest's `encoder.quantize` value: 8-bit weights are the one quantization.
+pub fn parse_quantization(s: &str) -> Result<()> {
+    match s {
+        "int8" | "q8_0" => Ok(()),
+        other => bail!("unsupported encoder quantization `{other}` (int8)"),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -333,19 +332,20 @@ impl Manifest {
         let weights = if device.is_cpu() {
             crate::runtime::encoder_weight_format(
                 self.encoder.quantize.as_deref(),
+                crate::runtime::int8_kernel(),
                 &crate::runtime::CpuFeatures::detect(),
             )
         } else {
             crate::runtime::WeightChoice {
-                quantize: false,
+                int8: None,
                 reason: format!("{dtype:?} on {}", crate::device_name(device)),
             }
         };
         if let Some(q) = &self.encoder.quantize {
-            let q = parse_quantization(q)
+            parse_quantization(q)
                 .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
-            if weights.quantize {
-                encoder.quantize(q)?;
+            if let Some(kernel) = weights.int8 {
+                encoder.quantize(kernel)?;
             }
         }
         self.features

@@ -2,6 +2,8 @@
 
 use std::sync::Once;
 
+pub use crate::kernels::int8::Int8Kernel;
+
 /// candle's CPU worker pool reads this once, when the pool starts (at the first parallel CPU
 /// op), and spins that many times after each op before it parks. Its default (25,000) keeps a
 /// worker spinning while `gemm`'s rayon threads run the next product, which on a 2-core
@@ -74,78 +76,48 @@ impl CpuFeatures {
     }
 }
 
-/// candle's environment override that makes its 8-bit x86 kernels run as on an AVX2-only CPU;
-/// the weight-format choice below follows it, so one variable emulates such a CPU.
-pub const FORCE_AVX2_VAR: &str = "MISTRALRS_FORCE_AVX2";
+/// Caps the 8-bit kernel (`avx2`, `avx-vnni`, `avx512-vnni` or `plain`), e.g. `avx2` to measure
+/// on a VNNI CPU what an AVX2-only one does. The f32 products (`gemm`, AVX2/FMA kernels) are
+/// the same on both kinds of CPU.
+pub const INT8_KERNEL_VAR: &str = "VALENCE_INT8_KERNEL";
 
-/// Which 8-bit matrix product candle 0.11 runs for Q8_0 weights on this CPU. It repacks Q8_0
-/// weights into tiles for a VNNI (`vpdpbusd`) GEMM only with AVX512-VNNI or AVX-VNNI; without
-/// VNNI it runs a row-by-row dot product that is several times slower than the f32 GEMM
-/// (MODEL_CARD.md), which is why [`encoder_weight_format`] keeps f32 there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Int8Kernel {
-    Avx512Vnni,
-    AvxVnni,
-    RowDot,
-}
-
-impl Int8Kernel {
-    pub fn for_cpu(cpu: &CpuFeatures) -> Self {
-        let force_avx2 = std::env::var(FORCE_AVX2_VAR).as_deref() == Ok("1");
-        if !force_avx2 && cpu.avx512f && cpu.avx512_vnni {
-            Self::Avx512Vnni
-        } else if !force_avx2 && cpu.avx2 && cpu.avx_vnni {
-            Self::AvxVnni
-        } else {
-            Self::RowDot
-        }
-    }
-
-    pub fn is_fast(self) -> bool {
-        self != Self::RowDot
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Avx512Vnni => "q8_0 tiles, AVX512-VNNI",
-            Self::AvxVnni => "q8_0 tiles, AVX-VNNI",
-            Self::RowDot => "q8_0 row-by-row dot product",
-        }
-    }
+/// The 8-bit kernel this process runs: the CPU's best, capped by [`INT8_KERNEL_VAR`].
+pub fn int8_kernel() -> Int8Kernel {
+    let cap = std::env::var(INT8_KERNEL_VAR)
+        .ok()
+        .and_then(|v| Int8Kernel::parse(&v));
+    Int8Kernel::detect(cap)
 }
 
 /// The weight format an encoder runs with on the CPU, given what its manifest asks for
-/// (`encoder.quantize`) and this CPU: the 8-bit format only where candle has a fast 8-bit
-/// product for it, f32 elsewhere. The reason is part of the answer so that loaders can report
-/// it (the element's debug log, `valence bench`).
+/// (`encoder.quantize`) and the 8-bit kernel this CPU has: 8-bit where that kernel is faster
+/// than f32 (AVX2 and up), f32 elsewhere. The reason is part of the answer so that loaders can
+/// report it (the element's debug log, `valence bench`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightChoice {
-    pub quantize: bool,
+    pub int8: Option<Int8Kernel>,
     pub reason: String,
 }
 
-pub fn encoder_weight_format(asked: Option<&str>, cpu: &CpuFeatures) -> WeightChoice {
-    let kernel = Int8Kernel::for_cpu(cpu);
+pub fn encoder_weight_format(
+    asked: Option<&str>,
+    kernel: Int8Kernel,
+    cpu: &CpuFeatures,
+) -> WeightChoice {
     match asked {
         None => WeightChoice {
-            quantize: false,
+            int8: None,
             reason: "f32 (the manifest asks for no quantization)".into(),
         },
         Some(q) if kernel.is_fast() => WeightChoice {
-            quantize: true,
-            reason: format!("{q} ({}; CPU: {})", kernel.name(), cpu.describe()),
+            int8: Some(kernel),
+            reason: format!("8-bit ({q}; {}; CPU: {})", kernel.name(), cpu.describe()),
         },
         Some(q) => WeightChoice {
-            quantize: false,
+            int8: None,
             reason: format!(
-                "f32 instead of {q}: without VNNI candle's 8-bit product is slower than f32 \
-                 (CPU: {}{})",
-                cpu.describe(),
-                if std::env::var(FORCE_AVX2_VAR).as_deref() == Ok("1") {
-                    format!(", {FORCE_AVX2_VAR}=1")
-                } else {
-                    String::new()
-                }
+                "f32 instead of {q}: without AVX2 the 8-bit product is slower than f32 (CPU: {})",
+                cpu.describe()
             ),
         },
     }
@@ -156,34 +128,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn eight_bit_weights_only_where_candle_has_a_vnni_product() {
-        let avx2 = CpuFeatures {
+    fn eight_bit_weights_only_where_the_kernel_beats_f32() {
+        let cpu = CpuFeatures {
             avx2: true,
             fma: true,
             ..Default::default()
         };
-        let vnni512 = CpuFeatures {
-            avx512f: true,
-            avx512_vnni: true,
-            ..avx2
-        };
-        let avx_vnni = CpuFeatures {
-            avx_vnni: true,
-            ..avx2
-        };
-        // The tests never set FORCE_AVX2_VAR, so the CPU alone decides here.
-        if std::env::var_os(FORCE_AVX2_VAR).is_some() {
-            return;
+        let q = Some("q8_0");
+        for fast in [
+            Int8Kernel::Avx2,
+            Int8Kernel::AvxVnni,
+            Int8Kernel::Avx512Vnni,
+        ] {
+            assert_eq!(encoder_weight_format(q, fast, &cpu).int8, Some(fast));
+            assert_eq!(encoder_weight_format(None, fast, &cpu).int8, None);
         }
-        assert!(!encoder_weight_format(Some("q8_0"), &avx2).quantize);
-        assert!(encoder_weight_format(Some("q8_0"), &vnni512).quantize);
-        assert!(encoder_weight_format(Some("q8_0"), &avx_vnni).quantize);
-        assert!(!encoder_weight_format(None, &vnni512).quantize);
-        assert!(!encoder_weight_format(Some("q8_0"), &CpuFeatures::default()).quantize);
-        let r = encoder_weight_format(Some("q8_0"), &avx2).reason;
+        let plain = encoder_weight_format(q, Int8Kernel::Plain, &CpuFeatures::default());
+        assert_eq!(plain.int8, None);
         assert!(
-            r.contains("f32 instead of q8_0") && r.contains("avx2 fma"),
-            "{r}"
+            plain.reason.contains("f32 instead of q8_0"),
+            "{}",
+            plain.reason
         );
+        let avx2 = encoder_weight_format(q, Int8Kernel::Avx2, &cpu).reason;
+        assert!(avx2.contains("AVX2") && avx2.contains("avx2 fma"), "{avx2}");
     }
 }

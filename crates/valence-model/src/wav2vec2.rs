@@ -7,8 +7,8 @@
 
 use std::path::Path;
 
+use crate::kernels::int8::Int8Kernel;
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv1dConfig, GroupNorm, LayerNorm, VarBuilder};
 use serde::Deserialize;
@@ -419,17 +419,17 @@ impl Wav2Vec2Model {
         })
     }
 
-    /// Stores the transformer layers' projection weights as `dtype` blocks (see
+    /// Stores the transformer layers' projection weights as 8-bit values (see
     /// [`super::whisper::WhisperEncoder::quantize`]; a no-op off the CPU).
-    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+    pub fn quantize(&mut self, kernel: Int8Kernel) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());
         }
         for l in &mut self.layers {
-            l.attention.qkv = l.attention.qkv.quantize(dtype)?;
-            l.attention.out = l.attention.out.quantize(dtype)?;
-            l.feed_forward.intermediate = l.feed_forward.intermediate.quantize(dtype)?;
-            l.feed_forward.output = l.feed_forward.output.quantize(dtype)?;
+            l.attention.qkv = l.attention.qkv.quantize(kernel)?;
+            l.attention.out = l.attention.out.quantize(kernel)?;
+            l.feed_forward.intermediate = l.feed_forward.intermediate.quantize(kernel)?;
+            l.feed_forward.output = l.feed_forward.output.quantize(kernel)?;
         }
         Ok(())
     }

@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::kernels::int8::Int8Kernel;
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
 use rustfft::{FftPlanner, num_complex::Complex};
@@ -248,11 +248,11 @@ impl EncoderLayer {
         x + f
     }
 
-    fn quantize(&mut self, dtype: GgmlDType) -> candle_core::Result<()> {
-        self.qkv = self.qkv.quantize(dtype)?;
-        self.out = self.out.quantize(dtype)?;
-        self.fc1 = self.fc1.quantize(dtype)?;
-        self.fc2 = self.fc2.quantize(dtype)?;
+    fn quantize(&mut self, kernel: Int8Kernel) -> candle_core::Result<()> {
+        self.qkv = self.qkv.quantize(kernel)?;
+        self.out = self.out.quantize(kernel)?;
+        self.fc1 = self.fc1.quantize(kernel)?;
+        self.fc2 = self.fc2.quantize(kernel)?;
         Ok(())
     }
 }
@@ -360,19 +360,19 @@ impl WhisperEncoder {
         self.dtype
     }
 
-    /// Stores the transformer layers' projection weights and the front end's convolutions
-    /// (where their sizes fit whole blocks: conv2, not the 80-mel conv1) as 8-bit blocks
-    /// (`GgmlDType::Q8_0`): a quarter of the weight memory and, where candle has a fast
-    /// 8-bit product for the CPU, faster (figures in MODEL_CARD.md). Layer norms and positions stay in the load dtype. A no-op off the CPU: the
-    /// block kernels are the CPU's fast path; GPUs run the load dtype.
-    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+    /// Stores the transformer layers' projection weights and the front end's second
+    /// convolution as 8-bit values ([`crate::kernels::int8`]): a quarter of the weight memory
+    /// and, with `kernel`, faster than f32 (figures in MODEL_CARD.md). Layer norms, positions
+    /// and the cheap 80-mel conv1 stay in the load dtype. A no-op off the CPU: GPUs run the
+    /// load dtype.
+    pub fn quantize(&mut self, kernel: Int8Kernel) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());
         }
-        self.conv1 = self.conv1.quantize(dtype)?;
-        self.conv2 = self.conv2.quantize(dtype)?;
+        self.conv1 = self.conv1.quantize(kernel)?;
+        self.conv2 = self.conv2.quantize(kernel)?;
         for layer in &mut self.layers {
-            layer.quantize(dtype)?;
+            layer.quantize(kernel)?;
         }
         Ok(())
     }
@@ -444,8 +444,7 @@ impl WhisperEncoder {
 
     fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
         let x = gelu_erf(&self.conv1.forward(mel)?)?;
-        let x = gelu_erf(&self.conv2.forward(&x)?)?;
-        let x = x.transpose(1, 2)?;
+        let x = self.conv2.forward_gelu_frames(&x)?;
         let t = x.dim(1)?;
         if t > self.config.max_source_positions {
             bail!(

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod conv;
 pub mod dense;
 pub mod epilogue;
+pub mod int8;
 
 use candle_core::{CpuStorage, Layout};
 

@@ -1,15 +1,17 @@
-//! Model blocks shared by the encoders: projections (dense or 8-bit block-quantized), fused
-//! Q/K/V, self-attention, convolutions, layer norm. On the CPU in f32 they call the fused
-//! kernels of [`crate::kernels`]; other devices and dtypes use candle's ops, so every block is
-//! device-generic. Quantized weights run candle's block-quantized kernels.
+//! Model blocks shared by the encoders: projections (dense or 8-bit), fused Q/K/V,
+//! self-attention, convolutions, layer norm. On the CPU in f32 they call the fused kernels of
+//! [`crate::kernels`]; other devices and dtypes use candle's ops, so every block is
+//! device-generic. 8-bit weights exist only on the CPU ([`crate::kernels::int8`]).
 
 pub mod conv;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv1d, LayerNorm, VarBuilder};
 
 pub use crate::kernels::activation::gelu_erf;
+use crate::kernels::int8::{Int8Kernel, Int8Product, PackedWeights};
 use crate::kernels::{attention, dense};
 pub use conv::FrameConv1d;
 
@@ -19,16 +21,60 @@ pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<
     candle_nn::layer_norm(size, eps, vb)
 }
 
-/// A linear projection `x W^T + b` with dense or 8-bit block-quantized weights.
+/// A linear projection `x W^T + b` with dense or (on the CPU) 8-bit weights.
 #[derive(Debug, Clone)]
 pub enum Projection {
     /// `W^T` as a contiguous [in, out] matrix, which the CPU product reads in place, and the bias
     /// (zeros where the checkpoint has none).
-    Dense { weight_t: Tensor, bias: Tensor },
-    Quantized {
-        weight: QMatMul,
-        bias: Option<Tensor>,
+    Dense {
+        weight_t: Tensor,
+        bias: Tensor,
     },
+    Int8(Int8Weights),
+}
+
+/// 8-bit weights of a projection or convolution, their f32 bias and the kernel that runs them.
+#[derive(Debug, Clone)]
+pub struct Int8Weights {
+    pub weights: Arc<PackedWeights>,
+    pub bias: Option<Vec<f32>>,
+    pub kernel: Int8Kernel,
+}
+
+impl Int8Weights {
+    /// From an [out, in] f32 CPU weight.
+    fn new(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        kernel: Int8Kernel,
+    ) -> candle_core::Result<Self> {
+        let (n, k) = weight.dims2()?;
+        let values = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self {
+            weights: Arc::new(PackedWeights::pack(&values, n, k)?),
+            bias: bias
+                .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .transpose()?,
+            kernel,
+        })
+    }
+
+    /// `x [.., in] W^T + b` (then GELU), in the caller's dtype.
+    fn apply(&self, x: &Tensor, gelu: bool) -> candle_core::Result<Tensor> {
+        let op = Int8Product {
+            weights: &self.weights,
+            bias: self.bias.as_deref(),
+            gelu,
+            kernel: self.kernel,
+        };
+        x.to_dtype(DType::F32)?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)?
+            .to_dtype(x.dtype())
+    }
 }
 
 /// An HF/PyTorch linear layer's `weight` [out, in] and, when it has one, `bias` [out].
@@ -79,30 +125,18 @@ impl Projection {
                 }
                 x.broadcast_matmul(weight_t)?.broadcast_add(bias)?
             }
-            Self::Quantized { weight, bias } => {
-                // The quantized kernels take f32 activations; keep the caller's dtype outside.
-                quantized_affine(weight, bias.as_ref(), &x.to_dtype(DType::F32)?)?
-                    .to_dtype(x.dtype())?
-            }
+            Self::Int8(w) => return w.apply(x, gelu),
         };
         if gelu { gelu_erf(&y) } else { Ok(y) }
     }
 
-    /// Re-stores the weights as `dtype` blocks (e.g. Q8_0). Shapes whose inner size is not a
-    /// multiple of the block size stay dense.
-    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+    /// Re-stores CPU weights as 8-bit values run by `kernel`; weights on other devices stay.
+    pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
         match self {
-            Self::Dense { weight_t, bias } => {
-                let (k, _) = weight_t.dims2()?;
-                if !k.is_multiple_of(dtype.block_size()) {
-                    return Ok(self.clone());
-                }
-                Ok(Self::Quantized {
-                    weight: quantize_matrix(&weight_t.t()?.contiguous()?, dtype)?,
-                    bias: Some(bias.clone()),
-                })
-            }
-            Self::Quantized { .. } => Ok(self.clone()),
+            Self::Dense { weight_t, bias } if weight_t.device().is_cpu() => Ok(Self::Int8(
+                Int8Weights::new(&weight_t.t()?, Some(bias), kernel)?,
+            )),
+            _ => Ok(self.clone()),
         }
     }
 }
@@ -113,34 +147,15 @@ impl Module for Projection {
     }
 }
 
-/// A [out, in] weight matrix as `dtype` blocks, ready for `x W^T` products.
-fn quantize_matrix(weight: &Tensor, dtype: GgmlDType) -> candle_core::Result<QMatMul> {
-    QMatMul::from_qtensor(QTensor::quantize(&weight.to_dtype(DType::F32)?, dtype)?)
-}
-
-/// `x W^T + b` for f32 `x` and block-quantized `W`.
-fn quantized_affine(
-    weight: &QMatMul,
-    bias: Option<&Tensor>,
-    x: &Tensor,
-) -> candle_core::Result<Tensor> {
-    let y = weight.forward(&x.contiguous()?)?;
-    match bias {
-        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?),
-        None => Ok(y),
-    }
-}
-
-/// A 1-D convolution that can run as im2col + a block-quantized product on the CPU (Whisper's
-/// second front-end convolution is 512 x 1536 per output frame: worth quantizing with the
-/// layers). Dense convolutions use candle's own op.
+/// A 1-D convolution that can run as im2col + an 8-bit product on the CPU (Whisper's second
+/// front-end convolution is 512 x 1536 per output frame: worth quantizing with the layers).
+/// Dense convolutions use candle's own op.
 #[derive(Debug, Clone)]
 pub enum Conv1dLayer {
     Dense(Conv1d),
     Quantized {
         /// [out, in * kernel], rows in the dense weight's (in, kernel) order.
-        weight: QMatMul,
-        bias: Option<Tensor>,
+        weight: Int8Weights,
         in_channels: usize,
         kernel: usize,
         stride: usize,
@@ -149,23 +164,20 @@ pub enum Conv1dLayer {
 }
 
 impl Conv1dLayer {
-    /// Quantizes when on the CPU, ungrouped, undilated and `in * kernel` fits whole blocks.
-    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+    /// Quantizes when on the CPU, ungrouped and undilated, with at least 256 inputs per output
+    /// frame (Whisper's 80-mel first convolution, 240, is cheap and stays f32).
+    pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
         let Self::Dense(conv) = self else {
             return Ok(self.clone());
         };
         let cfg = conv.config();
         let (out, cin, k) = conv.weight().dims3()?;
-        if !conv.weight().device().is_cpu()
-            || cfg.groups != 1
-            || cfg.dilation != 1
-            || !(cin * k).is_multiple_of(dtype.block_size())
+        if !conv.weight().device().is_cpu() || cfg.groups != 1 || cfg.dilation != 1 || cin * k < 256
         {
             return Ok(self.clone());
         }
         Ok(Self::Quantized {
-            weight: quantize_matrix(&conv.weight().reshape((out, cin * k))?, dtype)?,
-            bias: conv.bias().cloned(),
+            weight: Int8Weights::new(&conv.weight().reshape((out, cin * k))?, conv.bias(), kernel)?,
             in_channels: cin,
             kernel: k,
             stride: cfg.stride,
@@ -174,51 +186,71 @@ impl Conv1dLayer {
     }
 }
 
+impl Conv1dLayer {
+    /// `gelu(conv(x))` for `x` [batch, channels, time], returned frame-major, [batch, frames,
+    /// out]: what the Whisper front end feeds its layers. The 8-bit form produces frames
+    /// directly (GELU fused into its product), with no transposed copies.
+    pub fn forward_gelu_frames(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Dense(c) => gelu_erf(&c.forward(x)?)?.transpose(1, 2),
+            Self::Quantized { weight, .. } => {
+                let dtype = x.dtype();
+                weight.apply(&self.im2col(x)?, true)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// The 8-bit form's input as rows of (batch, output frame) holding
+    /// x[c, frame * stride + j - padding] at c * kernel + j (zero outside the input).
+    fn im2col(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Self::Quantized {
+            in_channels,
+            kernel,
+            stride,
+            padding,
+            ..
+        } = self
+        else {
+            candle_core::bail!("im2col of a dense convolution");
+        };
+        let (b, cin, t) = x.dims3()?;
+        if cin != *in_channels {
+            candle_core::bail!("conv expects {in_channels} channels, got {cin}");
+        }
+        let padded = t + 2 * padding;
+        if padded < *kernel {
+            candle_core::bail!("conv input of {t} frames is shorter than its kernel");
+        }
+        let t_out = (padded - kernel) / stride + 1;
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let width = cin * kernel;
+        let mut cols = vec![0f32; b * t_out * width];
+        for bi in 0..b {
+            let xb = &xs[bi * cin * t..(bi + 1) * cin * t];
+            for f in 0..t_out {
+                let row = &mut cols[(bi * t_out + f) * width..][..width];
+                for c in 0..cin {
+                    for j in 0..*kernel {
+                        let pos = (f * stride + j) as isize - *padding as isize;
+                        if pos >= 0 && (pos as usize) < t {
+                            row[c * kernel + j] = xb[c * t + pos as usize];
+                        }
+                    }
+                }
+            }
+        }
+        Tensor::from_vec(cols, (b, t_out, width), x.device())
+    }
+}
+
 impl Module for Conv1dLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(c) => c.forward(x),
-            Self::Quantized {
-                weight,
-                bias,
-                in_channels,
-                kernel,
-                stride,
-                padding,
-            } => {
-                let (b, cin, t) = x.dims3()?;
-                if cin != *in_channels {
-                    candle_core::bail!("conv expects {in_channels} channels, got {cin}");
-                }
-                let dtype = x.dtype();
-                let padded = t + 2 * padding;
-                if padded < *kernel {
-                    candle_core::bail!("conv input of {t} frames is shorter than its kernel");
-                }
-                let t_out = (padded - kernel) / stride + 1;
-                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                // im2col: row (batch, frame) holds x[c, frame * stride + j - padding] at c * kernel + j.
-                let width = cin * kernel;
-                let mut cols = vec![0f32; b * t_out * width];
-                for bi in 0..b {
-                    let xb = &xs[bi * cin * t..(bi + 1) * cin * t];
-                    for f in 0..t_out {
-                        let row = &mut cols[(bi * t_out + f) * width..][..width];
-                        for c in 0..cin {
-                            for j in 0..*kernel {
-                                let pos = (f * stride + j) as isize - *padding as isize;
-                                if pos >= 0 && (pos as usize) < t {
-                                    row[c * kernel + j] = xb[c * t + pos as usize];
-                                }
-                            }
-                        }
-                    }
-                }
-                let cols = Tensor::from_vec(cols, (b, t_out, width), x.device())?;
-                quantized_affine(weight, bias.as_ref(), &cols)?
-                    .transpose(1, 2)?
-                    .to_dtype(dtype)
-            }
+            Self::Quantized { weight, .. } => weight
+                .apply(&self.im2col(x)?, false)?
+                .transpose(1, 2)?
+                .to_dtype(x.dtype()),
         }
     }
 }
@@ -262,9 +294,9 @@ impl FusedQkv {
         )
     }
 
-    pub fn quantize(&self, dtype: GgmlDType) -> candle_core::Result<Self> {
+    pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
         Ok(Self {
-            proj: self.proj.quantize(dtype)?,
+            proj: self.proj.quantize(kernel)?,
             width: self.width,
         })
     }
@@ -355,6 +387,41 @@ mod tests {
         Ok(())
     }
 
+    /// The 8-bit projection follows the dense one (with and without GELU, 2-D and 3-D inputs,
+    /// a width that is not a whole number of blocks) and keeps the caller's dtype.
+    #[test]
+    fn int8_projection_follows_the_dense_one() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (40, 300), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1., 40, &dev).unwrap();
+        let dense = Projection::dense(w, Some(b)).unwrap();
+        let q = dense.quantize(Int8Kernel::detect(None)).unwrap();
+        assert!(matches!(q, Projection::Int8(_)));
+        for x in [
+            Tensor::randn(0f32, 1., (7, 300), &dev).unwrap(),
+            Tensor::randn(0f32, 1., (2, 9, 300), &dev).unwrap(),
+        ] {
+            for gelu in [false, true] {
+                let (yd, yq) = if gelu {
+                    (dense.forward_gelu(&x).unwrap(), q.forward_gelu(&x).unwrap())
+                } else {
+                    (dense.forward(&x).unwrap(), q.forward(&x).unwrap())
+                };
+                assert_eq!(yd.dims(), yq.dims());
+                let rel = max_abs(&(&yd - &yq).unwrap()) / max_abs(&yd);
+                assert!(rel < 0.03, "gelu {gelu}: relative error {rel}");
+            }
+        }
+        let half = q
+            .forward(&Tensor::ones((3, 300), DType::F16, &dev).unwrap())
+            .unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        assert!(
+            q.forward(&Tensor::ones((3, 299), DType::F32, &dev).unwrap())
+                .is_err()
+        );
+    }
+
     #[test]
     fn quantized_conv_follows_the_dense_one() {
         let dev = Device::Cpu;
@@ -367,12 +434,20 @@ mod tests {
             ..Default::default()
         };
         let dense = Conv1dLayer::Dense(Conv1d::new(w, Some(b), cfg));
-        let q = dense.quantize(GgmlDType::Q8_0).unwrap();
+        let q = dense.quantize(Int8Kernel::detect(None)).unwrap();
         assert!(matches!(q, Conv1dLayer::Quantized { .. }));
         let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
         assert_eq!(yd.dims(), yq.dims());
         let rel = max_abs(&(&yd - &yq).unwrap()) / max_abs(&yd);
         assert!(rel < 0.02, "relative error {rel}");
+        // Frame-major with GELU: the same values, transposed, through the GELU.
+        let want = yd.gelu_erf().unwrap().transpose(1, 2).unwrap();
+        for conv in [&dense, &q] {
+            let got = conv.forward_gelu_frames(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let rel = max_abs(&(&got - &want).unwrap()) / max_abs(&want);
+            assert!(rel < 0.02, "frames: relative error {rel}");
+        }
     }
 
     #[test]

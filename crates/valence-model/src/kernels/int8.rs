@@ -1,0 +1,896 @@
+//! 8-bit products `x W^T + b` on the CPU, the encoders' quantized path.
+//!
+//! - Weights are quantized once, at load, to signed 8-bit values with one scale per output
+//!   column and block of [`K_BLOCK`] inputs, and packed in panels of 16 columns x 4 inputs: one
+//!   256-bit load (two for AVX2) per four inputs of a panel.
+//! - Activations are quantized once per product to 7 bits per row and block (`-63..=63`,
+//!   stored plus 64 as unsigned bytes).
+//! - Each block's dot products accumulate exactly in i32 (`vpdpbusd` with AVX512-VNNI or
+//!   AVX-VNNI; `vpmaddubsw` + `vpmaddwd` with AVX2), then are scaled and added in f32.
+//!
+//! Why 7-bit activations: `vpmaddubsw` adds two u8 x i8 products into a *saturating* i16. With
+//! bytes at most 127 and weights at most 127 in magnitude the pair is at most 32 258, so it
+//! never saturates: every kernel computes the same integers, and the float steps after each
+//! block are the same operations in the same order, so all kernels (and the plain twin) give
+//! bit-identical results on every CPU. (With 8-bit activations AVX2 would need 7-bit weights or
+//! saturate.) Per-block scales keep an outlier from coarsening a whole row.
+//!
+//! Twin: [`matmul_plain`], scalar integer loops over the unpacked values; tests require equality.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
+use super::epilogue::{RowEpilogue, row_epilogue};
+use super::{SyncPtr, contiguous_f32};
+
+/// Inputs per scale block. Whisper's and Wav2Vec2's widths (512, 768, 1024, 1536, 2048, 3072,
+/// 4096) are multiples; other widths end with a shorter block.
+pub const K_BLOCK: usize = 256;
+/// Output columns per packed panel.
+const PANEL: usize = 16;
+const ACT_MAX: f32 = 63.0;
+const ACT_OFFSET: u8 = 64;
+const W_MAX: f32 = 127.0;
+/// Rows a task works through before its panels' weights are read again (activations of this
+/// many rows stay in L2 while the panels stream past).
+const ROW_CHUNK: usize = 120;
+
+/// Which 8-bit kernel runs, chosen once per CPU ([`Int8Kernel::detect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    /// Scalar loops: correct anywhere, far slower than f32 (loaders keep f32 weights where
+    /// this is the only kernel).
+    Plain,
+}
+
+impl Int8Kernel {
+    /// The fastest kernel this CPU runs, capped at `limit` (e.g. AVX2 to measure what an
+    /// AVX2-only CPU does on a newer one).
+    pub fn detect(limit: Option<Self>) -> Self {
+        [Self::Avx512Vnni, Self::AvxVnni, Self::Avx2]
+            .into_iter()
+            .filter(|k| limit.is_none_or(|cap| k.rank() <= cap.rank()))
+            .find(|k| k.runs_here())
+            .unwrap_or(Self::Plain)
+    }
+
+    /// Whether this CPU has the kernel's instructions (AVX512-VNNI does not imply AVX-VNNI).
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 =
+                std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma");
+            match self {
+                Self::Avx512Vnni => {
+                    avx2 && std::is_x86_feature_detected!("avx512f")
+                        && std::is_x86_feature_detected!("avx512bw")
+                        && std::is_x86_feature_detected!("avx512vnni")
+                }
+                Self::AvxVnni => avx2 && std::is_x86_feature_detected!("avxvnni"),
+                Self::Avx2 => avx2,
+                Self::Plain => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Plain
+        }
+    }
+
+    /// Whether this kernel is `other` or a lesser one.
+    pub fn rank_at_most(self, other: Self) -> bool {
+        self.rank() <= other.rank()
+    }
+
+    /// "avx2", "avx-vnni", "avx512-vnni" or "plain" (what [`Int8Kernel::parse`] reads).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            Self::Avx512Vnni => "avx512-vnni",
+            Self::AvxVnni => "avx-vnni",
+            Self::Avx2 => "avx2",
+            Self::Plain => "plain",
+        }
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Self::Plain => 0,
+            Self::Avx2 => 1,
+            Self::AvxVnni => 2,
+            Self::Avx512Vnni => 3,
+        }
+    }
+
+    /// Whether this kernel beats the f32 product (only the scalar one does not).
+    pub fn is_fast(self) -> bool {
+        self != Self::Plain
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Avx512Vnni => "int8 AVX512-VNNI (vpdpbusd)",
+            Self::AvxVnni => "int8 AVX-VNNI (vpdpbusd)",
+            Self::Avx2 => "int8 AVX2 (vpmaddubsw)",
+            Self::Plain => "int8 scalar",
+        }
+    }
+
+    /// Parses `avx512-vnni`, `avx-vnni`, `avx2` or `plain`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "avx512-vnni" | "avx512_vnni" => Some(Self::Avx512Vnni),
+            "avx-vnni" | "avx_vnni" => Some(Self::AvxVnni),
+            "avx2" => Some(Self::Avx2),
+            "plain" | "scalar" => Some(Self::Plain),
+            _ => None,
+        }
+    }
+}
+
+/// The block `b` of a `k4`-wide row: its first and one-past-last input.
+fn block_range(b: usize, k4: usize) -> (usize, usize) {
+    (b * K_BLOCK, ((b + 1) * K_BLOCK).min(k4))
+}
+
+/// A weight matrix [n, k] (PyTorch's [out, in]) quantized and packed for [`matmul`].
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    n: usize,
+    k: usize,
+    /// `k` rounded up to a multiple of 4 (the padding weights are zero).
+    k4: usize,
+    blocks: usize,
+    panels: usize,
+    /// [panel][k4 / 4][PANEL][4]
+    data: Vec<i8>,
+    /// [panel][block][PANEL]
+    scales: Vec<f32>,
+    /// [panel][block][PANEL]: 64 x the block's weights of the column summed; the kernels add
+    /// the activations' +64 in every product and take it out here.
+    offset_sums: Vec<i32>,
+}
+
+impl PackedWeights {
+    /// Quantizes and packs `weight` ([n, k] row-major). Weights must be finite.
+    pub fn pack(weight: &[f32], n: usize, k: usize) -> candle_core::Result<Self> {
+        if weight.len() != n * k || n == 0 || k == 0 {
+            candle_core::bail!("cannot pack {} weights as a {n} x {k} matrix", weight.len());
+        }
+        if let Some(bad) = weight.iter().position(|w| !w.is_finite()) {
+            candle_core::bail!("weight {bad} of a {n} x {k} matrix is not finite");
+        }
+        let k4 = k.div_ceil(4) * 4;
+        let blocks = k4.div_ceil(K_BLOCK);
+        let panels = n.div_ceil(PANEL);
+        let mut data = vec![0i8; panels * k4 * PANEL];
+        let mut scales = vec![0f32; panels * blocks * PANEL];
+        let mut offset_sums = vec![0i32; panels * blocks * PANEL];
+        for (j, row) in weight.chunks_exact(k).enumerate() {
+            let (panel, lane) = (j / PANEL, j % PANEL);
+            for b in 0..blocks {
+                let (start, end) = block_range(b, k4);
+                let vals = &row[start.min(k)..end.min(k)];
+                let max_abs = vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let (scale, inv) = scale_and_inverse(max_abs, W_MAX);
+                let slot = (panel * blocks + b) * PANEL + lane;
+                scales[slot] = scale;
+                let mut sum = 0i32;
+                for (i, &v) in vals.iter().enumerate() {
+                    let q = quantize_value(v, inv, W_MAX) as i8;
+                    let kk = start + i;
+                    data[panel * k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4] = q;
+                    sum += q as i32;
+                }
+                offset_sums[slot] = ACT_OFFSET as i32 * sum;
+            }
+        }
+        Ok(Self {
+            n,
+            k,
+            k4,
+            blocks,
+            panels,
+            data,
+            scales,
+            offset_sums,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// The quantized weight of output `j` and input `kk` (the twin reads weights through this).
+    fn weight_at(&self, j: usize, kk: usize) -> i8 {
+        let (panel, lane) = (j / PANEL, j % PANEL);
+        self.data[panel * self.k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4]
+    }
+
+    fn scale_at(&self, j: usize, b: usize) -> f32 {
+        self.scales[((j / PANEL) * self.blocks + b) * PANEL + j % PANEL]
+    }
+
+    /// The weights' memory, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.data.len() + 4 * (self.scales.len() + self.offset_sums.len())
+    }
+
+    /// The dequantized matrix [n, k] (tests, and checks of what quantization changed).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.n * self.k];
+        for j in 0..self.n {
+            for kk in 0..self.k {
+                out[j * self.k + kk] =
+                    self.weight_at(j, kk) as f32 * self.scale_at(j, kk / K_BLOCK);
+            }
+        }
+        out
+    }
+}
+
+/// The scale that maps `max_abs` to `limit`, and its inverse (0 for an all-zero block).
+/// A block whose largest value is subnormal quantizes to zeros (its inverse would overflow).
+fn scale_and_inverse(max_abs: f32, limit: f32) -> (f32, f32) {
+    let inv = limit / max_abs;
+    if max_abs > 0.0 && inv.is_finite() {
+        (max_abs / limit, inv)
+    } else {
+        (0.0, 0.0)
+    }
+}
+
+/// `v * inv` rounded to the nearest integer (ties to even) within `±limit`; NaN gives 0.
+#[inline(always)]
+fn quantize_value(v: f32, inv: f32, limit: f32) -> i32 {
+    (v * inv).round_ties_even().clamp(-limit, limit) as i32
+}
+
+/// A product's activations [m, k] quantized for [`matmul`].
+#[derive(Debug, Clone)]
+pub struct QuantizedRows {
+    m: usize,
+    k4: usize,
+    blocks: usize,
+    /// [m][k4], each value + 64 (padding: 64, i.e. zero).
+    data: Vec<u8>,
+    /// [m][blocks]
+    scales: Vec<f32>,
+}
+
+/// Quantizes `x` ([m, k] row-major), vectorised where the CPU has AVX2.
+pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> QuantizedRows {
+    let k4 = k.div_ceil(4) * 4;
+    let blocks = k4.div_ceil(K_BLOCK);
+    let mut q = QuantizedRows {
+        m,
+        k4,
+        blocks,
+        data: vec![ACT_OFFSET; m * k4],
+        scales: vec![0f32; m * blocks],
+    };
+    quantize_rows_into(x, k, &mut q);
+    q
+}
+
+fn quantize_rows_into(x: &[f32], k: usize, q: &mut QuantizedRows) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was just detected.
+        unsafe { simd::quantize_rows_avx2(x, k, q) };
+        return;
+    }
+    quantize_rows_scalar(x, k, q);
+}
+
+fn quantize_rows_scalar(x: &[f32], k: usize, q: &mut QuantizedRows) {
+    let (k4, blocks) = (q.k4, q.blocks);
+    for ((row, dst), scales) in x
+        .chunks_exact(k)
+        .zip(q.data.chunks_exact_mut(k4))
+        .zip(q.scales.chunks_exact_mut(blocks))
+    {
+        for (b, scale) in scales.iter_mut().enumerate() {
+            let (start, end) = block_range(b, k4);
+            let vals = &row[start.min(k)..end.min(k)];
+            let (s, inv) = scale_and_inverse(lane_max_abs(vals), ACT_MAX);
+            *scale = s;
+            quantize_into(vals, inv, &mut dst[start..]);
+        }
+    }
+}
+
+/// `vals` quantized with `inv` into `dst`, + 64 (the scalar steps every quantizer shares).
+#[inline(always)]
+fn quantize_into(vals: &[f32], inv: f32, dst: &mut [u8]) {
+    for (d, &v) in dst.iter_mut().zip(vals) {
+        *d = (quantize_value(v, inv, ACT_MAX) + ACT_OFFSET as i32) as u8;
+    }
+}
+
+/// The largest magnitude, lane-wise so that it vectorises (NaN is skipped, as `f32::max` does).
+#[inline(always)]
+fn lane_max_abs(xs: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut lanes = [0f32; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = l.max(x.abs());
+        }
+    }
+    let tail = chunks.remainder().iter().fold(0f32, |m, x| m.max(x.abs()));
+    lanes.iter().fold(tail, |m, &l| m.max(l))
+}
+
+/// `dst [m, n] = x W^T` for quantized `x` [m, k] and packed `w` [n, k], with `kernel` (the
+/// scalar one if this CPU lacks its instructions; all give the same values). Tasks of (row
+/// chunk, panel) run on candle's CPU pool.
+pub fn matmul(x: &QuantizedRows, w: &PackedWeights, dst: &mut [f32], kernel: Int8Kernel) {
+    let kernel = if kernel.runs_here() {
+        kernel
+    } else {
+        Int8Kernel::Plain
+    };
+    assert_eq!(x.k4, w.k4, "activations and weights differ in width");
+    assert_eq!(dst.len(), x.m * w.n, "destination size");
+    let row_chunks = x.m.div_ceil(ROW_CHUNK);
+    let out = SyncPtr(dst.as_mut_ptr());
+    let run = |tasks: std::ops::Range<usize>| {
+        for task in tasks {
+            let (chunk, panel) = (task / w.panels, task % w.panels);
+            let rows = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(x.m);
+            // SAFETY: each task writes the columns of its own panel in its own rows of `dst`,
+            // which lives until `execute_chunked` returns; the kernel matches this CPU.
+            unsafe { panel_rows(x, w, panel, rows, out, kernel) };
+        }
+    };
+    let tasks = row_chunks * w.panels;
+    if tasks <= 1 {
+        run(0..tasks);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(tasks, run);
+    }
+}
+
+/// One panel's columns for `rows`, a few rows at a time.
+///
+/// # Safety
+/// `out` is a live [x.m, w.n] buffer whose cells (rows, panel's columns) no one else touches;
+/// `kernel` runs on this CPU.
+unsafe fn panel_rows(
+    x: &QuantizedRows,
+    w: &PackedWeights,
+    panel: usize,
+    rows: std::ops::Range<usize>,
+    out: SyncPtr,
+    kernel: Int8Kernel,
+) {
+    let step = match kernel {
+        Int8Kernel::Avx512Vnni => 8,
+        Int8Kernel::AvxVnni => 6,
+        Int8Kernel::Avx2 => 4,
+        Int8Kernel::Plain => 1,
+    };
+    let cols = PANEL.min(w.n - panel * PANEL);
+    let mut tile = [[0f32; PANEL]; 8];
+    let mut row = rows.start;
+    while row < rows.end {
+        let r = step.min(rows.end - row);
+        for t in tile.iter_mut() {
+            *t = [0.0; PANEL];
+        }
+        // SAFETY: forwarded (the kernel's features are present).
+        unsafe { tile_dispatch(x, row, r, w, panel, &mut tile, kernel) };
+        for (i, t) in tile[..r].iter().enumerate() {
+            // SAFETY: row + i < m and panel * PANEL + cols <= n: inside `out`, in this task's cells.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    t.as_ptr(),
+                    out.get().add((row + i) * w.n + panel * PANEL),
+                    cols,
+                );
+            }
+        }
+        row += r;
+    }
+}
+
+/// Runs the kernel's tile function for `r` rows (1..=its step).
+///
+/// # Safety
+/// `kernel` runs on this CPU.
+unsafe fn tile_dispatch(
+    x: &QuantizedRows,
+    row: usize,
+    r: usize,
+    w: &PackedWeights,
+    panel: usize,
+    tile: &mut [[f32; PANEL]; 8],
+    kernel: Int8Kernel,
+) {
+    #[cfg(target_arch = "x86_64")]
+    macro_rules! rows_of {
+        ($f:ident, $($n:literal)*) => {
+            match r {
+                $($n => unsafe { simd::$f::<$n>(x, row, w, panel, tile) },)*
+                _ => unreachable!("tile of {r} rows"),
+            }
+        };
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx512Vnni => rows_of!(tile_avx512_vnni, 1 2 3 4 5 6 7 8),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::AvxVnni => rows_of!(tile_avx_vnni, 1 2 3 4 5 6),
+        #[cfg(target_arch = "x86_64")]
+        Int8Kernel::Avx2 => rows_of!(tile_avx2, 1 2 3 4),
+        _ => tile_plain(x, row, r, w, panel, tile),
+    }
+}
+
+/// The scalar tile: the same integers and float steps as the SIMD ones.
+fn tile_plain(
+    x: &QuantizedRows,
+    row: usize,
+    r: usize,
+    w: &PackedWeights,
+    panel: usize,
+    tile: &mut [[f32; PANEL]; 8],
+) {
+    for (i, t) in tile[..r].iter_mut().enumerate() {
+        let xr = &x.data[(row + i) * x.k4..][..x.k4];
+        for (lane, out) in t.iter_mut().enumerate() {
+            for b in 0..x.blocks {
+                let (start, end) = block_range(b, x.k4);
+                let mut acc = 0i32;
+                for (kk, &xv) in xr.iter().enumerate().take(end).skip(start) {
+                    let wv =
+                        w.data[panel * w.k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4];
+                    acc += xv as i32 * wv as i32;
+                }
+                let slot = (panel * w.blocks + b) * PANEL + lane;
+                let f = (acc - w.offset_sums[slot]) as f32;
+                let s = x.scales[(row + i) * x.blocks + b] * w.scales[slot];
+                *out = f.mul_add(s, *out);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{PANEL, PackedWeights, QuantizedRows, block_range};
+    use std::arch::x86_64::*;
+
+    /// The 4 activation bytes of row `row` at quad `q`, in every 32-bit lane.
+    #[inline(always)]
+    unsafe fn quad(x: &QuantizedRows, row: usize, q: usize) -> i32 {
+        // SAFETY: row < m and 4 q + 4 <= k4.
+        unsafe { std::ptr::read_unaligned(x.data.as_ptr().add(row * x.k4 + q * 4) as *const i32) }
+    }
+
+    /// [`super::quantize_rows_scalar`] with AVX2, 32 values at a time: the same maxima (NaN
+    /// skipped), the same products, rounding to nearest even (`vcvtps2dq` in the default
+    /// rounding mode, as `round_ties_even`), NaN to 0, and the clamp in integers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn quantize_rows_avx2(x: &[f32], k: usize, q: &mut QuantizedRows) {
+        use super::{ACT_MAX, ACT_OFFSET, quantize_into, scale_and_inverse};
+        let (k4, blocks) = (q.k4, q.blocks);
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let (lo, hi) = (
+            _mm256_set1_epi32(-(ACT_MAX as i32)),
+            _mm256_set1_epi32(ACT_MAX as i32),
+        );
+        let offset = _mm256_set1_epi32(ACT_OFFSET as i32);
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for ((row, dst), scales) in x
+            .chunks_exact(k)
+            .zip(q.data.chunks_exact_mut(k4))
+            .zip(q.scales.chunks_exact_mut(blocks))
+        {
+            for (b, scale) in scales.iter_mut().enumerate() {
+                let (start, end) = block_range(b, k4);
+                let vals = &row[start.min(k)..end.min(k)];
+                let mut chunks = vals.chunks_exact(8);
+                let mut m = _mm256_setzero_ps();
+                for c in &mut chunks {
+                    // SAFETY: c has 8 values. max_ps returns its second operand when either is
+                    // NaN, so NaN never replaces the running maximum.
+                    let v = unsafe { _mm256_loadu_ps(c.as_ptr()) };
+                    m = _mm256_max_ps(_mm256_and_ps(v, abs_mask), m);
+                }
+                let mut lanes = [0f32; 8];
+                // SAFETY: 8 floats.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+                let tail = chunks.remainder().iter().fold(0f32, |a, v| a.max(v.abs()));
+                let max_abs = lanes.iter().fold(tail, |a, &l| a.max(l));
+                let (s, inv) = scale_and_inverse(max_abs, ACT_MAX);
+                *scale = s;
+                let invv = _mm256_set1_ps(inv);
+                let out = &mut dst[start..];
+                let whole = vals.len() / 32 * 32;
+                for (i, c) in vals[..whole].chunks_exact(32).enumerate() {
+                    let mut ints = [_mm256_setzero_si256(); 4];
+                    for (j, int) in ints.iter_mut().enumerate() {
+                        // SAFETY: 8 values at 8 j within the chunk of 32.
+                        let p =
+                            _mm256_mul_ps(unsafe { _mm256_loadu_ps(c.as_ptr().add(8 * j)) }, invv);
+                        let p = _mm256_and_ps(p, _mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+                        let r = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(p), lo), hi);
+                        *int = _mm256_add_epi32(r, offset);
+                    }
+                    let ab = _mm256_packs_epi32(ints[0], ints[1]);
+                    let cd = _mm256_packs_epi32(ints[2], ints[3]);
+                    let bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+                    // SAFETY: out has k4 - start >= whole values from 32 i.
+                    unsafe {
+                        _mm256_storeu_si256(out.as_mut_ptr().add(32 * i) as *mut __m256i, bytes)
+                    };
+                }
+                quantize_into(&vals[whole..], inv, &mut out[whole..]);
+            }
+        }
+    }
+
+    /// AVX2: 16 columns as two vectors of 8, `R` rows; `vpmaddubsw` then `vpmaddwd` with ones.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2<const R: usize>(
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        panel: usize,
+        tile: &mut [[f32; PANEL]; 8],
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, w.k4);
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for q in start / 4..end / 4 {
+                // SAFETY: quad q of this panel lies within `data`.
+                let (w0, w1) = unsafe {
+                    let p = wbase.add(q * PANEL * 4) as *const __m256i;
+                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+                };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
+                    a[0] = _mm256_add_epi32(
+                        a[0],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones),
+                    );
+                    a[1] = _mm256_add_epi32(
+                        a[1],
+                        _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones),
+                    );
+                }
+            }
+            unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
+        }
+    }
+
+    /// AVX-VNNI: as AVX2 with one `vpdpbusd` per product.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub(super) unsafe fn tile_avx_vnni<const R: usize>(
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        panel: usize,
+        tile: &mut [[f32; PANEL]; 8],
+    ) {
+        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, w.k4);
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for q in start / 4..end / 4 {
+                let (w0, w1) = unsafe {
+                    let p = wbase.add(q * PANEL * 4) as *const __m256i;
+                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+                };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
+                    a[0] = _mm256_dpbusd_avx_epi32(a[0], xv, w0);
+                    a[1] = _mm256_dpbusd_avx_epi32(a[1], xv, w1);
+                }
+            }
+            unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
+        }
+    }
+
+    /// Block `b`'s integer sums into the f32 tile: `tile += (acc - offset sums) * (sx * sw)`.
+    #[inline(always)]
+    unsafe fn combine256<const R: usize>(
+        acc: &[[__m256i; 2]; R],
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        panel: usize,
+        b: usize,
+        tile: &mut [[f32; PANEL]; 8],
+    ) {
+        let slot = (panel * w.blocks + b) * PANEL;
+        unsafe {
+            let sw = w.scales.as_ptr().add(slot);
+            let os = w.offset_sums.as_ptr().add(slot) as *const __m256i;
+            for (i, a) in acc.iter().enumerate() {
+                let sx = _mm256_set1_ps(x.scales[(row + i) * x.blocks + b]);
+                for (h, &ah) in a.iter().enumerate() {
+                    let f = _mm256_cvtepi32_ps(_mm256_sub_epi32(ah, _mm256_loadu_si256(os.add(h))));
+                    let s = _mm256_mul_ps(sx, _mm256_loadu_ps(sw.add(8 * h)));
+                    let t = tile[i].as_mut_ptr().add(8 * h);
+                    _mm256_storeu_ps(t, _mm256_fmadd_ps(f, s, _mm256_loadu_ps(t)));
+                }
+            }
+        }
+    }
+
+    /// AVX512-VNNI: the 16 columns in one vector, `R` rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) unsafe fn tile_avx512_vnni<const R: usize>(
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        panel: usize,
+        tile: &mut [[f32; PANEL]; 8],
+    ) {
+        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, w.k4);
+            let mut acc = [_mm512_setzero_si512(); R];
+            for q in start / 4..end / 4 {
+                let wv = unsafe { _mm512_loadu_si512(wbase.add(q * PANEL * 4) as *const _) };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32(unsafe { quad(x, row + i, q) });
+                    *a = _mm512_dpbusd_epi32(*a, xv, wv);
+                }
+            }
+            let slot = (panel * w.blocks + b) * PANEL;
+            unsafe {
+                let sw = _mm512_loadu_ps(w.scales.as_ptr().add(slot));
+                let os = _mm512_loadu_si512(w.offset_sums.as_ptr().add(slot) as *const _);
+                for (i, a) in acc.iter().enumerate() {
+                    let sx = _mm512_set1_ps(x.scales[(row + i) * x.blocks + b]);
+                    let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, os));
+                    let s = _mm512_mul_ps(sx, sw);
+                    let t = tile[i].as_mut_ptr();
+                    _mm512_storeu_ps(t, _mm512_fmadd_ps(f, s, _mm512_loadu_ps(t)));
+                }
+            }
+        }
+    }
+}
+
+/// Twin of [`quantize_rows`] + [`matmul`]: scalar quantization and integer loops over the
+/// weights read one by one, no packing-order assumptions beyond [`PackedWeights::weight_at`].
+pub fn matmul_plain(x: &[f32], m: usize, w: &PackedWeights) -> Vec<f32> {
+    let (k, k4) = (w.k, w.k4);
+    let mut out = vec![0f32; m * w.n];
+    for i in 0..m {
+        let row = &x[i * k..(i + 1) * k];
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, k4);
+            let vals = &row[start.min(k)..end.min(k)];
+            let max_abs = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let (sx, inv) = scale_and_inverse(max_abs, ACT_MAX);
+            let qx: Vec<i32> = vals
+                .iter()
+                .map(|&v| quantize_value(v, inv, ACT_MAX))
+                .collect();
+            for j in 0..w.n {
+                let acc: i32 = qx
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &q)| q * w.weight_at(j, start + t) as i32)
+                    .sum();
+                let o = &mut out[i * w.n + j];
+                *o = (acc as f32).mul_add(sx * w.scale_at(j, b), *o);
+            }
+        }
+    }
+    out
+}
+
+/// `x [.., k] W^T + bias` (then the erf GELU when `gelu`) as a candle op on f32 CPU tensors.
+pub struct Int8Product<'a> {
+    pub weights: &'a PackedWeights,
+    pub bias: Option<&'a [f32]>,
+    pub gelu: bool,
+    pub kernel: Int8Kernel,
+}
+
+impl CustomOp1 for Int8Product<'_> {
+    fn name(&self) -> &'static str {
+        "int8-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(self.name(), storage, layout)?;
+        let (k, n) = (self.weights.k, self.weights.n);
+        let dims = layout.dims();
+        if dims.last() != Some(&k) || self.bias.is_some_and(|b| b.len() != n) {
+            candle_core::bail!("8-bit projection of width {k} -> {n} applied to {dims:?}");
+        }
+        let m = x.len() / k;
+        let q = quantize_rows(x, m, k);
+        let mut dst = vec![0f32; m * n];
+        matmul(&q, self.weights, &mut dst, self.kernel);
+        row_epilogue(
+            &mut dst,
+            n,
+            &RowEpilogue {
+                bias: self.bias,
+                norm: None,
+                gelu: self.gelu,
+            },
+        );
+        let mut shape = dims.to_vec();
+        *shape.last_mut().unwrap_or(&mut 0) = n;
+        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// The kernels this CPU runs.
+    fn kernels() -> Vec<Int8Kernel> {
+        [
+            Int8Kernel::Plain,
+            Int8Kernel::Avx2,
+            Int8Kernel::AvxVnni,
+            Int8Kernel::Avx512Vnni,
+        ]
+        .into_iter()
+        .filter(|k| k.runs_here())
+        .collect()
+    }
+
+    /// Every kernel this CPU runs equals the twin exactly, on odd sizes (tails of rows, panels,
+    /// quads and blocks), rows with outliers, all-zero rows and NaN.
+    #[test]
+    fn every_kernel_equals_the_plain_twin() {
+        for (m, n, k) in [
+            (1usize, 1usize, 1usize),
+            (3, 17, 5),
+            (9, 16, 256),
+            (13, 33, 257),
+            (150, 40, 512),
+            (121, 20, 700),
+            (7, 5, 1536),
+        ] {
+            let w = values(n * k, 1 + (m * n * k) as u64);
+            let mut x = values(m * k, 7 + k as u64);
+            x[0] = 40.0; // an outlier in the first block of row 0
+            if m > 2 {
+                x[k..2 * k].iter_mut().for_each(|v| *v = 0.0);
+                x[2 * k] = f32::NAN;
+                x[2 * k + 1] = 1e-41;
+            }
+            let packed = PackedWeights::pack(&w, n, k).unwrap();
+            let want = matmul_plain(&x, m, &packed);
+            for kernel in kernels() {
+                let q = quantize_rows(&x, m, k);
+                let mut got = vec![f32::NAN; m * n];
+                matmul(&q, &packed, &mut got, kernel);
+                for (i, (g, t)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g.to_bits() == t.to_bits(),
+                        "{kernel:?} ({m}, {n}, {k}) at {i}: {g} vs twin {t}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The twin is within the quantization error of the f32 product: relative error of the
+    /// whole product (Frobenius) under 2 %, for Gaussian-like data.
+    #[test]
+    fn twin_is_close_to_the_f32_product() {
+        let (m, n, k) = (20, 24, 600);
+        let w = values(n * k, 3);
+        let x = values(m * k, 4);
+        let packed = PackedWeights::pack(&w, n, k).unwrap();
+        let got = matmul_plain(&x, m, &packed);
+        let (mut err, mut norm) = (0f64, 0f64);
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
+                err += (got[i * n + j] as f64 - exact).powi(2);
+                norm += exact.powi(2);
+            }
+        }
+        let rel = (err / norm).sqrt();
+        assert!(rel < 0.02, "relative error {rel}");
+        assert!(rel > 0.0, "no quantization happened");
+        let deq = packed.dequantize();
+        let worst = w
+            .iter()
+            .zip(&deq)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1.0 / 127.0 / 2.0 + 1e-6, "weight error {worst}");
+    }
+
+    /// The dispatched quantizer writes the scalar one's bytes and scales, with NaN, infinities,
+    /// subnormal blocks, huge values and ties among the inputs.
+    #[test]
+    fn quantizer_matches_the_scalar_one() {
+        for (m, k) in [(1usize, 1usize), (2, 31), (3, 64), (5, 300), (4, 1031)] {
+            let mut x = values(m * k, k as u64);
+            for (i, v) in x.iter_mut().enumerate() {
+                match i % 97 {
+                    3 => *v = f32::NAN,
+                    5 if i % 2 == 0 => *v = 0.5 / 63.0 * 7.0,
+                    11 => *v *= 1e30,
+                    _ => {}
+                }
+            }
+            if m > 2 {
+                x[k..2 * k].iter_mut().for_each(|v| *v = 1e-40);
+                x[2 * k] = f32::INFINITY;
+                x[2 * k + k / 2] = f32::NEG_INFINITY;
+            }
+            let got = quantize_rows(&x, m, k);
+            let mut want = QuantizedRows {
+                m,
+                k4: got.k4,
+                blocks: got.blocks,
+                data: vec![ACT_OFFSET; got.data.len()],
+                scales: vec![0f32; got.scales.len()],
+            };
+            quantize_rows_scalar(&x, k, &mut want);
+            assert_eq!(got.data, want.data, "({m}, {k}) bytes");
+            assert_eq!(got.scales, want.scales, "({m}, {k}) scales");
+            assert!(got.data.iter().all(|&b| (1..=127).contains(&b)));
+        }
+    }
+
+    #[test]
+    fn packing_rejects_bad_weights() {
+        assert!(PackedWeights::pack(&[1.0, f32::NAN], 1, 2).is_err());
+        assert!(PackedWeights::pack(&[1.0, 2.0, 3.0], 2, 2).is_err());
+        assert!(PackedWeights::pack(&[], 0, 0).is_err());
+    }
+
+    #[test]
+    fn kernel_limit_caps_the_choice() {
+        assert_eq!(
+            Int8Kernel::detect(Some(Int8Kernel::Plain)),
+            Int8Kernel::Plain
+        );
+        let avx2 = Int8Kernel::detect(Some(Int8Kernel::Avx2));
+        assert!(avx2 == Int8Kernel::Avx2 || avx2 == Int8Kernel::Plain);
+        for cap in [Int8Kernel::AvxVnni, Int8Kernel::Avx512Vnni] {
+            let k = Int8Kernel::detect(Some(cap));
+            assert!(k.runs_here() && k.rank_at_most(cap), "{cap:?} gave {k:?}");
+        }
+        assert_eq!(Int8Kernel::parse("AVX2"), Some(Int8Kernel::Avx2));
+        assert_eq!(Int8Kernel::parse("sse"), None);
+    }
+}
