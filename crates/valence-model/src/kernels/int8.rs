@@ -341,20 +341,83 @@ pub fn matmul(x: &QuantizedRows, w: &PackedWeights, dst: &mut [f32], kernel: Int
     assert_eq!(dst.len(), x.m * w.n, "destination size");
     let row_chunks = x.m.div_ceil(ROW_CHUNK);
     let out = SyncPtr(dst.as_mut_ptr());
+    // AVX-512 has registers for two panels at once: each broadcast of activations then
+    // feeds twice the products (the loads, not the multiplies, limit one panel).
+    let group = if kernel == Int8Kernel::Avx512Vnni {
+        2
+    } else {
+        1
+    };
+    let groups = w.panels.div_ceil(group);
     let run = |tasks: std::ops::Range<usize>| {
         for task in tasks {
-            let (chunk, panel) = (task / w.panels, task % w.panels);
+            let (chunk, g) = (task / groups, task % groups);
             let rows = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(x.m);
-            // SAFETY: each task writes the columns of its own panel in its own rows of `dst`,
+            let first = g * group;
+            // SAFETY: each task writes the columns of its own panels in its own rows of `dst`,
             // which lives until `execute_chunked` returns; the kernel matches this CPU.
-            unsafe { panel_rows(x, w, panel, rows, out, kernel) };
+            unsafe {
+                if group == 2 && first + 1 < w.panels {
+                    #[cfg(target_arch = "x86_64")]
+                    panel_pair_rows(x, w, first, rows, out);
+                } else {
+                    for panel in first..(first + group).min(w.panels) {
+                        panel_rows(x, w, panel, rows.clone(), out, kernel);
+                    }
+                }
+            }
         }
     };
-    let tasks = row_chunks * w.panels;
+    let tasks = row_chunks * groups;
     if tasks <= 1 {
         run(0..tasks);
     } else {
         candle_core::utils::barrier_pool().execute_chunked(tasks, run);
+    }
+}
+
+/// Panels `first` and `first + 1` for `rows` with AVX512-VNNI, 8 rows at a time.
+///
+/// # Safety
+/// As [`panel_rows`], for both panels; the CPU has AVX512-VNNI.
+#[cfg(target_arch = "x86_64")]
+unsafe fn panel_pair_rows(
+    x: &QuantizedRows,
+    w: &PackedWeights,
+    first: usize,
+    rows: std::ops::Range<usize>,
+    out: SyncPtr,
+) {
+    const STEP: usize = 8;
+    // The first panel is whole (another follows it); the second may be the last, partial one.
+    let cols = PANEL + PANEL.min(w.n - (first + 1) * PANEL);
+    let mut tile = [[0f32; 2 * PANEL]; STEP];
+    let mut row = rows.start;
+    while row < rows.end {
+        let r = STEP.min(rows.end - row);
+        for t in tile.iter_mut() {
+            *t = [0.0; 2 * PANEL];
+        }
+        macro_rules! rows_of {
+            ($($n:literal)*) => {
+                match r {
+                    $($n => unsafe { simd::tile_avx512_vnni_pair::<$n>(x, row, w, first, &mut tile) },)*
+                    _ => unreachable!("tile of {r} rows"),
+                }
+            };
+        }
+        rows_of!(1 2 3 4 5 6 7 8);
+        for (i, t) in tile[..r].iter().enumerate() {
+            // SAFETY: row + i < m and first * PANEL + cols <= n: this task's cells.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    t.as_ptr(),
+                    out.get().add((row + i) * w.n + first * PANEL),
+                    cols,
+                );
+            }
+        }
+        row += r;
     }
 }
 
@@ -659,6 +722,52 @@ mod simd {
                     let s = _mm512_mul_ps(sx, sw);
                     let t = tile[i].as_mut_ptr();
                     _mm512_storeu_ps(t, _mm512_fmadd_ps(f, s, _mm512_loadu_ps(t)));
+                }
+            }
+        }
+    }
+
+    /// AVX512-VNNI over two adjacent panels (32 columns), `R` rows: each activation broadcast
+    /// feeds two products.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    pub(super) unsafe fn tile_avx512_vnni_pair<const R: usize>(
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        first: usize,
+        tile: &mut [[f32; 2 * PANEL]; 8],
+    ) {
+        let base0 = unsafe { w.data.as_ptr().add(first * w.k4 * PANEL) };
+        let base1 = unsafe { base0.add(w.k4 * PANEL) };
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, w.k4);
+            let mut acc = [[_mm512_setzero_si512(); 2]; R];
+            for q in start / 4..end / 4 {
+                // SAFETY: quad q of both panels lies within `data`.
+                let (w0, w1) = unsafe {
+                    (
+                        _mm512_loadu_si512(base0.add(q * PANEL * 4) as *const _),
+                        _mm512_loadu_si512(base1.add(q * PANEL * 4) as *const _),
+                    )
+                };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_epi32(unsafe { quad(x, row + i, q) });
+                    a[0] = _mm512_dpbusd_epi32(a[0], xv, w0);
+                    a[1] = _mm512_dpbusd_epi32(a[1], xv, w1);
+                }
+            }
+            for (h, panel) in [first, first + 1].into_iter().enumerate() {
+                let slot = (panel * w.blocks + b) * PANEL;
+                unsafe {
+                    let sw = _mm512_loadu_ps(w.scales.as_ptr().add(slot));
+                    let os = _mm512_loadu_si512(w.offset_sums.as_ptr().add(slot) as *const _);
+                    for (i, a) in acc.iter().enumerate() {
+                        let sx = _mm512_set1_ps(x.scales[(row + i) * x.blocks + b]);
+                        let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(a[h], os));
+                        let s = _mm512_mul_ps(sx, sw);
+                        let t = tile[i].as_mut_ptr().add(PANEL * h);
+                        _mm512_storeu_ps(t, _mm512_fmadd_ps(f, s, _mm512_loadu_ps(t)));
+                    }
                 }
             }
         }
