@@ -102,7 +102,8 @@ def main():
         run, info = products()
     else:
         sys.exit(f"unknown model {what!r}")
-    info.update({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()})
+    info.update({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()})
     print(json.dumps(info), flush=True)
     with torch.inference_mode():
         for line in sys.stdin:

@@ -13,6 +13,29 @@ use valence_model::runtime::Int8Kernel;
 use valence_model::wav2vec2::Wav2Vec2Model;
 use valence_model::whisper::WhisperEncoder;
 
+/// Set in the environment of a bench run restarted by [`rerun_avx2_only`].
+pub const AVX2_ONLY_MARK: &str = "VALENCE_BENCH_AVX2_ONLY";
+
+/// Runs this same command again in a child process whose environment caps every engine at
+/// AVX2: our 8-bit kernel, and PyTorch's ATen kernels, oneDNN and MKL (which otherwise pick
+/// AVX-512 and AMX where present). The f32 `gemm` products run AVX2/FMA kernels on every CPU.
+/// A child, because the variables must be set before either engine starts.
+pub fn rerun_avx2_only() -> Result<()> {
+    let status = Command::new(std::env::current_exe()?)
+        .args(std::env::args_os().skip(1))
+        .env(AVX2_ONLY_MARK, "1")
+        .env(valence_model::runtime::INT8_KERNEL_VAR, "avx2")
+        .env("ATEN_CPU_CAPABILITY", "avx2")
+        .env("ONEDNN_MAX_CPU_ISA", "AVX2")
+        .env("DNNL_MAX_CPU_ISA", "AVX2")
+        .env("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+        .status()?;
+    if !status.success() {
+        bail!("the AVX2-only run failed ({status})");
+    }
+    Ok(())
+}
+
 /// `bench/torch_reference.py` running one model, timing one run per request.
 struct TorchWorker {
     child: Child,
@@ -179,10 +202,16 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         cpu.describe(),
         int8.name(),
         match std::env::var(valence_model::runtime::INT8_KERNEL_VAR) {
-            Ok(v) => format!(" ({}={v})", valence_model::runtime::INT8_KERNEL_VAR),
-            Err(_) => String::new(),
+            Ok(v) if !v.is_empty() => format!(" ({}={v})", valence_model::runtime::INT8_KERNEL_VAR),
+            _ => String::new(),
         }
     );
+    if std::env::var(AVX2_ONLY_MARK).is_ok() {
+        println!(
+            "--avx2-only: 8-bit kernel capped at AVX2; PyTorch with ATEN_CPU_CAPABILITY=avx2, \
+             ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2"
+        );
+    }
     println!(
         "candle threads: {threads}; PyTorch threads: $BENCH_THREADS (default 2). Each row: medians of \
          runs alternating candle and PyTorch, and the median of their per-round ratios."
@@ -197,6 +226,12 @@ pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
         let mut torch = python
             .map(|p| TorchWorker::start(p, "whisper", &enc_dir))
             .transpose()?;
+        if let Some(t) = &torch {
+            println!(
+                "PyTorch {} (ATen CPU capability {})",
+                t.info["torch"], t.info["cpu_capability"]
+            );
+        }
         let x = noise(48000);
         // candle's time includes the log-mel front end (~0.1 ms); PyTorch starts from a mel.
         for (name, quantized) in [

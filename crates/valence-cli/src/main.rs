@@ -153,6 +153,10 @@ enum Command {
         /// live/files: run only this configuration, in this process (how the table's rows run).
         #[arg(long, hide = true)]
         sharing: Option<usize>,
+        /// Measure as on an AVX2-only CPU: caps candle's 8-bit kernel at AVX2 and PyTorch's
+        /// (ATen, oneDNN and MKL) at AVX2 too, through their environment variables.
+        #[arg(long)]
+        avx2_only: bool,
     },
     /// Write a small random-weight model (real formats; for tests and demos only).
     MakeTestModel {
@@ -314,7 +318,11 @@ fn run() -> Result<()> {
             seconds,
             model,
             sharing,
+            avx2_only,
         } => match (what.as_str(), sharing) {
+            _ if avx2_only && std::env::var(bench::AVX2_ONLY_MARK).is_err() => {
+                bench::rerun_avx2_only()
+            }
             ("live" | "files", Some(k)) => streams::run_one(
                 &model,
                 what == "live",
