@@ -157,9 +157,10 @@ fn shipped_model_predictions_match_recorded_expectations() {
             .zip(e["probabilities"].as_array().unwrap())
         {
             let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-            // The q8_0 encoder quantizes activations in 256-value blocks on AVX512-VNNI CPUs
-            // and 32-value blocks elsewhere: probabilities move by up to ~1e-2 between them.
-            assert!((a - b).abs() < 2e-2, "{}: {a} vs {b}", g["path"]);
+            // Every 8-bit kernel gives the same features (kernels::int8); what is left is
+            // float summation order in f32 parts that may split work differently by thread
+            // count, far below this.
+            assert!((a - b).abs() < 1e-3, "{}: {a} vs {b}", g["path"]);
         }
     }
     // The shipped model gets most of these (training) clips right; a broken pipeline would not.
