@@ -419,12 +419,17 @@ impl Wav2Vec2Model {
         })
     }
 
-    /// Stores the transformer layers' projection weights as 8-bit values (see
+    /// Stores the transformer layers' projection weights, the feature encoder's convolutions
+    /// after the first and the positional convolution as 8-bit values (see
     /// [`super::whisper::WhisperEncoder::quantize`]; a no-op off the CPU).
     pub fn quantize(&mut self, kernel: Int8Kernel) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());
         }
+        for c in &mut self.convs {
+            c.conv.quantize(kernel)?;
+        }
+        self.pos_conv.quantize(kernel)?;
         for l in &mut self.layers {
             l.attention.qkv = l.attention.qkv.quantize(kernel)?;
             l.attention.out = l.attention.out.quantize(kernel)?;

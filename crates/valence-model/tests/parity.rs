@@ -65,6 +65,39 @@ fn wav2vec2_stable_layer_norm_pytorch_bin_matches_transformers() {
     );
 }
 
+/// The 8-bit encoders stay close to transformers' f32 states: every hidden state within 10 %
+/// relative RMS (the quantization error, not a broken product, which would be of order 1).
+#[test]
+fn int8_wav2vec2_stays_close_to_transformers() {
+    let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
+    let kernel = valence_model::runtime::int8_kernel();
+    for dir in ["w2v2_group", "w2v2_stable"] {
+        let mut m =
+            Wav2Vec2Model::load_dir(&fixtures().join(dir), DType::F32, &Device::Cpu).unwrap();
+        m.quantize(kernel).unwrap();
+        let out = m.encode(&audio).unwrap();
+        let r = reference(dir);
+        for (i, h) in out.hidden_states.iter().enumerate() {
+            let want = &r[&format!("hidden_states.{i}")];
+            let diff = (h.squeeze(0).unwrap() - want).unwrap();
+            let rms = |t: &Tensor| {
+                t.sqr()
+                    .unwrap()
+                    .mean_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt()
+            };
+            let rel = rms(&diff) / rms(want);
+            assert!(
+                rel < 0.1,
+                "{dir}: hidden_states[{i}] relative RMS error {rel}"
+            );
+        }
+    }
+}
+
 #[test]
 fn whisper_log_mel_matches_feature_extractor() {
     let audio = read_wav_i16(&fixtures().join("speechlike.wav"));

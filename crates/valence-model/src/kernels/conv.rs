@@ -10,6 +10,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::epilogue::{RowEpilogue, RowNorm, row_epilogue};
+use super::int8::{self, Int8Kernel, PackedWeights};
 use super::{MatRef, contiguous_f32, gemm_f32, gemm_parallelism};
 
 /// A convolution's weights packed for [`frame_conv`], and what follows it per output frame.
@@ -26,6 +27,9 @@ pub struct PackedConv {
     out_per_group: usize,
     norm: Option<RowNorm>,
     gelu: bool,
+    /// 8-bit copies of `weights` (per group, [out_per_group, kernel * in_per_group]) and the
+    /// kernel that runs them; when set, the product runs in 8 bits (see [`PackedConv::quantize`]).
+    int8: Option<(Vec<PackedWeights>, Int8Kernel)>,
 }
 
 impl PackedConv {
@@ -67,7 +71,35 @@ impl PackedConv {
             out_per_group: out_g,
             norm: None,
             gelu: false,
+            int8: None,
         })
+    }
+
+    /// Runs the product with 8-bit weights ([`int8`]) when a window holds at least 256 values
+    /// (Wav2Vec2's feature-encoder layers after the first, and its positional convolution);
+    /// the windows are quantized in place, never copied out. Returns whether it did.
+    pub fn quantize(&mut self, kernel: Int8Kernel) -> candle_core::Result<bool> {
+        let width = self.kernel * self.in_per_group;
+        if width < 256 {
+            return Ok(false);
+        }
+        let out_g = self.out_per_group;
+        let packed = self
+            .weights
+            .iter()
+            .map(|w| {
+                // [width, out_g] -> [out_g, width]
+                let mut t = vec![0f32; w.len()];
+                for (r, row) in w.chunks_exact(out_g).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        t[c * width + r] = v;
+                    }
+                }
+                PackedWeights::pack(&t, out_g, width)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.int8 = Some((packed, kernel));
+        Ok(true)
     }
 
     pub fn out_channels(&self) -> usize {
@@ -126,32 +158,55 @@ impl CustomOp1 for WindowProduct {
         // threads of the product, and the bias comes with the per-frame pass below.
         let mut dst = vec![0f32; batch * frames_out * out];
         let parallelism = gemm_parallelism();
-        for b in 0..batch {
-            for (g, w) in p.weights.iter().enumerate() {
-                let lhs = &x[(b * p.groups + g) * frames * in_g..][..frames * in_g];
-                let dst_g = &mut dst[b * frames_out * out + g * out_g..];
-                // SAFETY: lhs row r reads lhs[r * s * in_g .. r * s * in_g + k * in_g], and the
-                // last row (r = frames_out - 1) ends at or before frames * in_g by the definition
-                // of frames_out; rhs is [k * in_g, out_g] row-major; dst row r writes
-                // dst_g[r * out .. r * out + out_g], the last ending inside `dst`. Rows of lhs
-                // overlap, which is fine: the product only reads them.
-                unsafe {
-                    gemm_f32(
-                        (frames_out, out_g, k * in_g),
-                        dst_g.as_mut_ptr(),
-                        out,
-                        MatRef {
-                            ptr: lhs.as_ptr(),
-                            row_stride: s * in_g,
-                            col_stride: 1,
-                        },
-                        MatRef {
-                            ptr: w.as_ptr(),
-                            row_stride: out_g,
-                            col_stride: 1,
-                        },
-                        parallelism,
-                    );
+        match &p.int8 {
+            Some((packed, kernel)) => {
+                let mut part = vec![0f32; if p.groups > 1 { frames_out * out_g } else { 0 }];
+                for b in 0..batch {
+                    for (g, w) in packed.iter().enumerate() {
+                        let lhs = &x[(b * p.groups + g) * frames * in_g..][..frames * in_g];
+                        let rows = int8::quantize_strided_rows(lhs, frames_out, k * in_g, s * in_g);
+                        let dst_b = &mut dst[b * frames_out * out..][..frames_out * out];
+                        if p.groups == 1 {
+                            int8::matmul(&rows, w, dst_b, *kernel);
+                        } else {
+                            int8::matmul(&rows, w, &mut part, *kernel);
+                            for (d, r) in dst_b.chunks_exact_mut(out).zip(part.chunks_exact(out_g))
+                            {
+                                d[g * out_g..(g + 1) * out_g].copy_from_slice(r);
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                for b in 0..batch {
+                    for (g, w) in p.weights.iter().enumerate() {
+                        let lhs = &x[(b * p.groups + g) * frames * in_g..][..frames * in_g];
+                        let dst_g = &mut dst[b * frames_out * out + g * out_g..];
+                        // SAFETY: lhs row r reads lhs[r * s * in_g .. r * s * in_g + k * in_g], and the
+                        // last row (r = frames_out - 1) ends at or before frames * in_g by the definition
+                        // of frames_out; rhs is [k * in_g, out_g] row-major; dst row r writes
+                        // dst_g[r * out .. r * out + out_g], the last ending inside `dst`. Rows of lhs
+                        // overlap, which is fine: the product only reads them.
+                        unsafe {
+                            gemm_f32(
+                                (frames_out, out_g, k * in_g),
+                                dst_g.as_mut_ptr(),
+                                out,
+                                MatRef {
+                                    ptr: lhs.as_ptr(),
+                                    row_stride: s * in_g,
+                                    col_stride: 1,
+                                },
+                                MatRef {
+                                    ptr: w.as_ptr(),
+                                    row_stride: out_g,
+                                    col_stride: 1,
+                                },
+                                parallelism,
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -247,6 +302,61 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The 8-bit product follows the direct convolution (one group and several, strides 1-3,
+    /// windows of 256+ values); narrower windows stay f32.
+    #[test]
+    fn int8_frame_conv_follows_direct_convolution() {
+        let dev = Device::Cpu;
+        let kernel = Int8Kernel::detect(None);
+        for (b, t, cin, out, k, s, g) in [
+            (1usize, 30usize, 128usize, 40usize, 3usize, 2usize, 1usize),
+            (2, 25, 96, 20, 4, 1, 1),
+            (1, 40, 256, 32, 8, 3, 4),
+        ] {
+            let x = Tensor::randn(0f32, 1., (b, t, cin), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.1, (out, cin / g, k), &dev).unwrap();
+            let bias = Tensor::randn(0f32, 1., out, &dev).unwrap();
+            let mut packed = PackedConv::new(&w, Some(&bias), s, g).unwrap();
+            assert!(packed.quantize(kernel).unwrap());
+            let grouped = x
+                .reshape((b, t, g, cin / g))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            let got = frame_conv(&grouped, &Arc::new(packed)).unwrap();
+            let want = twin(
+                &x.flatten_all().unwrap().to_vec1().unwrap(),
+                (b, t, cin),
+                &w.flatten_all().unwrap().to_vec1().unwrap(),
+                (out, cin / g, k),
+                &bias.to_vec1().unwrap(),
+                s,
+                g,
+            );
+            assert_eq!(got.dims(), &[b, (t - k) / s + 1, out]);
+            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(
+                worst < 0.03 * scale,
+                "{:?}: error {worst} of {scale}",
+                (b, t, cin, out, k, s, g)
+            );
+        }
+        let w = Tensor::zeros((4, 2, 3), DType::F32, &dev).unwrap();
+        assert!(
+            !PackedConv::new(&w, None, 1, 1)
+                .unwrap()
+                .quantize(kernel)
+                .unwrap()
+        );
     }
 
     #[test]

@@ -265,6 +265,17 @@ pub struct QuantizedRows {
 
 /// Quantizes `x` ([m, k] row-major), vectorised where the CPU has AVX2.
 pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> QuantizedRows {
+    quantize_strided_rows(x, m, k, k)
+}
+
+/// Quantizes `m` rows of `k` values starting `row_stride` apart in `x` (rows may overlap: a
+/// convolution's windows over channels-last frames, read in place).
+pub fn quantize_strided_rows(x: &[f32], m: usize, k: usize, row_stride: usize) -> QuantizedRows {
+    assert!(
+        m == 0 || (m - 1) * row_stride + k <= x.len(),
+        "{m} rows of {k} values {row_stride} apart do not fit in {} values",
+        x.len()
+    );
     let k4 = k.div_ceil(4) * 4;
     let blocks = k4.div_ceil(K_BLOCK);
     let mut q = QuantizedRows {
@@ -274,24 +285,30 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> QuantizedRows {
         data: vec![ACT_OFFSET; m * k4],
         scales: vec![0f32; m * blocks],
     };
-    quantize_rows_into(x, k, &mut q);
+    quantize_rows_into(x, k, row_stride, &mut q);
     q
 }
 
-fn quantize_rows_into(x: &[f32], k: usize, q: &mut QuantizedRows) {
+/// Row `i` of `m` rows of `k` values `row_stride` apart.
+#[inline(always)]
+fn row_at(x: &[f32], i: usize, k: usize, row_stride: usize) -> &[f32] {
+    &x[i * row_stride..i * row_stride + k]
+}
+
+fn quantize_rows_into(x: &[f32], k: usize, row_stride: usize, q: &mut QuantizedRows) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was just detected.
-        unsafe { simd::quantize_rows_avx2(x, k, q) };
+        unsafe { simd::quantize_rows_avx2(x, k, row_stride, q) };
         return;
     }
-    quantize_rows_scalar(x, k, q);
+    quantize_rows_scalar(x, k, row_stride, q);
 }
 
-fn quantize_rows_scalar(x: &[f32], k: usize, q: &mut QuantizedRows) {
+fn quantize_rows_scalar(x: &[f32], k: usize, row_stride: usize, q: &mut QuantizedRows) {
     let (k4, blocks) = (q.k4, q.blocks);
-    for ((row, dst), scales) in x
-        .chunks_exact(k)
+    for ((row, dst), scales) in (0..q.m)
+        .map(|i| row_at(x, i, k, row_stride))
         .zip(q.data.chunks_exact_mut(k4))
         .zip(q.scales.chunks_exact_mut(blocks))
     {
@@ -542,8 +559,13 @@ mod simd {
     /// skipped), the same products, rounding to nearest even (`vcvtps2dq` in the default
     /// rounding mode, as `round_ties_even`), NaN to 0, and the clamp in integers.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn quantize_rows_avx2(x: &[f32], k: usize, q: &mut QuantizedRows) {
-        use super::{ACT_MAX, ACT_OFFSET, quantize_into, scale_and_inverse};
+    pub(super) unsafe fn quantize_rows_avx2(
+        x: &[f32],
+        k: usize,
+        row_stride: usize,
+        q: &mut QuantizedRows,
+    ) {
+        use super::{ACT_MAX, ACT_OFFSET, quantize_into, row_at, scale_and_inverse};
         let (k4, blocks) = (q.k4, q.blocks);
         let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
         let (lo, hi) = (
@@ -552,8 +574,8 @@ mod simd {
         );
         let offset = _mm256_set1_epi32(ACT_OFFSET as i32);
         let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for ((row, dst), scales) in x
-            .chunks_exact(k)
+        for ((row, dst), scales) in (0..q.m)
+            .map(|i| row_at(x, i, k, row_stride))
             .zip(q.data.chunks_exact_mut(k4))
             .zip(q.scales.chunks_exact_mut(blocks))
         {
@@ -973,11 +995,27 @@ mod tests {
                 data: vec![ACT_OFFSET; got.data.len()],
                 scales: vec![0f32; got.scales.len()],
             };
-            quantize_rows_scalar(&x, k, &mut want);
+            quantize_rows_scalar(&x, k, k, &mut want);
             assert_eq!(got.data, want.data, "({m}, {k}) bytes");
             assert_eq!(got.scales, want.scales, "({m}, {k}) scales");
             assert!(got.data.iter().all(|&b| (1..=127).contains(&b)));
         }
+    }
+
+    /// Overlapping strided rows quantize as the same rows copied out.
+    #[test]
+    fn strided_rows_equal_copied_rows() {
+        let (m, k, stride) = (7usize, 300usize, 64usize);
+        let x = values((m - 1) * stride + k, 9);
+        let copied: Vec<f32> = (0..m)
+            .flat_map(|i| x[i * stride..i * stride + k].to_vec())
+            .collect();
+        let (a, b) = (
+            quantize_strided_rows(&x, m, k, stride),
+            quantize_rows(&copied, m, k),
+        );
+        assert_eq!(a.data, b.data);
+        assert_eq!(a.scales, b.scales);
     }
 
     #[test]

@@ -102,6 +102,18 @@ impl FrameConv1d {
         Ok(self)
     }
 
+    /// Runs the product with 8-bit weights on the CPU where a window holds at least 256 values
+    /// (see [`crate::kernels::conv::PackedConv::quantize`]); a no-op elsewhere.
+    pub fn quantize(
+        &mut self,
+        kernel: crate::kernels::int8::Int8Kernel,
+    ) -> candle_core::Result<()> {
+        if let ConvWeights::Cpu(p) = &mut self.weights {
+            Arc::make_mut(p).quantize(kernel)?;
+        }
+        Ok(())
+    }
+
     /// Follows the convolution (and its layer norm, if any) with the erf GELU.
     pub fn with_gelu(mut self) -> Self {
         match &mut self.weights {
