@@ -129,6 +129,13 @@ impl Int8Kernel {
     }
 }
 
+/// Where the weight of output `j` and input `kk` lies in [`PackedWeights`]'s data:
+/// [panel][k4 / 4][PANEL][4].
+#[inline(always)]
+fn packed_index(k4: usize, j: usize, kk: usize) -> usize {
+    (j / PANEL) * k4 * PANEL + (kk / 4) * PANEL * 4 + (j % PANEL) * 4 + kk % 4
+}
+
 /// The block `b` of a `k4`-wide row: its first and one-past-last input.
 fn block_range(b: usize, k4: usize) -> (usize, usize) {
     (b * K_BLOCK, ((b + 1) * K_BLOCK).min(k4))
@@ -180,7 +187,7 @@ impl PackedWeights {
                 for (i, &v) in vals.iter().enumerate() {
                     let q = quantize_value(v, inv, W_MAX) as i8;
                     let kk = start + i;
-                    data[panel * k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4] = q;
+                    data[packed_index(k4, j, kk)] = q;
                     sum += q as i32;
                 }
                 offset_sums[slot] = ACT_OFFSET as i32 * sum;
@@ -198,31 +205,18 @@ impl PackedWeights {
         })
     }
 
-    pub fn rows(&self) -> usize {
-        self.n
-    }
-
-    pub fn cols(&self) -> usize {
-        self.k
-    }
-
     /// The quantized weight of output `j` and input `kk` (the twin reads weights through this).
     fn weight_at(&self, j: usize, kk: usize) -> i8 {
-        let (panel, lane) = (j / PANEL, j % PANEL);
-        self.data[panel * self.k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4]
+        self.data[packed_index(self.k4, j, kk)]
     }
 
     fn scale_at(&self, j: usize, b: usize) -> f32 {
         self.scales[((j / PANEL) * self.blocks + b) * PANEL + j % PANEL]
     }
 
-    /// The weights' memory, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.data.len() + 4 * (self.scales.len() + self.offset_sums.len())
-    }
-
-    /// The dequantized matrix [n, k] (tests, and checks of what quantization changed).
-    pub fn dequantize(&self) -> Vec<f32> {
+    /// The dequantized matrix [n, k] (what the tests compare with the weights).
+    #[cfg(test)]
+    fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.n * self.k];
         for j in 0..self.n {
             for kk in 0..self.k {
@@ -530,8 +524,7 @@ fn tile_plain(
                 let (start, end) = block_range(b, x.k4);
                 let mut acc = 0i32;
                 for (kk, &xv) in xr.iter().enumerate().take(end).skip(start) {
-                    let wv =
-                        w.data[panel * w.k4 * PANEL + (kk / 4) * PANEL * 4 + lane * 4 + kk % 4];
+                    let wv = w.data[packed_index(w.k4, panel * PANEL + lane, kk)];
                     acc += xv as i32 * wv as i32;
                 }
                 let slot = (panel * w.blocks + b) * PANEL + lane;
