@@ -240,9 +240,14 @@ fn scale_and_inverse(max_abs: f32, limit: f32) -> (f32, f32) {
 }
 
 /// `v * inv` rounded to the nearest integer (ties to even) within `±limit`; NaN gives 0.
+/// Adding and removing 1.5 * 2^23 rounds a value of magnitude below 2^22 to an integer in the
+/// default rounding mode, ties to even, as `round_ties_even` and `vcvtps2dq` do; written out
+/// because `round_ties_even` is a libm call (`rintf`) on baseline x86-64, which made packing
+/// the weights at load take longer than everything else in it.
 #[inline(always)]
 fn quantize_value(v: f32, inv: f32, limit: f32) -> i32 {
-    (v * inv).round_ties_even().clamp(-limit, limit) as i32
+    const ROUND: f32 = 12_582_912.0;
+    ((v * inv).clamp(-limit, limit) + ROUND - ROUND) as i32
 }
 
 /// A product's activations [m, k] quantized for [`matmul`].
@@ -993,6 +998,18 @@ mod tests {
             assert_eq!(got.scales, want.scales, "({m}, {k}) scales");
             assert!(got.data.iter().all(|&b| (1..=127).contains(&b)));
         }
+    }
+
+    /// The written-out rounding is `round_ties_even` (ties, negatives, limits, NaN).
+    #[test]
+    fn rounding_is_ties_to_even() {
+        for i in -300..=300 {
+            let v = i as f32 * 0.25;
+            let want = v.round_ties_even().clamp(-63.0, 63.0) as i32;
+            assert_eq!(quantize_value(v, 1.0, 63.0), want, "{v}");
+        }
+        assert_eq!(quantize_value(f32::NAN, 1.0, 63.0), 0);
+        assert_eq!(quantize_value(f32::INFINITY, 1.0, 127.0), 127);
     }
 
     /// Overlapping strided rows quantize as the same rows copied out.

@@ -137,6 +137,40 @@ pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
     }
 }
 
+/// `src` [rows, cols] row-major transposed into [cols, rows], in cache-sized tiles.
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const TILE: usize = 32;
+    assert_eq!(src.len(), rows * cols, "transpose of {rows} x {cols}");
+    let mut dst = vec![0f32; src.len()];
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                for c in c0..(c0 + TILE).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+    dst
+}
+
+/// `weight` [rows, cols] transposed into a contiguous [cols, rows] tensor: with [`transpose`]
+/// for f32 on the CPU (candle's strided copy of a transposed view was most of a model's load
+/// time), with candle elsewhere.
+pub(crate) fn transposed(weight: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if weight.device().is_cpu() && weight.dtype() == candle_core::DType::F32 {
+        let (rows, cols) = weight.dims2()?;
+        let values = weight.flatten_all()?.to_vec1::<f32>()?;
+        candle_core::Tensor::from_vec(
+            transpose(&values, rows, cols),
+            (cols, rows),
+            weight.device(),
+        )
+    } else {
+        weight.t()?.contiguous()
+    }
+}
+
 /// The values of a contiguous f32 CPU tensor, as the fused CPU ops take them.
 pub(crate) fn contiguous_f32<'a>(
     op: &str,
@@ -181,6 +215,21 @@ mod tests {
             });
             let want: Vec<f32> = (0..len).map(|i| i as f32 + 1.0).collect();
             assert_eq!(xs, want, "len {len}, piece {piece}");
+        }
+    }
+
+    #[test]
+    fn transpose_matches_candle() {
+        for (r, c) in [(1usize, 1usize), (2, 3), (33, 65), (70, 31)] {
+            let t =
+                candle_core::Tensor::randn(0f32, 1., (r, c), &candle_core::Device::Cpu).unwrap();
+            let want = t.t().unwrap().contiguous().unwrap().flatten_all().unwrap();
+            let got = transposed(&t).unwrap();
+            assert_eq!(got.dims(), &[c, r]);
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.to_vec1::<f32>().unwrap()
+            );
         }
     }
 
