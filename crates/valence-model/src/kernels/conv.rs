@@ -261,44 +261,60 @@ mod tests {
         y
     }
 
+    /// One case (batch, frames, in, out, kernel, stride, groups) with random input and weights
+    /// of spread `w_std`, through [`frame_conv`] (in 8 bits with `int8`) and through the twin.
+    fn run_case(
+        (b, t, cin, out, k, s, g): (usize, usize, usize, usize, usize, usize, usize),
+        w_std: f32,
+        int8: Option<Int8Kernel>,
+    ) -> (Vec<f32>, Vec<f64>) {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (b, t, cin), &dev).unwrap();
+        let w = Tensor::randn(0f32, w_std, (out, cin / g, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., out, &dev).unwrap();
+        let mut packed = PackedConv::new(&w, Some(&bias), s, g).unwrap();
+        if let Some(kernel) = int8 {
+            assert!(
+                packed.quantize(kernel).unwrap(),
+                "window of {} values",
+                k * cin / g
+            );
+        }
+        let grouped = x
+            .reshape((b, t, g, cin / g))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap();
+        let got = frame_conv(&grouped, &Arc::new(packed)).unwrap();
+        assert_eq!(got.dims(), &[b, (t - k) / s + 1, out]);
+        let want = twin(
+            &x.flatten_all().unwrap().to_vec1().unwrap(),
+            (b, t, cin),
+            &w.flatten_all().unwrap().to_vec1().unwrap(),
+            (out, cin / g, k),
+            &bias.to_vec1().unwrap(),
+            s,
+            g,
+        );
+        (got.flatten_all().unwrap().to_vec1().unwrap(), want)
+    }
+
     #[test]
     fn frame_conv_matches_direct_convolution() {
-        let dev = Device::Cpu;
         // (batch, frames, in, out, kernel, stride, groups), odd sizes included.
-        for (b, t, cin, out, k, s, g) in [
+        for case in [
             (1usize, 1usize, 1usize, 1usize, 1usize, 1usize, 1usize),
             (2, 23, 3, 5, 3, 2, 1),
             (1, 40, 8, 12, 5, 3, 4),
             (3, 17, 6, 6, 7, 1, 3),
         ] {
-            let x = Tensor::randn(0f32, 1., (b, t, cin), &dev).unwrap();
-            let w = Tensor::randn(0f32, 1., (out, cin / g, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1., out, &dev).unwrap();
-            let packed = Arc::new(PackedConv::new(&w, Some(&bias), s, g).unwrap());
-            let grouped = x
-                .reshape((b, t, g, cin / g))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let got = frame_conv(&grouped, &packed).unwrap();
-            let want = twin(
-                &x.flatten_all().unwrap().to_vec1().unwrap(),
-                (b, t, cin),
-                &w.flatten_all().unwrap().to_vec1().unwrap(),
-                (out, cin / g, k),
-                &bias.to_vec1().unwrap(),
-                s,
-                g,
-            );
-            assert_eq!(got.dims(), &[b, (t - k) / s + 1, out]);
-            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let (got, want) = run_case(case, 1.0, None);
             for (i, (g_, w_)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (*g_ as f64 - w_).abs() < 1e-4 * (1.0 + w_.abs()),
-                    "case {:?} at {i}",
-                    (b, t, cin, out, k, s, g)
+                    "case {case:?} at {i}"
                 );
             }
         }
@@ -308,55 +324,23 @@ mod tests {
     /// windows of 256+ values); narrower windows stay f32.
     #[test]
     fn int8_frame_conv_follows_direct_convolution() {
-        let dev = Device::Cpu;
         let kernel = Int8Kernel::detect(None);
-        for (b, t, cin, out, k, s, g) in [
+        for case in [
             (1usize, 30usize, 128usize, 40usize, 3usize, 2usize, 1usize),
             (2, 25, 96, 20, 4, 1, 1),
             (1, 40, 256, 32, 8, 3, 4),
         ] {
-            let x = Tensor::randn(0f32, 1., (b, t, cin), &dev).unwrap();
-            let w = Tensor::randn(0f32, 0.1, (out, cin / g, k), &dev).unwrap();
-            let bias = Tensor::randn(0f32, 1., out, &dev).unwrap();
-            let mut packed = PackedConv::new(&w, Some(&bias), s, g).unwrap();
-            assert!(packed.quantize(kernel).unwrap());
-            let grouped = x
-                .reshape((b, t, g, cin / g))
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .contiguous()
-                .unwrap();
-            let got = frame_conv(&grouped, &Arc::new(packed)).unwrap();
-            let want = twin(
-                &x.flatten_all().unwrap().to_vec1().unwrap(),
-                (b, t, cin),
-                &w.flatten_all().unwrap().to_vec1().unwrap(),
-                (out, cin / g, k),
-                &bias.to_vec1().unwrap(),
-                s,
-                g,
-            );
-            assert_eq!(got.dims(), &[b, (t - k) / s + 1, out]);
-            let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+            let (got, want) = run_case(case, 0.1, Some(kernel));
             let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
             let worst = got
                 .iter()
                 .zip(&want)
                 .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
-            assert!(
-                worst < 0.03 * scale,
-                "{:?}: error {worst} of {scale}",
-                (b, t, cin, out, k, s, g)
-            );
+            assert!(worst < 0.03 * scale, "{case:?}: error {worst} of {scale}");
         }
-        let w = Tensor::zeros((4, 2, 3), DType::F32, &dev).unwrap();
-        assert!(
-            !PackedConv::new(&w, None, 1, 1)
-                .unwrap()
-                .quantize(kernel)
-                .unwrap()
-        );
+        let w = Tensor::zeros((4, 2, 3), DType::F32, &Device::Cpu).unwrap();
+        let mut narrow = PackedConv::new(&w, None, 1, 1).unwrap();
+        assert!(!narrow.quantize(kernel).unwrap());
     }
 
     #[test]

@@ -77,19 +77,31 @@ impl CustomOp3 for DenseProduct {
                 gemm_parallelism(),
             );
         }
-        row_epilogue(
-            &mut dst,
-            n,
-            &RowEpilogue {
-                bias: Some(bias),
-                norm: None,
-                gelu: self.gelu,
-            },
-        );
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = n;
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        Ok(projection_output(dst, dims, n, Some(bias), self.gelu))
     }
+}
+
+/// A projection's product `dst` [.., n] with the bias (and GELU) applied, shaped as the input
+/// `dims` with the last one now `n`.
+pub(crate) fn projection_output(
+    mut dst: Vec<f32>,
+    dims: &[usize],
+    n: usize,
+    bias: Option<&[f32]>,
+    gelu: bool,
+) -> (CpuStorage, Shape) {
+    row_epilogue(
+        &mut dst,
+        n,
+        &RowEpilogue {
+            bias,
+            norm: None,
+            gelu,
+        },
+    );
+    let mut shape = dims.to_vec();
+    *shape.last_mut().unwrap_or(&mut 0) = n;
+    (CpuStorage::F32(dst), Shape::from(shape))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use super::epilogue::{RowEpilogue, row_epilogue};
+use super::dense::projection_output;
 use super::{SyncPtr, contiguous_f32};
 
 /// Inputs per scale block. Whisper's and Wav2Vec2's widths (512, 768, 1024, 1536, 2048, 3072,
@@ -404,36 +404,21 @@ unsafe fn panel_pair_rows(
     rows: std::ops::Range<usize>,
     out: SyncPtr,
 ) {
-    const STEP: usize = 8;
     // The first panel is whole (another follows it); the second may be the last, partial one.
     let cols = PANEL + PANEL.min(w.n - (first + 1) * PANEL);
-    let mut tile = [[0f32; 2 * PANEL]; STEP];
-    let mut row = rows.start;
-    while row < rows.end {
-        let r = STEP.min(rows.end - row);
-        for t in tile.iter_mut() {
-            *t = [0.0; 2 * PANEL];
-        }
-        macro_rules! rows_of {
-            ($($n:literal)*) => {
-                match r {
-                    $($n => unsafe { simd::tile_avx512_vnni_pair::<$n>(x, row, w, first, &mut tile) },)*
-                    _ => unreachable!("tile of {r} rows"),
-                }
-            };
-        }
-        rows_of!(1 2 3 4 5 6 7 8);
-        for (i, t) in tile[..r].iter().enumerate() {
-            // SAFETY: row + i < m and first * PANEL + cols <= n: this task's cells.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    t.as_ptr(),
-                    out.get().add((row + i) * w.n + first * PANEL),
-                    cols,
-                );
+    // SAFETY: forwarded.
+    unsafe {
+        tile_rows::<{ 2 * PANEL }>(rows, 8, first * PANEL, cols, w.n, out, |row, r, tile| {
+            macro_rules! rows_of {
+                ($($n:literal)*) => {
+                    match r {
+                        $($n => simd::tile_avx512_vnni_pair::<$n>(x, row, w, first, tile),)*
+                        _ => unreachable!("tile of {r} rows"),
+                    }
+                };
             }
-        }
-        row += r;
+            rows_of!(1 2 3 4 5 6 7 8)
+        })
     }
 }
 
@@ -457,21 +442,45 @@ unsafe fn panel_rows(
         Int8Kernel::Plain => 1,
     };
     let cols = PANEL.min(w.n - panel * PANEL);
-    let mut tile = [[0f32; PANEL]; 8];
+    // SAFETY: forwarded (the kernel's features are present).
+    unsafe {
+        tile_rows::<PANEL>(rows, step, panel * PANEL, cols, w.n, out, |row, r, tile| {
+            tile_dispatch(x, row, r, w, panel, tile, kernel)
+        })
+    }
+}
+
+/// Runs `tile(row, r, tile)` over `rows`, `step` rows at a time, on a zeroed tile of `WIDTH`
+/// columns, and copies each tile row's first `cols` values to `out` (rows `n` wide) from column
+/// `col0`.
+///
+/// # Safety
+/// `out` is a live buffer of `rows.end` rows of `n`, whose cells (rows, `col0..col0 + cols`) no
+/// one else touches; `col0 + cols <= n`, `cols <= WIDTH`, `step <= 8`; `tile` is safe to call
+/// (its kernel runs on this CPU).
+unsafe fn tile_rows<const WIDTH: usize>(
+    rows: std::ops::Range<usize>,
+    step: usize,
+    col0: usize,
+    cols: usize,
+    n: usize,
+    out: SyncPtr,
+    tile: impl Fn(usize, usize, &mut [[f32; WIDTH]; 8]),
+) {
+    let mut buf = [[0f32; WIDTH]; 8];
     let mut row = rows.start;
     while row < rows.end {
         let r = step.min(rows.end - row);
-        for t in tile.iter_mut() {
-            *t = [0.0; PANEL];
+        for t in buf.iter_mut() {
+            *t = [0.0; WIDTH];
         }
-        // SAFETY: forwarded (the kernel's features are present).
-        unsafe { tile_dispatch(x, row, r, w, panel, &mut tile, kernel) };
-        for (i, t) in tile[..r].iter().enumerate() {
-            // SAFETY: row + i < m and panel * PANEL + cols <= n: inside `out`, in this task's cells.
+        tile(row, r, &mut buf);
+        for (i, t) in buf[..r].iter().enumerate() {
+            // SAFETY: row + i < rows.end and col0 + cols <= n: this task's cells of `out`.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     t.as_ptr(),
-                    out.get().add((row + i) * w.n + panel * PANEL),
+                    out.get().add((row + i) * n + col0),
                     cols,
                 );
             }
@@ -852,18 +861,7 @@ impl CustomOp1 for Int8Product<'_> {
         let q = quantize_rows(x, m, k);
         let mut dst = vec![0f32; m * n];
         matmul(&q, self.weights, &mut dst, self.kernel);
-        row_epilogue(
-            &mut dst,
-            n,
-            &RowEpilogue {
-                bias: self.bias,
-                norm: None,
-                gelu: self.gelu,
-            },
-        );
-        let mut shape = dims.to_vec();
-        *shape.last_mut().unwrap_or(&mut 0) = n;
-        Ok((CpuStorage::F32(dst), Shape::from(shape)))
+        Ok(projection_output(dst, dims, n, self.bias, self.gelu))
     }
 }
 
