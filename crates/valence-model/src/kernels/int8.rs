@@ -630,69 +630,55 @@ mod simd {
         }
     }
 
-    /// AVX2: 16 columns as two vectors of 8, `R` rows; `vpmaddubsw` then `vpmaddwd` with ones.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tile_avx2<const R: usize>(
-        x: &QuantizedRows,
-        row: usize,
-        w: &PackedWeights,
-        panel: usize,
-        tile: &mut [[f32; PANEL]; 8],
-    ) {
-        let ones = _mm256_set1_epi16(1);
-        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
-        for b in 0..w.blocks {
-            let (start, end) = block_range(b, w.k4);
-            let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for q in start / 4..end / 4 {
-                // SAFETY: quad q of this panel lies within `data`.
-                let (w0, w1) = unsafe {
-                    let p = wbase.add(q * PANEL * 4) as *const __m256i;
-                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-                };
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
-                    a[0] = _mm256_add_epi32(
-                        a[0],
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w0), ones),
-                    );
-                    a[1] = _mm256_add_epi32(
-                        a[1],
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(xv, w1), ones),
-                    );
+    /// Defines a 256-bit tile kernel: 16 columns as two vectors of 8, `R` rows, with
+    /// `$dot(acc, activations, weights)` adding four u8 x i8 products into each i32 lane.
+    macro_rules! tile256 {
+        ($(#[$doc:meta])* $name:ident, $features:literal, $dot:expr) => {
+            $(#[$doc])*
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name<const R: usize>(
+                x: &QuantizedRows,
+                row: usize,
+                w: &PackedWeights,
+                panel: usize,
+                tile: &mut [[f32; PANEL]; 8],
+            ) {
+                let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
+                for b in 0..w.blocks {
+                    let (start, end) = block_range(b, w.k4);
+                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                    for q in start / 4..end / 4 {
+                        // SAFETY: quad q of this panel lies within `data`.
+                        let (w0, w1) = unsafe {
+                            let p = wbase.add(q * PANEL * 4) as *const __m256i;
+                            (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+                        };
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
+                            a[0] = $dot(a[0], xv, w0);
+                            a[1] = $dot(a[1], xv, w1);
+                        }
+                    }
+                    unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
                 }
             }
-            unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
-        }
+        };
     }
 
-    /// AVX-VNNI: as AVX2 with one `vpdpbusd` per product.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub(super) unsafe fn tile_avx_vnni<const R: usize>(
-        x: &QuantizedRows,
-        row: usize,
-        w: &PackedWeights,
-        panel: usize,
-        tile: &mut [[f32; PANEL]; 8],
-    ) {
-        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
-        for b in 0..w.blocks {
-            let (start, end) = block_range(b, w.k4);
-            let mut acc = [[_mm256_setzero_si256(); 2]; R];
-            for q in start / 4..end / 4 {
-                let (w0, w1) = unsafe {
-                    let p = wbase.add(q * PANEL * 4) as *const __m256i;
-                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
-                };
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
-                    a[0] = _mm256_dpbusd_avx_epi32(a[0], xv, w0);
-                    a[1] = _mm256_dpbusd_avx_epi32(a[1], xv, w1);
-                }
-            }
-            unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
-        }
-    }
+    tile256!(
+        /// AVX2: `vpmaddubsw` (pairs into i16, never saturating here), then `vpmaddwd` with
+        /// ones (pairs of pairs into i32).
+        tile_avx2,
+        "avx2,fma",
+        |a, x, w| _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
+    );
+
+    tile256!(
+        /// AVX-VNNI: one `vpdpbusd` per product.
+        tile_avx_vnni,
+        "avx2,fma,avxvnni",
+        |a, x, w| _mm256_dpbusd_avx_epi32(a, x, w)
+    );
 
     /// Block `b`'s integer sums into the f32 tile: `tile += (acc - offset sums) * (sx * sw)`.
     #[inline(always)]
