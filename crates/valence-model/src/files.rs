@@ -57,6 +57,19 @@ pub fn check_size(
     Ok(())
 }
 
+/// Checks an attention head count read from a config: at least 1, and dividing the width.
+pub fn check_heads(
+    file: &str,
+    (width_name, width): (&str, usize),
+    (heads_name, heads): (&str, usize),
+) -> anyhow::Result<()> {
+    check_size(file, heads_name, heads, 1..=width.max(1))?;
+    if !width.is_multiple_of(heads) {
+        anyhow::bail!("{file}: {width_name} {width} is not divisible by {heads} heads");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -70,19 +70,11 @@ impl Wav2Vec2Config {
         }
         check_size(f, "hidden_size", self.hidden_size, 1..=16384)?;
         check_size(f, "num_hidden_layers", self.num_hidden_layers, 0..=256)?;
-        check_size(
+        crate::files::check_heads(
             f,
-            "num_attention_heads",
-            self.num_attention_heads,
-            1..=self.hidden_size,
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
         )?;
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            bail!(
-                "{f}: hidden_size {} is not divisible by {} heads",
-                self.hidden_size,
-                self.num_attention_heads
-            );
-        }
         check_size(f, "intermediate_size", self.intermediate_size, 1..=65536)?;
         check_size(
             f,

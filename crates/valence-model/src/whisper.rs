@@ -52,19 +52,11 @@ impl WhisperEncoderConfig {
         check_size(f, "num_mel_bins", self.num_mel_bins, 1..=512)?;
         check_size(f, "d_model", self.d_model, 1..=16384)?;
         check_size(f, "encoder_layers", self.encoder_layers, 0..=256)?;
-        check_size(
+        crate::files::check_heads(
             f,
-            "encoder_attention_heads",
-            self.encoder_attention_heads,
-            1..=self.d_model,
+            ("d_model", self.d_model),
+            ("encoder_attention_heads", self.encoder_attention_heads),
         )?;
-        if !self.d_model.is_multiple_of(self.encoder_attention_heads) {
-            bail!(
-                "{f}: d_model {} is not divisible by {} heads",
-                self.d_model,
-                self.encoder_attention_heads
-            );
-        }
         check_size(f, "encoder_ffn_dim", self.encoder_ffn_dim, 1..=65536)?;
         check_size(
             f,

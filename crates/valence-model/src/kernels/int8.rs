@@ -435,10 +435,15 @@ unsafe fn panel_rows(
     out: SyncPtr,
     kernel: Int8Kernel,
 ) {
+    // The AVX-512 tile covers two panels; a single one (an odd last panel) runs the AVX2 tile,
+    // which every AVX512-VNNI CPU has and which gives the same values.
+    let kernel = match kernel {
+        Int8Kernel::Avx512Vnni => Int8Kernel::Avx2,
+        k => k,
+    };
     let step = match kernel {
-        Int8Kernel::Avx512Vnni => 8,
         Int8Kernel::AvxVnni => 6,
-        Int8Kernel::Avx2 => 4,
+        Int8Kernel::Avx2 | Int8Kernel::Avx512Vnni => 4,
         Int8Kernel::Plain => 1,
     };
     let cols = PANEL.min(w.n - panel * PANEL);
@@ -512,8 +517,6 @@ unsafe fn tile_dispatch(
         };
     }
     match kernel {
-        #[cfg(target_arch = "x86_64")]
-        Int8Kernel::Avx512Vnni => rows_of!(tile_avx512_vnni, 1 2 3 4 5 6 7 8),
         #[cfg(target_arch = "x86_64")]
         Int8Kernel::AvxVnni => rows_of!(tile_avx_vnni, 1 2 3 4 5 6),
         #[cfg(target_arch = "x86_64")]
@@ -702,41 +705,6 @@ mod simd {
                     let s = _mm256_mul_ps(sx, _mm256_loadu_ps(sw.add(8 * h)));
                     let t = tile[i].as_mut_ptr().add(8 * h);
                     _mm256_storeu_ps(t, _mm256_fmadd_ps(f, s, _mm256_loadu_ps(t)));
-                }
-            }
-        }
-    }
-
-    /// AVX512-VNNI: the 16 columns in one vector, `R` rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-    pub(super) unsafe fn tile_avx512_vnni<const R: usize>(
-        x: &QuantizedRows,
-        row: usize,
-        w: &PackedWeights,
-        panel: usize,
-        tile: &mut [[f32; PANEL]; 8],
-    ) {
-        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
-        for b in 0..w.blocks {
-            let (start, end) = block_range(b, w.k4);
-            let mut acc = [_mm512_setzero_si512(); R];
-            for q in start / 4..end / 4 {
-                let wv = unsafe { _mm512_loadu_si512(wbase.add(q * PANEL * 4) as *const _) };
-                for (i, a) in acc.iter_mut().enumerate() {
-                    let xv = _mm512_set1_epi32(unsafe { quad(x, row + i, q) });
-                    *a = _mm512_dpbusd_epi32(*a, xv, wv);
-                }
-            }
-            let slot = (panel * w.blocks + b) * PANEL;
-            unsafe {
-                let sw = _mm512_loadu_ps(w.scales.as_ptr().add(slot));
-                let os = _mm512_loadu_si512(w.offset_sums.as_ptr().add(slot) as *const _);
-                for (i, a) in acc.iter().enumerate() {
-                    let sx = _mm512_set1_ps(x.scales[(row + i) * x.blocks + b]);
-                    let f = _mm512_cvtepi32_ps(_mm512_sub_epi32(*a, os));
-                    let s = _mm512_mul_ps(sx, sw);
-                    let t = tile[i].as_mut_ptr();
-                    _mm512_storeu_ps(t, _mm512_fmadd_ps(f, s, _mm512_loadu_ps(t)));
                 }
             }
         }

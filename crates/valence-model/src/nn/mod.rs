@@ -53,39 +53,8 @@ impl Int8Weights {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        Self::from_values(&values, n, k, bias, kernel)
-    }
-
-    /// From `W^T` [in, out] as a dense projection keeps it (transposed here in tiles: candle's
-    /// strided copy of a transposed view was most of the load time).
-    fn from_transposed(
-        weight_t: &Tensor,
-        bias: Option<&Tensor>,
-        kernel: Int8Kernel,
-    ) -> candle_core::Result<Self> {
-        let (k, n) = weight_t.dims2()?;
-        let values = weight_t
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        Self::from_values(
-            &crate::kernels::transpose(&values, k, n),
-            n,
-            k,
-            bias,
-            kernel,
-        )
-    }
-
-    fn from_values(
-        values: &[f32],
-        n: usize,
-        k: usize,
-        bias: Option<&Tensor>,
-        kernel: Int8Kernel,
-    ) -> candle_core::Result<Self> {
         Ok(Self {
-            weights: Arc::new(PackedWeights::pack(values, n, k)?),
+            weights: Arc::new(PackedWeights::pack(&values, n, k)?),
             bias: bias
                 .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
                 .transpose()?,
@@ -165,7 +134,7 @@ impl Projection {
     pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
         match self {
             Self::Dense { weight_t, bias } if weight_t.device().is_cpu() => Ok(Self::Int8(
-                Int8Weights::from_transposed(weight_t, Some(bias), kernel)?,
+                Int8Weights::new(&crate::kernels::transposed(weight_t)?, Some(bias), kernel)?,
             )),
             _ => Ok(self.clone()),
         }
