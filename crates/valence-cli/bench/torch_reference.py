@@ -10,6 +10,10 @@ A worker: it builds the model, prints one JSON line ({"ready": true, ...}), then
 it reads on stdin naming an input ("10s", "3s") runs the model once on it and prints
 {"seconds": ...}. `valence bench` alternates these runs with candle's, so that the machine's
 changing load (it is shared) hits both sides alike.
+
+An input key may name a batch: "3s@32" is 32 windows of 3 s. BENCH_DEVICE (cpu, cuda) and
+BENCH_DTYPE (f32, f16, bf16) choose where and in what precision the model runs; on CUDA each
+run ends with a synchronize, so the time is the GPU's work, not its launch.
 """
 import json
 import os
@@ -20,6 +24,22 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 torch.manual_seed(0)
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
+DTYPE = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[os.environ.get("BENCH_DTYPE", "f32")]
+
+
+def batched_inputs(shape_for_seconds):
+    """Inputs by key ("3s", "3s@8"), made on first use on DEVICE in DTYPE."""
+    cache = {}
+
+    def get(key):
+        if key not in cache:
+            secs, _, batch = key.partition("@")
+            shape = shape_for_seconds(int(secs.rstrip("s")))
+            cache[key] = torch.randn(int(batch or 1), *shape).to(DEVICE, DTYPE)
+        return cache[key]
+
+    return get
 
 
 def xlsr(out_dir):
@@ -38,8 +58,9 @@ def xlsr(out_dir):
     else:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=False)
-    inputs = {f"{secs}s": torch.randn(1, 16000 * secs) for secs in (10, 3)}
-    return (lambda key: model(inputs[key])), {"params": params}
+    model = model.to(DEVICE, DTYPE)
+    inputs = batched_inputs(lambda secs: (16000 * secs,))
+    return (lambda key: model(inputs(key))), {"params": params}
 
 
 def whisper(enc_dir, upto=None):
@@ -53,10 +74,12 @@ def whisper(enc_dir, upto=None):
     enc = WhisperEncoder(cfg).eval()
     sd = {k[len("model.encoder."):]: v.float() for k, v in load_file(os.path.join(enc_dir, "model.safetensors")).items()}
     enc.load_state_dict(sd, strict=False)
-    inputs = {"3s": torch.randn(1, c["num_mel_bins"], 300)}  # 3 s, real length (not padded to 30 s)
+    enc = enc.to(DEVICE, DTYPE)
+    # 100 mel frames a second, real length (not padded to 30 s)
+    inputs = batched_inputs(lambda secs: (c["num_mel_bins"], 100 * secs))
 
     def run(key):
-        x = torch.nn.functional.gelu(enc.conv1(inputs[key]))
+        x = torch.nn.functional.gelu(enc.conv1(inputs(key)))
         x = torch.nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
         x = x + enc.embed_positions.weight[: x.shape[1]]
         layers = enc.layers if upto is None else enc.layers[:upto]
@@ -103,13 +126,16 @@ def main():
     else:
         sys.exit(f"unknown model {what!r}")
     info.update({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "cpu_capability": torch.backends.cpu.get_cpu_capability()})
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": str(DEVICE),
+                 "device_name": torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"})
     print(json.dumps(info), flush=True)
     with torch.inference_mode():
         for line in sys.stdin:
             key = line.strip()
             t0 = time.perf_counter()
             run(key)
+            if DEVICE.type == "cuda":
+                torch.cuda.synchronize(DEVICE)
             print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
 
 

@@ -47,11 +47,17 @@ struct TorchWorker {
 
 impl TorchWorker {
     fn start(python: &str, what: &str, path: &Path) -> Result<Self> {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
+        Self::start_with(python, what, path, &[])
+    }
+
+    /// A worker with extra environment (`BENCH_DEVICE`, `BENCH_DTYPE`).
+    fn start_with(python: &str, what: &str, path: &Path, envs: &[(&str, &str)]) -> Result<Self> {
+        let script = reference_script();
         let mut child = Command::new(python)
             .arg(&script)
             .arg(what)
             .arg(path)
+            .envs(envs.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -99,6 +105,17 @@ impl Drop for TorchWorker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `bench/torch_reference.py`: where this build's sources are, else under the current
+/// directory (a binary copied to another machine, run from a checkout).
+fn reference_script() -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/torch_reference.py");
+    if built.is_file() {
+        built
+    } else {
+        PathBuf::from("crates/valence-cli/bench/torch_reference.py")
     }
 }
 
@@ -192,7 +209,10 @@ fn row(name: &str, audio_s: f64, p: &Paired) {
     }
 }
 
-pub fn run(python: Option<&str>, what: &str, work: &Path) -> Result<()> {
+pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Result<()> {
+    if what == "gpu" {
+        return gpu(python, work, device);
+    }
     let threads = candle_core::utils::get_num_threads();
     let cpu = valence_model::runtime::CpuFeatures::detect();
     let int8 = valence_model::runtime::int8_kernel();
@@ -447,4 +467,232 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
 
 pub fn default_work_dir() -> PathBuf {
     registry::cache_dir().join("bench")
+}
+
+/// Speech-like windows for comparing devices: harmonic sounds with a syllable-rate envelope at
+/// several pitches and levels (voiced, so voiced-frame pooling has frames to read), some under
+/// noise, and plain noise.
+fn device_check_windows(count: usize, samples: usize) -> Vec<Vec<f32>> {
+    let mut r = valence_model::synthetic::SeededNormal::new(7);
+    (0..count)
+        .map(|i| {
+            let f0 = 90.0 + 23.0 * i as f32;
+            let level = 0.05 + 0.4 * ((i * 7) % 11) as f32 / 10.0;
+            let snr_noise = if i % 4 == 3 { 1.0 } else { 0.02 };
+            (0..samples)
+                .map(|n| {
+                    let t = n as f32 / 16_000.0;
+                    let envelope = 0.5 - 0.5 * (std::f32::consts::TAU * 4.0 * t).cos();
+                    let voiced: f32 = (1..=20)
+                        .map(|k| (std::f32::consts::TAU * f0 * k as f32 * t).sin() / k as f32)
+                        .sum();
+                    let speech = if i % 4 == 3 { 0.0 } else { voiced * envelope };
+                    level * (0.3 * speech + snr_noise * 0.1 * r.sample())
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Largest probability difference and class agreement between two runs on the same windows.
+fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, usize) {
+    let max_diff = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max);
+    let same = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| valence_model::argmax(x).0 == valence_model::argmax(y).0)
+        .count();
+    (max_diff, same)
+}
+
+/// `--what gpu --device cuda`: the default model on the GPU beside the CPU (same windows: the
+/// CUDA path must give the CPU's answers) and beside PyTorch on the same GPU (speed, per batch
+/// size), then an xlsr-53-sized Wav2Vec2. Half precision rows use the manifest's `dtype`.
+fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
+    use valence_model::{Manifest, ValenceModel};
+    let device = valence_model::parse_device(device_spec)?;
+    if device.is_cpu() {
+        bail!(
+            "--what gpu needs --device cuda (or cuda:N) and a build with the `cuda` feature; \
+             device `{device_spec}` is the CPU"
+        );
+    }
+    let dir = registry::resolve_model("default")?;
+    let load = |dtype: &str, int8: bool, on: &Device| -> Result<ValenceModel> {
+        let mut m = Manifest::read(&dir)?;
+        m.dtype = dtype.into();
+        if !int8 {
+            m.encoder.quantize = None;
+        }
+        m.load(&dir, on)
+    };
+    println!(
+        "GPU check: default model {} on {}; CPU features here: {}",
+        dir.display(),
+        valence_model::device_name(&device),
+        valence_model::runtime::CpuFeatures::detect().describe()
+    );
+
+    // 1. Same windows on every path; batched and one by one on the GPU.
+    let windows = device_check_windows(16, 48_000);
+    let refs: Vec<&[f32]> = windows.iter().map(|w| w.as_slice()).collect();
+    let probs = |m: &ValenceModel| -> Result<Vec<Vec<f32>>> {
+        m.classify_batch(&refs)
+            .into_iter()
+            .map(|r| r.map(|p| p.probabilities))
+            .collect()
+    };
+    let cpu_f32 = load("f32", false, &Device::Cpu)?;
+    let cpu_shipped = load("f32", true, &Device::Cpu)?;
+    let reference = probs(&cpu_f32)?;
+    let shipped = probs(&cpu_shipped)?;
+    drop((cpu_f32, cpu_shipped));
+    let gpu_f32 = load("f32", false, &device)?;
+    let one_by_one: Vec<Vec<f32>> = refs
+        .iter()
+        .map(|w| gpu_f32.classify(w).map(|p| p.probabilities))
+        .collect::<Result<_>>()?;
+    let mut rows = vec![
+        ("GPU f32, batch of 16".to_string(), Ok(probs(&gpu_f32)?)),
+        ("GPU f32, one window at a time".to_string(), Ok(one_by_one)),
+    ];
+    // Half precision is optional: a failure is reported and the rest still runs.
+    let mut half = Vec::new();
+    for dtype in ["f16", "bf16"] {
+        let outcome = load(dtype, false, &device).and_then(|m| {
+            let p = probs(&m)?;
+            half.push((dtype, m));
+            Ok(p)
+        });
+        rows.push((format!("GPU {dtype}, batch of 16"), outcome));
+    }
+    rows.push(("CPU, shipped format".to_string(), Ok(shipped)));
+    println!(
+        "{} windows of 3 s (speech-like and noise); reference: CPU f32 encoder",
+        windows.len()
+    );
+    for (name, outcome) in &rows {
+        match outcome {
+            Ok(p) => {
+                let (diff, same) = compare(&reference, p);
+                println!(
+                    "  {name:<32} max |probability difference| {diff:.2e}, same class {same}/{}",
+                    windows.len()
+                );
+            }
+            Err(e) => println!("  {name:<32} FAILED: {e:#}"),
+        }
+    }
+
+    // 2. Speed per batch size beside PyTorch on the same GPU (the layers the head reads).
+    let upto = layers_read(&gpu_f32);
+    let enc_dir = gpu_f32.manifest.encoder_dir(&dir);
+    let cuda = format!("cuda:{}", device_spec.strip_prefix("cuda:").unwrap_or("0"));
+    println!(
+        "default model from samples (log-mel on the CPU, encoder layers ..{upto}, pooling, head), \
+         3 s windows; PyTorch: the same encoder layers from a log-mel"
+    );
+    let models = std::iter::once(("f32", &gpu_f32)).chain(half.iter().map(|(d, m)| (*d, m)));
+    for (dtype, model) in models {
+        let mut torch = python
+            .map(|p| {
+                TorchWorker::start_with(
+                    p,
+                    &format!("whisper-upto-{upto}"),
+                    &enc_dir,
+                    &[("BENCH_DEVICE", cuda.as_str()), ("BENCH_DTYPE", dtype)],
+                )
+            })
+            .transpose()?;
+        if let Some(t) = &torch {
+            println!("  PyTorch {} on {}", t.info["torch"], t.info["device_name"]);
+        }
+        for batch in [1usize, 8, 32, 64, 128, 256] {
+            let xs = device_check_windows(batch, 48_000);
+            let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let key = format!("3s@{batch}");
+            let p = paired(
+                10,
+                || {
+                    for r in model.classify_batch(&xs) {
+                        r?;
+                    }
+                    Ok(())
+                },
+                torch.as_mut().map(|w| (w, key.as_str())),
+            )?;
+            let per_window = p.candle / batch as f64;
+            print!(
+                "  {dtype} batch {batch:>3}: {:.2} ms per batch, {:>7.0} windows/s",
+                p.candle * 1e3,
+                1.0 / per_window
+            );
+            match (p.torch, p.ratio) {
+                (Some(t), Some(r)) => println!(
+                    "  PyTorch {:.2} ms ({:.0} windows/s)  candle/PyTorch {r:.2}",
+                    t * 1e3,
+                    batch as f64 / t
+                ),
+                _ => println!(),
+            }
+        }
+    }
+    drop((gpu_f32, half));
+
+    // 3. The reference model's size class: a random xlsr-53-sized Wav2Vec2.
+    if let Some(python) = python {
+        std::fs::create_dir_all(work)?;
+        for dtype in ["f32", "f16"] {
+            if let Err(e) = xlsr_on_gpu(python, work, &device, &cuda, dtype) {
+                println!("xlsr-sized {dtype}: FAILED: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A random xlsr-53-sized Wav2Vec2 (PyTorch makes and saves it) on the GPU beside PyTorch.
+fn xlsr_on_gpu(python: &str, work: &Path, device: &Device, cuda: &str, dtype: &str) -> Result<()> {
+    let mut torch = TorchWorker::start_with(
+        python,
+        "xlsr",
+        work,
+        &[("BENCH_DEVICE", cuda), ("BENCH_DTYPE", dtype)],
+    )?;
+    let m = Wav2Vec2Model::load_dir(work, valence_model::manifest::parse_dtype(dtype)?, device)?;
+    for (secs, batch) in [(10usize, 1usize), (3, 1), (3, 16)] {
+        let xs = device_check_windows(batch, 16_000 * secs);
+        let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let key = format!("{secs}s@{batch}");
+        let p = paired(
+            5,
+            || {
+                m.encode_batch_upto(&xs, None)?;
+                device.synchronize()?;
+                Ok(())
+            },
+            Some((&mut torch, &key)),
+        )?;
+        row(
+            &format!("xlsr-sized {dtype}, {secs} s x {batch}"),
+            (secs * batch) as f64,
+            &p,
+        );
+    }
+    Ok(())
+}
+
+/// The deepest encoder layer a model's features read.
+fn layers_read(m: &valence_model::ValenceModel) -> usize {
+    m.manifest
+        .features
+        .layers
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(m.encoder.num_layers())
 }

@@ -132,7 +132,8 @@ enum Command {
         /// A Python with torch and transformers for the reference timings.
         #[arg(long)]
         python: Option<String>,
-        /// whisper, xlsr or all (model speed beside PyTorch); products (the encoders' single
+        /// whisper, xlsr or all (model speed beside PyTorch); gpu (the default model on
+        /// `--device` beside the CPU's answers and PyTorch on that GPU); products (the encoders' single
         /// projections in f32 and 8 bits, beside PyTorch's); live (live streams held on this
         /// machine) or files (non-live streams' throughput), each with the element's batching
         /// on and off.
@@ -153,6 +154,9 @@ enum Command {
         /// live/files: run only this configuration, in this process (how the table's rows run).
         #[arg(long, hide = true)]
         sharing: Option<usize>,
+        /// live/files: the element's `device`; gpu: the GPU (`cuda`, `cuda:N`).
+        #[arg(long, default_value = "cpu")]
+        device: String,
         /// Measure as on an AVX2-only CPU: caps candle's 8-bit kernel at AVX2 and PyTorch's
         /// (ATen, oneDNN and MKL) at AVX2 too, through their environment variables.
         #[arg(long)]
@@ -319,22 +323,27 @@ fn run() -> Result<()> {
             model,
             sharing,
             avx2_only,
+            device,
         } => match (what.as_str(), sharing) {
             _ if avx2_only && std::env::var(bench::AVX2_ONLY_MARK).is_err() => {
                 bench::rerun_avx2_only()
             }
             ("live" | "files", Some(k)) => streams::run_one(
                 &model,
+                &device,
                 what == "live",
                 counts.first().copied().unwrap_or(1),
                 k,
                 seconds,
             ),
-            ("live" | "files", None) => streams::run(&model, what == "live", &counts, seconds),
+            ("live" | "files", None) => {
+                streams::run(&model, &device, what == "live", &counts, seconds)
+            }
             _ => bench::run(
                 python.as_deref(),
                 &what,
                 &work_dir.unwrap_or_else(bench::default_work_dir),
+                &device,
             ),
         },
         Command::MakeTestModel { output, seed } => {

@@ -12,6 +12,8 @@ use gst::prelude::*;
 pub struct Sharing {
     pub name: &'static str,
     pub batch_size: u32,
+    /// The element's `batch-timeout` in milliseconds (how long a batch waits to fill).
+    pub batch_timeout_ms: u64,
     /// One service for all elements; otherwise one per element (a thread each, batch 1: what
     /// the element did before the shared service).
     pub shared: bool,
@@ -21,19 +23,54 @@ pub const SHARINGS: [Sharing; 3] = [
     Sharing {
         name: "own thread per element, batch 1 (before)",
         batch_size: 1,
+        batch_timeout_ms: 0,
         shared: false,
     },
     Sharing {
         name: "one service, batch-size=1",
         batch_size: 1,
+        batch_timeout_ms: 0,
         shared: true,
     },
     Sharing {
         name: "one service, batch-size=8",
         batch_size: 8,
+        batch_timeout_ms: 0,
         shared: true,
     },
 ];
+
+/// On a GPU, where a batch of 64 costs little more than one window, the question is how large
+/// batches should be and whether waiting for them pays.
+pub const GPU_SHARINGS: [Sharing; 3] = [
+    Sharing {
+        name: "one service, batch-size=8 (default)",
+        batch_size: 8,
+        batch_timeout_ms: 0,
+        shared: true,
+    },
+    Sharing {
+        name: "one service, batch-size=64",
+        batch_size: 64,
+        batch_timeout_ms: 0,
+        shared: true,
+    },
+    Sharing {
+        name: "one service, batch-size=64, 10 ms wait",
+        batch_size: 64,
+        batch_timeout_ms: 10,
+        shared: true,
+    },
+];
+
+/// The configurations compared on `device`.
+pub fn sharings_for(device: &str) -> &'static [Sharing] {
+    if device == "cpu" {
+        &SHARINGS
+    } else {
+        &GPU_SHARINGS
+    }
+}
 
 /// What one run of N streams gave.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
@@ -110,6 +147,7 @@ fn element_counts(pipelines: &[gst::Pipeline]) -> Result<(u64, u64, f64)> {
 /// fast as they go.
 pub fn run_streams(
     model: &str,
+    device: &str,
     n: usize,
     sharing: Sharing,
     live: bool,
@@ -132,9 +170,10 @@ pub fn run_streams(
         let desc = format!(
             "audiotestsrc is-live={live} wave=pink-noise volume=0.3 samplesperbuffer=960 {limit} \
              ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
-             ! valenceclassify name=v model=\"{model}\" device=cpu batch-size={} \
-               model-instance-id={instance} ! fakesink sync={live}",
-            sharing.batch_size
+             ! valenceclassify name=v model=\"{model}\" device={device} batch-size={} \
+               batch-timeout={} model-instance-id={instance} ! fakesink sync={live}",
+            sharing.batch_size,
+            sharing.batch_timeout_ms * 1_000_000
         );
         let p = gst::parse::launch(&desc)
             .with_context(|| format!("cannot build {desc}"))?
@@ -226,11 +265,20 @@ pub fn run_streams(
 }
 
 /// One configuration in this process, printed as one JSON line for the parent (see [`run`]).
-pub fn run_one(model: &str, live: bool, n: usize, sharing: usize, seconds: f64) -> Result<()> {
+pub fn run_one(
+    model: &str,
+    device: &str,
+    live: bool,
+    n: usize,
+    sharing: usize,
+    seconds: f64,
+) -> Result<()> {
     gst::init()?;
     gstvalence::plugin_register_static().context("cannot register the valence plugin")?;
-    let cfg = *SHARINGS.get(sharing).context("no such sharing")?;
-    let f = run_streams(model, n, cfg, live, seconds)?;
+    let cfg = *sharings_for(device)
+        .get(sharing)
+        .context("no such sharing")?;
+    let f = run_streams(model, device, n, cfg, live, seconds)?;
     println!("{}", serde_json::to_string(&f)?);
     Ok(())
 }
@@ -238,12 +286,12 @@ pub fn run_one(model: &str, live: bool, n: usize, sharing: usize, seconds: f64) 
 /// The live-capacity and file-throughput tables. Each row runs in a fresh child process (this
 /// binary with `--sharing K`), so memory and CPU figures do not carry over from earlier rows:
 /// an allocator keeps what a previous configuration freed.
-pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<()> {
+pub fn run(model: &str, device: &str, live: bool, streams: &[usize], seconds: f64) -> Result<()> {
     let dir = valence_model::registry::resolve_model(model)?;
     let model = dir.to_string_lossy().to_string();
     println!(
-        "{} streams, 48 kHz mono pink noise, model {}, 3 s window / 1 s hop, {} s {}, {}; \
-         each row in a fresh process",
+        "{} streams, 48 kHz mono pink noise, model {} on {device}, 3 s window / 1 s hop, {} s {}, \
+         CPU: {}; each row in a fresh process",
         if live { "live" } else { "file (non-live)" },
         dir.display(),
         seconds,
@@ -255,9 +303,10 @@ pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<(
         valence_model::runtime::CpuFeatures::detect().describe()
     );
     let exe = std::env::current_exe()?;
-    let mut alone: Vec<Option<f64>> = vec![None; SHARINGS.len()];
+    let sharings = sharings_for(device);
+    let mut alone: Vec<Option<f64>> = vec![None; sharings.len()];
     for &n in streams {
-        for (k, sharing) in SHARINGS.iter().enumerate() {
+        for (k, sharing) in sharings.iter().enumerate() {
             let out = std::process::Command::new(&exe)
                 .args(["bench", "--what", if live { "live" } else { "files" }])
                 .args([
@@ -267,6 +316,7 @@ pub fn run(model: &str, live: bool, streams: &[usize], seconds: f64) -> Result<(
                     &seconds.to_string(),
                 ])
                 .args(["--model", &model, "--sharing", &k.to_string()])
+                .args(["--device", device])
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .context("cannot run a benchmark child process")?;
