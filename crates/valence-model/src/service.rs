@@ -363,11 +363,14 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
-    /// Batched windows of mixed lengths give what each gives alone.
+    /// Batched windows of mixed lengths give what each gives alone (nine of one length: the
+    /// log-mels of a large batch are computed on several threads).
     #[test]
     fn classify_batch_matches_one_at_a_time() {
         let model = tiny_model(31);
-        let windows: Vec<Vec<f32>> = [16000, 48000, 16000, 16000, 30000, 48000, 100]
+        let mut lengths = vec![16000, 48000, 16000, 16000, 30000, 48000, 100];
+        lengths.extend([16000; 6]);
+        let windows: Vec<Vec<f32>> = lengths
             .iter()
             .enumerate()
             .map(|(i, &n)| signal(i as u64, n))

@@ -419,14 +419,38 @@ impl WhisperEncoder {
                 2 * HOP_LENGTH
             );
         }
-        let mut mel = Vec::new();
-        for x in inputs {
-            mel.extend(self.mel.compute(x));
-        }
+        let mel = self.log_mels(inputs);
         let frames = mel.len() / (self.mel.n_mels() * inputs.len());
         let mel = Tensor::from_vec(mel, (inputs.len(), self.mel.n_mels(), frames), &self.device)?
             .to_dtype(self.dtype)?;
         self.forward_mel_upto(&mel, upto)
+    }
+
+    /// The log-mel spectrograms of `inputs`, one after another. A large batch (a GPU's) computes
+    /// them on every core: one at a time they would cost more than the GPU's whole batch.
+    fn log_mels(&self, inputs: &[&[f32]]) -> Vec<f32> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if inputs.len() < 8 || threads < 2 {
+            return inputs.iter().flat_map(|x| self.mel.compute(x)).collect();
+        }
+        let per_thread = inputs.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = inputs
+                .chunks(per_thread)
+                .map(|chunk| {
+                    s.spawn(move || {
+                        chunk
+                            .iter()
+                            .flat_map(|x| self.mel.compute(x))
+                            .collect::<Vec<f32>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
+        })
     }
 
     /// `mel` is [batch, n_mels, frames] with frames <= 3000.
