@@ -234,6 +234,46 @@ pub fn features(
     Ok(table)
 }
 
+/// Every clip's prosodic statistics ([`valence_model::prosody`]), cached in `cache_dir`.
+pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result<Vec<Vec<f32>>> {
+    let dim = valence_model::prosody::DIM;
+    let mut h = Sha256::new();
+    h.update(b"valence-prosody-v1");
+    h.update(root.to_string_lossy().as_bytes());
+    for c in clips {
+        h.update(c.path.as_bytes());
+        h.update(b"\n");
+    }
+    let file = cache_dir.join(format!(
+        "prosody-{}.safetensors",
+        &format!("{:x}", h.finalize())[..20]
+    ));
+    if let Ok(t) = candle_core::safetensors::load(&file, &Device::Cpu)
+        && let Some(t) = t.get("prosody")
+        && t.dims() == [clips.len(), dim]
+    {
+        return Ok(t.to_vec2::<f32>()?);
+    }
+    let bar = indicatif::ProgressBar::new(clips.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("prosody {pos}/{len} clips [{bar:30}] {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut rows = Vec::with_capacity(clips.len() * dim);
+    for c in clips {
+        let path = root.join(&c.path);
+        let samples = crate::decode::decode_to_16k_mono(&path)?;
+        rows.extend(valence_model::prosody::utterance_features(&samples));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let t = Tensor::from_vec(rows, (clips.len(), dim), &Device::Cpu)?;
+    std::fs::create_dir_all(cache_dir)?;
+    let tmp = file.with_extension("partial");
+    candle_core::safetensors::save(&HashMap::from([("prosody".to_string(), t.clone())]), &tmp)?;
+    std::fs::rename(&tmp, &file)?;
+    Ok(t.to_vec2::<f32>()?)
+}
+
 /// Default location of cached features.
 pub fn default_feature_cache() -> PathBuf {
     valence_model::registry::cache_dir().join("features")

@@ -86,6 +86,24 @@ pub struct FeatureArgs {
     /// Repeat the rows of smaller corpora so that every corpus weighs about the same.
     #[arg(long)]
     pub balance_corpora: bool,
+    /// Weight of a corpus adversary behind a gradient-reversal layer (0: none): the head's
+    /// hidden layer is trained to carry no corpus identity (MLP heads).
+    #[arg(long, default_value_t = 0.0)]
+    pub adversary: f64,
+    /// Append prosodic statistics (pitch, loudness, voicing, rhythm, spectral tilt; see
+    /// `valence_model::prosody`) to the pooled encoder states.
+    #[arg(long)]
+    pub prosody: bool,
+}
+
+/// Each clip's corpus as a number (corpora in name order).
+pub fn corpus_domains(clips: &[Clip]) -> Vec<usize> {
+    let names: std::collections::BTreeSet<&str> = clips.iter().map(|c| c.corpus.as_str()).collect();
+    let names: Vec<&str> = names.into_iter().collect();
+    clips
+        .iter()
+        .map(|c| names.iter().position(|&n| n == c.corpus).unwrap_or(0))
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -115,6 +133,7 @@ impl FeatureArgs {
                 PoolingArg::MeanStd => Pooling::MeanStd,
                 PoolingArg::VoicedMean => Pooling::VoicedMean,
             },
+            prosody: self.prosody,
         }
     }
 
@@ -138,7 +157,14 @@ impl FeatureArgs {
             &cache,
             &Device::Cpu,
         )?;
-        let x = table.select(&self.spec())?;
+        let mut x = table.select(&self.spec())?;
+        if self.prosody {
+            let root = dataset::clip_root(&self.manifest, self.root.as_deref());
+            let p = dataset::prosody_features(&clips, &root, &cache)?;
+            for (row, extra) in x.iter_mut().zip(p) {
+                row.extend(extra);
+            }
+        }
         let y = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
         Ok((clips, x, y))
     }
@@ -151,6 +177,9 @@ impl FeatureArgs {
         let spec = self.spec();
         if spec.source != FeatureSource::HiddenStates {
             bail!("augmented views pool hidden states only");
+        }
+        if spec.prosody {
+            bail!("augmented views carry no prosodic features yet (--prosody with --views)");
         }
         let table = dataset::view_features(
             clips,
@@ -233,6 +262,7 @@ impl FeatureArgs {
         cfg.seed = self.seed;
         cfg.max_epochs = self.max_epochs;
         cfg.lr = self.lr;
+        cfg.adversary = self.adversary;
         cfg
     }
 }
@@ -361,10 +391,12 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
     let t0 = std::time::Instant::now();
     let expand = args.expander(&clips, &extra);
     let fold = train::speaker_folds(&speakers, folds, args.seed);
+    let domains = corpus_domains(&clips);
     let rows = train::ClipRows {
         x: &x,
         y: &y,
         speakers: &speakers,
+        domains: &domains,
     };
     let grouped_p = train::out_of_fold_probs(rows, &fold, &extra, &expand, &cfg, args.ensemble)?;
     // Temperature fitted on the grouped-CV predictions (held-out speakers); LOCO then shows
@@ -436,11 +468,13 @@ pub fn train_model(
     let extra = args.load_views(&clips)?;
     let rows = args.expander(&clips, &extra)(&(0..clips.len() + extra.x.len()).collect::<Vec<_>>());
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
-    let (x, y, speakers) = extra.gather(
+    let domains = corpus_domains(&clips);
+    let (x, y, speakers, domains) = extra.gather(
         train::ClipRows {
             x: &x,
             y: &y,
             speakers: &speakers,
+            domains: &domains,
         },
         &rows,
     );
@@ -461,13 +495,21 @@ pub fn train_model(
         indicatif::ProgressStyle::with_template("training {pos}/{len} epochs [{bar:30}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let mut trained = train::train_ensemble(&x, &y, &speakers, &cfg, members, |m, e, loss, f1| {
-        bar.set_position((m * cfg.max_epochs + e) as u64);
-        bar.set_message(format!(
-            "head {}/{members}: loss {loss:.4} val macro-F1 {f1:.3}",
-            m + 1
-        ));
-    })?;
+    let mut trained = train::train_ensemble(
+        &x,
+        &y,
+        &speakers,
+        &domains,
+        &cfg,
+        members,
+        |m, e, loss, f1| {
+            bar.set_position((m * cfg.max_epochs + e) as u64);
+            bar.set_message(format!(
+                "head {}/{members}: loss {loss:.4} val macro-F1 {f1:.3}",
+                m + 1
+            ));
+        },
+    )?;
     bar.finish_and_clear();
     eprintln!(
         "trained {} epochs, best epoch {} (validation macro-F1 {:.3}); loss {:.4} -> {:.4}",

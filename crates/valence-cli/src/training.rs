@@ -32,6 +32,11 @@ pub struct TrainConfig {
     pub val_fraction: f64,
     pub class_weights: bool,
     pub seed: u64,
+    /// Weight of a domain adversary (0: none): a linear classifier of the head's hidden layer
+    /// predicts each row's domain (its corpus) through a gradient-reversal layer, so the hidden
+    /// layer is pushed to carry no corpus identity (DANN, Ganin & Lempitsky 2015). Needs domain
+    /// labels and an MLP head with a hidden layer.
+    pub adversary: f64,
 }
 
 impl TrainConfig {
@@ -50,6 +55,7 @@ impl TrainConfig {
             val_fraction: 0.15,
             class_weights: true,
             seed: 0,
+            adversary: 0.0,
         }
     }
 }
@@ -142,6 +148,13 @@ fn init_vars(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// The identity forward; backward, the gradient times `-lambda` (gradient reversal).
+fn reverse_gradient(x: &Tensor, lambda: f64) -> candle_core::Result<Tensor> {
+    let fixed = x.detach();
+    // fixed + lambda * (fixed - x): equals x, and only `-lambda * x` carries a gradient.
+    fixed.clone() + ((fixed - x)? * lambda)?
+}
+
 /// Cross-entropy with label smoothing and class weights, as PyTorch computes it.
 fn loss_fn(
     logits: &Tensor,
@@ -224,11 +237,15 @@ pub fn train(
     x: &[Vec<f32>],
     y: &[usize],
     speakers: &[String],
+    domains: &[usize],
     cfg: &TrainConfig,
     mut progress: impl FnMut(usize, f64, f64),
 ) -> Result<Trained> {
     if x.is_empty() || x.len() != y.len() || y.len() != speakers.len() {
         bail!("training needs as many labels and speakers as rows (and at least one row)");
+    }
+    if cfg.adversary > 0.0 && domains.len() != x.len() {
+        bail!("a domain adversary needs one domain label per row");
     }
     let k = cfg.head.num_classes();
     let (train_idx, val_idx) = speaker_split(speakers, cfg.val_fraction, cfg.seed);
@@ -263,6 +280,26 @@ pub fn train(
         &cfg.head,
         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
     )?;
+    // The adversary: only where the training rows span at least two domains.
+    let n_domains = domains.iter().max().map_or(0, |m| m + 1);
+    let adversary = if cfg.adversary > 0.0 && {
+        let seen: BTreeSet<usize> = train_idx.iter().map(|&i| domains[i]).collect();
+        seen.len() > 1
+    } {
+        let HeadConfig::Mlp(mlp) = &cfg.head else {
+            bail!("a domain adversary needs an MLP head");
+        };
+        let Some(&width) = mlp.hidden.last() else {
+            bail!("a domain adversary needs an MLP head with a hidden layer");
+        };
+        Some(candle_nn::linear(
+            width,
+            n_domains,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("adversary"),
+        )?)
+    } else {
+        None
+    };
     init_vars(&varmap, cfg.seed)?;
     seed_dropout(cfg.seed.wrapping_add(17));
     let vars = varmap.all_vars();
@@ -283,6 +320,7 @@ pub fn train(
     let snapshot = |vm: &VarMap| -> Result<HashMap<String, Tensor>> {
         let d = vm.data().lock().unwrap_or_else(|e| e.into_inner());
         d.iter()
+            .filter(|(n, _)| !n.starts_with("adversary."))
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
             .collect()
     };
@@ -303,12 +341,33 @@ pub fn train(
             opt.set_learning_rate(lr);
             let xb = rows_tensor(x, batch, &scaler)?;
             let yb: Vec<usize> = batch.iter().map(|&i| y[i]).collect();
-            let logits = head.forward(&xb, true)?;
-            let loss = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
+            // The epoch's loss reports the class loss; the adversary's term only adds gradient.
+            let (loss, class_loss) = match &adversary {
+                None => {
+                    let logits = head.forward(&xb, true)?;
+                    let l = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
+                    (l.clone(), l)
+                }
+                Some(adv) => {
+                    let (hidden, logits) = head
+                        .forward_with_hidden(&xb, true)
+                        .context("a domain adversary needs an MLP head")??;
+                    // DANN's schedule: the reversal strength grows from 0 to `adversary`.
+                    let p = step as f64 / total_steps as f64;
+                    let lambda = cfg.adversary * (2.0 / (1.0 + (-10.0 * p).exp()) - 1.0);
+                    let domain_logits =
+                        candle_core::Module::forward(adv, &reverse_gradient(&hidden, lambda)?)?;
+                    let db: Vec<usize> = batch.iter().map(|&i| domains[i]).collect();
+                    let ones = Tensor::ones(n_domains, DType::F32, &Device::Cpu)?;
+                    let class_loss = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
+                    let domain_loss = loss_fn(&domain_logits, &db, &ones, 0.0)?;
+                    ((&class_loss + domain_loss)?, class_loss)
+                }
+            };
             let mut grads = loss.backward()?;
             clip_gradients(&mut grads, &vars, cfg.clip_norm)?;
             opt.step(&grads)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
+            loss_sum += class_loss.to_scalar::<f32>()? as f64 * batch.len() as f64;
             step += 1;
         }
         epochs_run = epoch + 1;
@@ -361,12 +420,13 @@ pub fn train_ensemble(
     x: &[Vec<f32>],
     y: &[usize],
     speakers: &[String],
+    domains: &[usize],
     cfg: &TrainConfig,
     members: usize,
     mut progress: impl FnMut(usize, usize, f64, f64),
 ) -> Result<Trained> {
     if members <= 1 {
-        return train(x, y, speakers, cfg, |e, l, f| progress(0, e, l, f));
+        return train(x, y, speakers, domains, cfg, |e, l, f| progress(0, e, l, f));
     }
     let HeadConfig::Mlp(mlp) = &cfg.head else {
         bail!("ensembles are supported for MLP and linear heads");
@@ -378,7 +438,9 @@ pub fn train_ensemble(
     for m in 0..members {
         let mut c = cfg.clone();
         c.seed = cfg.seed.wrapping_add(m as u64);
-        runs.push(train(x, y, speakers, &c, |e, l, f| progress(m, e, l, f))?);
+        runs.push(train(x, y, speakers, domains, &c, |e, l, f| {
+            progress(m, e, l, f)
+        })?);
     }
     let n = members as f64;
     let get = |r: &Trained, k: &str| -> Result<Tensor> {
@@ -524,7 +586,12 @@ pub struct ClipRows<'a> {
     pub x: &'a [Vec<f32>],
     pub y: &'a [usize],
     pub speakers: &'a [String],
+    /// Each clip's domain (its corpus), for a domain adversary.
+    pub domains: &'a [usize],
 }
+
+/// Training rows: features, labels, speakers and domains.
+pub type Rows = (Vec<Vec<f32>>, Vec<usize>, Vec<String>, Vec<usize>);
 
 /// Extra training rows tied to clips (augmented views): row `i` belongs to clip `clip[i]` and
 /// trains only the folds that do not hold that clip out.
@@ -544,12 +611,9 @@ impl ExtraRows {
         }
     }
 
-    /// Features, labels and speakers of training rows `rows` (ids as in [`Self::clip_of`]).
-    pub fn gather(
-        &self,
-        clips: ClipRows,
-        rows: &[usize],
-    ) -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
+    /// Features, labels, speakers and domains of training rows `rows` (ids as in
+    /// [`Self::clip_of`]).
+    pub fn gather(&self, clips: ClipRows, rows: &[usize]) -> Rows {
         let n = clips.x.len();
         let x = rows
             .iter()
@@ -566,7 +630,11 @@ impl ExtraRows {
             .iter()
             .map(|&r| clips.speakers[self.clip_of(r, n)].clone())
             .collect();
-        (x, y, s)
+        let d = rows
+            .iter()
+            .map(|&r| clips.domains.get(self.clip_of(r, n)).copied().unwrap_or(0))
+            .collect();
+        (x, y, s, d)
     }
 }
 
@@ -597,8 +665,8 @@ pub fn out_of_fold_probs(
                 .map(|e| x.len() + e),
         );
         let rows = expand(&rows);
-        let (xs, ys, ss) = extra.gather(clips, &rows);
-        let t = train_ensemble(&xs, &ys, &ss, cfg, members, |_, _, _, _| {})?;
+        let (xs, ys, ss, ds) = extra.gather(clips, &rows);
+        let t = train_ensemble(&xs, &ys, &ss, &ds, cfg, members, |_, _, _, _| {})?;
         for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
             probs[*i] = p;
         }
@@ -616,7 +684,12 @@ pub fn out_of_fold(
     members: usize,
 ) -> Result<Vec<usize>> {
     let probs = out_of_fold_probs(
-        ClipRows { x, y, speakers },
+        ClipRows {
+            x,
+            y,
+            speakers,
+            domains: &[],
+        },
         fold,
         &ExtraRows::default(),
         |r| r.to_vec(),
@@ -712,6 +785,37 @@ mod tests {
         assert!(!va.is_empty());
     }
 
+    #[test]
+    fn gradient_reversal_is_identity_forward_and_negated_backward() {
+        let x = Var::new(&[1.5f32, -2.0, 0.25], &Device::Cpu).unwrap();
+        let r = reverse_gradient(x.as_tensor(), 0.7).unwrap();
+        assert_eq!(r.to_vec1::<f32>().unwrap(), vec![1.5, -2.0, 0.25]);
+        let w = Tensor::new(&[1f32, 2., 3.], &Device::Cpu).unwrap();
+        let grads = r.mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+        for (got, want) in g.iter().zip([-0.7f32, -1.4, -2.1]) {
+            assert!((got - want).abs() < 1e-6, "{g:?}");
+        }
+    }
+
+    #[test]
+    fn a_domain_adversary_trains_and_leaves_no_trace_in_the_head() {
+        let (x, y, s) = toy_problem();
+        let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
+        let mut cfg = toy_recipe();
+        cfg.lr = 1e-2;
+        cfg.max_epochs = 30;
+        cfg.adversary = 0.5;
+        let t = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        assert!(
+            t.tensors.keys().all(|k| k.starts_with("classifier.")),
+            "{:?}",
+            t.tensors.keys()
+        );
+        assert!(t.best_val_macro_f1 > 0.9, "{}", t.best_val_macro_f1);
+        assert!(train(&x, &y, &s, &[], &cfg, |_, _, _| {}).is_err());
+    }
+
     fn toy_problem() -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
         let mut rng = SeededNormal::new(4);
         let (mut x, mut y, mut s) = (vec![], vec![], vec![]);
@@ -743,7 +847,7 @@ mod tests {
         let (x, y, s) = toy_problem();
         let mut cfg = toy_recipe();
         cfg.max_epochs = 5;
-        let merged = train_ensemble(&x, &y, &s, &cfg, 3, |_, _, _, _| {}).unwrap();
+        let merged = train_ensemble(&x, &y, &s, &[], &cfg, 3, |_, _, _, _| {}).unwrap();
         assert_eq!(merged.head_config.input_dim(), 8);
         let HeadConfig::Mlp(m) = &merged.head_config else {
             panic!("an MLP")
@@ -755,7 +859,7 @@ mod tests {
         for seed in 0..3 {
             let mut c = cfg.clone();
             c.seed = seed;
-            let one = train(&x, &y, &s, &c, |_, _, _| {}).unwrap();
+            let one = train(&x, &y, &s, &[], &c, |_, _, _| {}).unwrap();
             sum = (sum + one.head().unwrap().forward(&rows, false).unwrap()).unwrap();
         }
         let want = (sum / 3.0).unwrap();
@@ -769,13 +873,13 @@ mod tests {
         let mut cfg = toy_recipe();
         cfg.lr = 1e-2;
         cfg.max_epochs = 30;
-        let a = train(&x, &y, &s, &cfg, |_, _, _| {}).unwrap();
+        let a = train(&x, &y, &s, &[], &cfg, |_, _, _| {}).unwrap();
         assert!(
             a.train_loss.last().unwrap() < &a.train_loss[0],
             "loss must go down"
         );
         assert!(a.best_val_macro_f1 > 0.9, "{}", a.best_val_macro_f1);
-        let b = train(&x, &y, &s, &cfg, |_, _, _| {}).unwrap();
+        let b = train(&x, &y, &s, &[], &cfg, |_, _, _| {}).unwrap();
         assert_eq!(a.train_loss, b.train_loss, "same seed, same run");
     }
 }

@@ -175,6 +175,7 @@ fn shipped_model_predictions_match_recorded_expectations() {
     );
 }
 
+/// With prosodic statistics appended and a corpus adversary (gradient reversal) on.
 #[test]
 fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
     let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
@@ -189,12 +190,27 @@ fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
         layers: vec![2, 3, 4],
         combine: Combine::Concat,
         pooling: Pooling::Mean,
+        prosody: true,
     };
-    let x = table.select(&spec).unwrap();
+    // The encoder states, then the prosodic statistics (as `valence train --prosody` builds rows).
+    let mut x = table.select(&spec).unwrap();
+    let prosody = dataset::prosody_features(&clips, &data, &cache).unwrap();
+    for (row, p) in x.iter_mut().zip(prosody) {
+        row.extend(p);
+    }
+    assert_eq!(x[0].len(), spec.dim(512));
     let y: Vec<usize> = clips.iter().map(|c| c.label().unwrap()).collect();
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
-    let cfg = quick_recipe(x[0].len());
-    let t = train(&x, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
+    // A corpus adversary behind gradient reversal (the clips come from several corpora).
+    let corpora: Vec<&str> = clips.iter().map(|c| c.corpus.as_str()).collect();
+    let domains: Vec<usize> = corpora
+        .iter()
+        .map(|c| corpora.iter().position(|o| o == c).unwrap())
+        .collect();
+    assert!(domains.iter().any(|&d| d != domains[0]), "one corpus only");
+    let mut cfg = quick_recipe(x[0].len());
+    cfg.adversary = 0.3;
+    let t = train(&x, &y, &speakers, &domains, &cfg, |_, _, _| {}).unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
         "loss {:?}",
@@ -249,6 +265,7 @@ fn augmented_views_of_shared_clips_train_a_head() {
         layers: vec![2, 3],
         combine: Combine::Concat,
         pooling: Pooling::Mean,
+        prosody: false,
     };
     let views = dataset::view_features(
         &clips,
@@ -284,7 +301,7 @@ fn augmented_views_of_shared_clips_train_a_head() {
         .map(|r| clips[r / 2].speaker.clone())
         .collect();
     let cfg = quick_recipe(xv[0].len());
-    let mut t = train(&xv, &y, &speakers, &cfg, |_, _, _| {}).unwrap();
+    let mut t = train(&xv, &y, &speakers, &[], &cfg, |_, _, _| {}).unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
         "loss {:?}",

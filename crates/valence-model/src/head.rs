@@ -153,16 +153,27 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        Ok(self.forward_with_hidden(x, train)?.1)
+    }
+
+    /// The last hidden layer's output (the input for a linear head) and the logits.
+    fn forward_with_hidden(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let mut x = x.clone();
         let n = self.layers.len();
+        let mut hidden = x.clone();
         for (i, l) in self.layers.iter().enumerate() {
             x = l.forward(&x)?;
             if i + 1 < n {
                 x = self.act.apply(&x)?;
                 x = dropout(&x, self.dropout, train)?;
+                hidden = x.clone();
             }
         }
-        Ok(x)
+        Ok((hidden, x))
     }
 }
 
@@ -391,6 +402,19 @@ impl Head {
         match &self.inner {
             HeadImpl::Transformer(h) => h.forward(x, train),
             HeadImpl::Mlp(m) => m.forward(x, train),
+        }
+    }
+
+    /// An MLP head's last hidden representation and its logits (training objectives that act
+    /// on the representation, such as a domain adversary); None for other heads.
+    pub fn forward_with_hidden(
+        &self,
+        x: &Tensor,
+        train: bool,
+    ) -> Option<candle_core::Result<(Tensor, Tensor)>> {
+        match &self.inner {
+            HeadImpl::Mlp(m) if m.layers.len() > 1 => Some(m.forward_with_hidden(x, train)),
+            _ => None,
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod head;
 pub mod kernels;
 pub mod manifest;
 pub mod nn;
+pub mod prosody;
 pub mod reference;
 pub mod registry;
 pub mod runtime;

@@ -140,6 +140,9 @@ pub struct FeatureSpec {
     pub combine: Combine,
     #[serde(default)]
     pub pooling: Pooling,
+    /// Append the utterance's prosodic statistics ([`crate::prosody`]) to the pooled states.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prosody: bool,
 }
 
 impl FeatureSpec {
@@ -149,6 +152,7 @@ impl FeatureSpec {
             layers: vec![],
             combine: Combine::Mean,
             pooling: Pooling::Mean,
+            prosody: false,
         }
     }
 
@@ -158,10 +162,11 @@ impl FeatureSpec {
             Pooling::Mean | Pooling::VoicedMean => w,
             Pooling::MeanStd => 2 * w,
         };
-        match (self.source, self.combine) {
+        let states = match (self.source, self.combine) {
             (FeatureSource::HiddenStates, Combine::Concat) => per_layer * self.layers.len(),
             _ => per_layer,
-        }
+        };
+        states + if self.prosody { crate::prosody::DIM } else { 0 }
     }
 
     pub fn validate(&self, num_layers: usize) -> Result<()> {
@@ -179,6 +184,17 @@ impl FeatureSpec {
     /// Pools encoder states into [1, dim] (f32).
     /// Pools `out`, the encoder's states for `samples` (which `voiced_mean` reads).
     pub fn pool(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
+        let states = self.pool_states(out, samples)?;
+        if !self.prosody {
+            return Ok(states);
+        }
+        let p = crate::prosody::utterance_features(samples);
+        let p = Tensor::from_slice(&p, (1, p.len()), states.device())?;
+        Ok(Tensor::cat(&[states, p], 1)?)
+    }
+
+    /// The encoder states' part of [`Self::pool`].
+    fn pool_states(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
         let pool_one = |t: &Tensor| -> Result<Tensor> {
             let t = t.to_dtype(DType::F32)?; // [1, frames, width]
             Ok(match self.pooling {
@@ -485,10 +501,41 @@ mod tests {
             layers: vec![0],
             combine: Combine::Concat,
             pooling: Pooling::VoicedMean,
+            prosody: false,
         };
         assert_eq!(spec.pool(&out, &x)?.to_vec2::<f32>()?, vec![vec![2f32, 2.]]);
         spec.pooling = Pooling::Mean;
         assert_eq!(spec.pool(&out, &x)?.to_vec2::<f32>()?, vec![vec![6f32, 6.]]);
+        Ok(())
+    }
+
+    /// `prosody` appends the utterance's prosodic statistics after the pooled states, and the
+    /// manifest's feature width counts them.
+    #[test]
+    fn prosody_follows_the_pooled_states() -> Result<()> {
+        let x: Vec<f32> = (0..16_000)
+            .map(|i| 0.2 * (std::f32::consts::TAU * 180.0 * i as f32 / 16_000.0).sin())
+            .collect();
+        let state = Tensor::new(&[[[1f32, 3.], [3., 5.]]], &candle_core::Device::Cpu)?;
+        let out = EncoderOutput {
+            hidden_states: vec![state.clone()],
+            last_hidden_state: state,
+        };
+        let spec = FeatureSpec {
+            source: FeatureSource::HiddenStates,
+            layers: vec![0],
+            combine: Combine::Concat,
+            pooling: Pooling::Mean,
+            prosody: true,
+        };
+        let row = spec.pool(&out, &x)?.to_vec2::<f32>()?.remove(0);
+        assert_eq!(row.len(), spec.dim(2));
+        assert_eq!(row[..2], [2f32, 4.]);
+        assert_eq!(row[2..], crate::prosody::utterance_features(&x));
+        let json = serde_json::to_string(&spec)?;
+        assert!(json.contains("\"prosody\":true"), "{json}");
+        let without: FeatureSpec = serde_json::from_str(&json.replace(",\"prosody\":true", ""))?;
+        assert!(!without.prosody, "older manifests have no prosody");
         Ok(())
     }
 }

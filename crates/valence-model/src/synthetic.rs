@@ -240,6 +240,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
             layers: vec![1, 2],
             combine: Combine::Mean,
             pooling: Pooling::Mean,
+            prosody: false,
         },
         scaler: Some("scaler.safetensors".into()),
         head: HeadSpec::Files {
