@@ -100,6 +100,7 @@ run() {
     } 2>&1 | tee "$out/gpu-env.txt"
     timeout "${GPU_BENCH_S:-300}" "$x/valence" bench --what gpu --device cuda:0 \
         --python "$x/python" --work-dir /tmp/valence-xlsr 2>&1 | tee "$out/gpu-bench.txt"
+    [ "${GPU_LIVE:-1}" = 1 ] || return 0
     timeout "${GPU_LIVE_S:-240}" "$x/valence" bench --what live --device cuda:0 \
         --streams "${GPU_STREAMS:-64,256}" --seconds "${GPU_LIVE_SECONDS:-20}" 2>&1 \
         | tee "$out/gpu-live.txt"

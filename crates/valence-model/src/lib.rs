@@ -368,21 +368,7 @@ impl ValenceModel {
         let out = self
             .encoder
             .encode_batch_upto(windows, self.layers_needed())?;
-        let rows = windows
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let row = EncoderOutput {
-                    hidden_states: out
-                        .hidden_states
-                        .iter()
-                        .map(|h| h.narrow(0, i, 1))
-                        .collect::<candle_core::Result<_>>()?,
-                    last_hidden_state: out.last_hidden_state.narrow(0, i, 1)?,
-                };
-                self.pooled_features(&row, w)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.classify_features(&Tensor::cat(&rows, 0)?)
+        let features = self.manifest.features.pool_batch(&out, windows)?;
+        self.classify_features(&features)
     }
 }

@@ -97,10 +97,7 @@ pub const VOICED_FLOOR_DBFS: f64 = -55.0;
 /// Mean over dimension 1 (frames) of `states` [n, frames, width], counting only the frames
 /// [`voiced_frame_mask`] keeps for `samples`: [n, width].
 pub fn voiced_mean(states: &Tensor, samples: &[f32]) -> Result<Tensor> {
-    let mask = voiced_frame_mask(samples, states.dim(1)?);
-    let n = mask.iter().filter(|&&m| m).count().max(1) as f32;
-    let w: Vec<f32> = mask.iter().map(|&m| m as u8 as f32 / n).collect();
-    let w = Tensor::from_vec(w, (1, mask.len(), 1), states.device())?;
+    let w = voiced_weights(&[samples], states.dim(1)?, states.device())?;
     Ok(states.broadcast_mul(&w)?.sum(1)?)
 }
 
@@ -181,22 +178,25 @@ impl FeatureSpec {
         Ok(())
     }
 
-    /// Pools encoder states into [1, dim] (f32).
-    /// Pools `out`, the encoder's states for `samples` (which `voiced_mean` reads).
+    /// Pools `out`, the encoder's states for `samples` (which `voiced_mean` and `prosody`
+    /// read), into [1, dim] (f32).
     pub fn pool(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
-        let states = self.pool_states(out, samples)?;
-        if !self.prosody {
-            return Ok(states);
-        }
-        let p = crate::prosody::utterance_features(samples);
-        let p = Tensor::from_slice(&p, (1, p.len()), states.device())?;
-        Ok(Tensor::cat(&[states, p], 1)?)
+        self.pool_batch(out, &[samples])
     }
 
-    /// The encoder states' part of [`Self::pool`].
-    fn pool_states(&self, out: &EncoderOutput, samples: &[f32]) -> Result<Tensor> {
+    /// Pools a batch: `out` holds the encoder's states for `windows` (all of one length, the
+    /// batch's rows in order) into [windows, dim] (f32). One operation per layer for the whole
+    /// batch, and one copy of the voiced-frame weights: on a GPU, per-window pooling would cost
+    /// more launches and copies than the encoder.
+    pub fn pool_batch(&self, out: &EncoderOutput, windows: &[&[f32]]) -> Result<Tensor> {
+        let device = out.last_hidden_state.device();
+        let frames = out.last_hidden_state.dim(1)?;
+        let voiced = match self.pooling {
+            Pooling::VoicedMean => Some(voiced_weights(windows, frames, device)?),
+            _ => None,
+        };
         let pool_one = |t: &Tensor| -> Result<Tensor> {
-            let t = t.to_dtype(DType::F32)?; // [1, frames, width]
+            let t = t.to_dtype(DType::F32)?; // [batch, frames, width]
             Ok(match self.pooling {
                 Pooling::Mean => t.mean(1)?,
                 Pooling::MeanStd => {
@@ -204,11 +204,14 @@ impl FeatureSpec {
                     let var = t.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
                     Tensor::cat(&[mean, var.sqrt()?], 1)?
                 }
-                Pooling::VoicedMean => voiced_mean(&t, samples)?,
+                Pooling::VoicedMean => match &voiced {
+                    Some(w) => t.broadcast_mul(w)?.sum(1)?,
+                    None => unreachable!("weights are made for voiced_mean"),
+                },
             })
         };
-        match self.source {
-            FeatureSource::LastHiddenState => pool_one(&out.last_hidden_state),
+        let states = match self.source {
+            FeatureSource::LastHiddenState => pool_one(&out.last_hidden_state)?,
             FeatureSource::HiddenStates => {
                 let pooled = self
                     .layers
@@ -222,13 +225,34 @@ impl FeatureSpec {
                         })?)
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Ok(match self.combine {
+                match self.combine {
                     Combine::Mean => (Tensor::stack(&pooled, 0)?.mean(0))?,
                     Combine::Concat => Tensor::cat(&pooled, 1)?,
-                })
+                }
             }
+        };
+        if !self.prosody {
+            return Ok(states);
         }
+        let p: Vec<f32> = windows
+            .iter()
+            .flat_map(|w| crate::prosody::utterance_features(w))
+            .collect();
+        let p = Tensor::from_vec(p, (windows.len(), crate::prosody::DIM), device)?;
+        Ok(Tensor::cat(&[states, p], 1)?)
     }
+}
+
+/// `voiced_mean`'s weights for a batch: [windows, frames, 1], each row 1/n on its n voiced
+/// frames (see [`voiced_frame_mask`]).
+pub fn voiced_weights(windows: &[&[f32]], frames: usize, device: &Device) -> Result<Tensor> {
+    let mut w = Vec::with_capacity(windows.len() * frames);
+    for samples in windows {
+        let mask = voiced_frame_mask(samples, frames);
+        let n = mask.iter().filter(|&&m| m).count().max(1) as f32;
+        w.extend(mask.iter().map(|&m| m as u8 as f32 / n));
+    }
+    Ok(Tensor::from_vec(w, (windows.len(), frames, 1), device)?)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -123,7 +123,20 @@ impl Projection {
                 if dense::supported(x, weight_t) {
                     return dense::dense(x, weight_t, bias, gelu);
                 }
-                x.broadcast_matmul(weight_t)?.broadcast_add(bias)?
+                // One [rows, in] x [in, out] product: a broadcast matmul of [batch, time, in]
+                // would run `batch` small products (cuBLAS batched GEMM), several times slower
+                // on a GPU at large batches.
+                let dims = x.dims();
+                let (in_dim, out_dim) = weight_t.dims2()?;
+                let rows = x.elem_count() / in_dim.max(1);
+                let mut out_dims = dims.to_vec();
+                if let Some(last) = out_dims.last_mut() {
+                    *last = out_dim;
+                }
+                x.reshape((rows, in_dim))?
+                    .matmul(weight_t)?
+                    .broadcast_add(bias)?
+                    .reshape(out_dims)?
             }
             Self::Int8(w) => return w.apply(x, gelu),
         };
