@@ -6,7 +6,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
 use valence_model::registry;
 use valence_model::runtime::Int8Kernel;
@@ -640,6 +640,49 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
                 _ => println!(),
             }
         }
+    }
+    // Where a large batch's time goes: log-mels on the CPU, their copy to the GPU, the encoder
+    // layers, then pooling, scaler and head (the rest of `classify_batch`).
+    let batch = 256;
+    let xs = device_check_windows(batch, 48_000);
+    let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+    let models = std::iter::once(("f32", &gpu_f32)).chain(half.iter().map(|(d, m)| (*d, m)));
+    for (dtype, model) in models {
+        let valence_model::Encoder::Whisper(w) = &model.encoder else {
+            continue;
+        };
+        let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..6 {
+            let t0 = Instant::now();
+            let mel = w.log_mels(&xs);
+            let t1 = Instant::now();
+            let frames = valence_model::whisper::LogMel::frames(48_000);
+            let n_mels = mel.len() / (frames * batch);
+            let mel =
+                Tensor::from_vec(mel, (batch, n_mels, frames), &device)?.to_dtype(w.dtype())?;
+            device.synchronize()?;
+            let t2 = Instant::now();
+            w.forward_mel_upto(&mel, Some(upto))?;
+            device.synchronize()?;
+            let t3 = Instant::now();
+            for r in model.classify_batch(&xs) {
+                r?;
+            }
+            let t4 = Instant::now();
+            t[0].push((t1 - t0).as_secs_f64());
+            t[1].push((t2 - t1).as_secs_f64());
+            t[2].push((t3 - t2).as_secs_f64());
+            t[3].push((t4 - t3).as_secs_f64());
+        }
+        let [mel, copy, layers, whole] = t.map(median);
+        println!(
+            "  {dtype} batch {batch}, medians: log-mels (CPU) {:.1} ms, copy to GPU {:.1} ms, \
+             encoder layers {:.1} ms; whole classify_batch {:.1} ms",
+            mel * 1e3,
+            copy * 1e3,
+            layers * 1e3,
+            whole * 1e3
+        );
     }
     drop((gpu_f32, half));
 

@@ -428,7 +428,7 @@ impl WhisperEncoder {
 
     /// The log-mel spectrograms of `inputs`, one after another. A large batch (a GPU's) computes
     /// them on every core: one at a time they would cost more than the GPU's whole batch.
-    fn log_mels(&self, inputs: &[&[f32]]) -> Vec<f32> {
+    pub fn log_mels(&self, inputs: &[&[f32]]) -> Vec<f32> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         if inputs.len() < 8 || threads < 2 {
             return inputs.iter().flat_map(|x| self.mel.compute(x)).collect();
@@ -458,7 +458,8 @@ impl WhisperEncoder {
         self.forward_mel_upto(mel, None)
     }
 
-    fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
+    /// The encoder from log-mels [batch, n_mels, frames], through layer `upto` (all: None).
+    pub fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
         let x = gelu_erf(&self.conv1.forward(mel)?)?;
         let x = self.conv2.forward_gelu_frames(&x)?;
         let t = x.dim(1)?;
