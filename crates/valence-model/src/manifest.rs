@@ -204,10 +204,9 @@ impl FeatureSpec {
                     let var = t.broadcast_sub(&mean.unsqueeze(1)?)?.sqr()?.mean(1)?;
                     Tensor::cat(&[mean, var.sqrt()?], 1)?
                 }
-                Pooling::VoicedMean => match &voiced {
-                    Some(w) => t.broadcast_mul(w)?.sum(1)?,
-                    None => unreachable!("weights are made for voiced_mean"),
-                },
+                Pooling::VoicedMean => t
+                    .broadcast_mul(voiced.as_ref().context("voiced-frame weights")?)?
+                    .sum(1)?,
             })
         };
         let states = match self.source {
