@@ -274,6 +274,21 @@ pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result
     Ok(t.to_vec2::<f32>()?)
 }
 
+/// The windows the element would classify in a clip: 3 s every 1 s, then the tail when at least
+/// 1 s of it was in no window, leaving out windows the element reports as silence (below
+/// `silence_dbfs`). A clip shorter than 1 s gives none.
+pub fn element_windows(samples: &[f32], silence_dbfs: f64) -> Vec<Vec<f32>> {
+    const RATE: usize = 16_000;
+    let mut w = valence_model::audio::Windower::new(3 * RATE, RATE);
+    let mut windows = w.push(samples);
+    windows.extend(w.finish(RATE));
+    windows
+        .into_iter()
+        .map(|w| w.samples)
+        .filter(|w| valence_model::audio::rms_dbfs(w) >= silence_dbfs)
+        .collect()
+}
+
 /// Default location of cached features.
 pub fn default_feature_cache() -> PathBuf {
     valence_model::registry::cache_dir().join("features")
@@ -412,4 +427,37 @@ fn table_from(mean: Tensor, std: Tensor, voiced_mean: Tensor, upto: usize) -> Re
         last_mean,
         voiced_mean,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tone(n: usize) -> Vec<f32> {
+        (0..n).map(|i| (i as f32 * 0.05).sin() * 0.1).collect()
+    }
+
+    fn lengths(x: &[f32]) -> Vec<usize> {
+        element_windows(x, -60.0).iter().map(|w| w.len()).collect()
+    }
+
+    #[test]
+    fn element_windows_are_the_elements() {
+        // 5 s: windows at 0, 1 and 2 s; nothing is left outside them.
+        assert_eq!(lengths(&tone(80_000)), [48_000; 3]);
+        // 6.5 s: four windows (0-3 ... 3-6 s) and no tail (0.5 s uncovered is under 1 s).
+        assert_eq!(lengths(&tone(104_000)), [48_000; 4]);
+        // 2 s: no full window; the whole clip is the tail.
+        assert_eq!(lengths(&tone(32_000)), [32_000]);
+        // Under 1 s: none, as the element classifies nothing there.
+        assert!(lengths(&tone(12_000)).is_empty());
+        // Silent windows are left out: 3 s of silence, then 3 s of sound.
+        let x = [vec![0.0; 48_000], tone(48_000)].concat();
+        let got = element_windows(&x, -60.0);
+        assert_eq!(got.len(), 3, "windows at 1, 2 and 3 s hold sound");
+        assert!(
+            got.iter()
+                .all(|w| valence_model::audio::rms_dbfs(w) > -60.0)
+        );
+    }
 }

