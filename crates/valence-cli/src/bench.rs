@@ -273,14 +273,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
         // `valence classify` pays for every hop.
         let dir = registry::resolve_model("default")?;
         let m = registry::shared_model(&dir, &Device::Cpu)?;
-        let upto = m
-            .manifest
-            .features
-            .layers
-            .iter()
-            .max()
-            .copied()
-            .unwrap_or(0);
+        let upto = m.layers_needed().unwrap_or(m.encoder.num_layers());
         let mut torch = python
             .map(|p| TorchWorker::start(p, &format!("whisper-upto-{upto}"), &enc_dir))
             .transpose()?;
@@ -589,15 +582,20 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
     }
 
     // 2. Speed per batch size beside PyTorch on the same GPU (the layers the head reads).
-    let upto = layers_read(&gpu_f32);
+    let upto = gpu_f32
+        .layers_needed()
+        .unwrap_or(gpu_f32.encoder.num_layers());
+    // Every GPU precision that loaded: f32, then the half ones.
+    let models: Vec<(&str, &ValenceModel)> = std::iter::once(("f32", &gpu_f32))
+        .chain(half.iter().map(|(d, m)| (*d, m)))
+        .collect();
     let enc_dir = gpu_f32.manifest.encoder_dir(&dir);
     let cuda = format!("cuda:{}", device_spec.strip_prefix("cuda:").unwrap_or("0"));
     println!(
         "default model from samples (log-mel on the CPU, encoder layers ..{upto}, pooling, head), \
          3 s windows; PyTorch: the same encoder layers from a log-mel"
     );
-    let models = std::iter::once(("f32", &gpu_f32)).chain(half.iter().map(|(d, m)| (*d, m)));
-    for (dtype, model) in models {
+    for &(dtype, model) in &models {
         let mut torch = python
             .map(|p| {
                 TorchWorker::start_with(
@@ -646,8 +644,7 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
     let batch = 256;
     let xs = device_check_windows(batch, 48_000);
     let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-    let models = std::iter::once(("f32", &gpu_f32)).chain(half.iter().map(|(d, m)| (*d, m)));
-    for (dtype, model) in models {
+    for &(dtype, model) in &models {
         let valence_model::Encoder::Whisper(w) = &model.encoder else {
             continue;
         };
@@ -727,15 +724,4 @@ fn xlsr_on_gpu(python: &str, work: &Path, device: &Device, cuda: &str, dtype: &s
         );
     }
     Ok(())
-}
-
-/// The deepest encoder layer a model's features read.
-fn layers_read(m: &valence_model::ValenceModel) -> usize {
-    m.manifest
-        .features
-        .layers
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(m.encoder.num_layers())
 }

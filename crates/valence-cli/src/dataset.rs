@@ -116,6 +116,15 @@ impl FeatureTable {
     }
 }
 
+/// Feeds the clips' root and paths to a cache key.
+fn hash_clip_paths(h: &mut Sha256, root: &Path, clips: &[Clip]) {
+    h.update(root.to_string_lossy().as_bytes());
+    for c in clips {
+        h.update(c.path.as_bytes());
+        h.update(b"\n");
+    }
+}
+
 fn cache_key(
     encoder_dir: &Path,
     quantize: Option<Int8Kernel>,
@@ -145,11 +154,7 @@ fn cache_key(
     let mut head = vec![0u8; 1 << 20];
     let n = std::io::Read::read(&mut f, &mut head)?;
     h.update(&head[..n]);
-    h.update(root.to_string_lossy().as_bytes());
-    for c in clips {
-        h.update(c.path.as_bytes());
-        h.update(b"\n");
-    }
+    hash_clip_paths(&mut h, root, clips);
     Ok(format!("{:x}", h.finalize())[..20].to_string())
 }
 
@@ -239,11 +244,7 @@ pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result
     let dim = valence_model::prosody::DIM;
     let mut h = Sha256::new();
     h.update(b"valence-prosody-v1");
-    h.update(root.to_string_lossy().as_bytes());
-    for c in clips {
-        h.update(c.path.as_bytes());
-        h.update(b"\n");
-    }
+    hash_clip_paths(&mut h, root, clips);
     let file = cache_dir.join(format!(
         "prosody-{}.safetensors",
         &format!("{:x}", h.finalize())[..20]

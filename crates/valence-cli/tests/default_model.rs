@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use common::{expectations_file, fixtures, max_abs_diff, read_wav_i16, shared_data};
+use common::{expectations_file, fixtures, max_abs_diff, read_wav_i16, rms, shared_data};
 use valence_cli::dataset::{self, Clip};
 use valence_cli::training::{TrainConfig, train};
 use valence_model::head::{HeadConfig, MlpHeadConfig, head_from_tensors};
@@ -78,15 +78,6 @@ fn int8_whisper_base_stays_close_to_f32() {
         quantized.encode_upto(&audio, Some(4)).unwrap(),
     );
     for (layer, (x, y)) in a.hidden_states.iter().zip(&b.hidden_states).enumerate() {
-        let rms = |t: &Tensor| {
-            t.sqr()
-                .unwrap()
-                .mean_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-        };
         let rel = rms(&(x - y).unwrap()) / rms(x);
         assert!(rel < 0.1, "layer {layer}: relative RMS error {rel}");
         let (px, py) = (x.mean(1).unwrap(), y.mean(1).unwrap());

@@ -318,7 +318,7 @@ impl ValenceModel {
     }
 
     /// The deepest layer the features read (None: the whole encoder).
-    fn layers_needed(&self) -> Option<usize> {
+    pub fn layers_needed(&self) -> Option<usize> {
         let spec = &self.manifest.features;
         match spec.source {
             FeatureSource::HiddenStates => spec.layers.iter().max().copied(),

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, max_abs_diff, read_wav_i16};
+use common::{fixtures, max_abs_diff, read_wav_i16, rms};
 use valence_model::head::{HeadConfig, head_from_tensors};
 use valence_model::manifest::load_card_head;
 use valence_model::wav2vec2::Wav2Vec2Model;
@@ -80,15 +80,6 @@ fn int8_wav2vec2_stays_close_to_transformers() {
         for (i, h) in out.hidden_states.iter().enumerate() {
             let want = &r[&format!("hidden_states.{i}")];
             let diff = (h.squeeze(0).unwrap() - want).unwrap();
-            let rms = |t: &Tensor| {
-                t.sqr()
-                    .unwrap()
-                    .mean_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt()
-            };
             let rel = rms(&diff) / rms(want);
             assert!(
                 rel < 0.1,

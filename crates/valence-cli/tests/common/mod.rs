@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 #[path = "../../../valence-model/tests/common/mod.rs"]
 mod model_common;
-pub use model_common::{fixtures, max_abs_diff, read_wav_i16};
+pub use model_common::{fixtures, max_abs_diff, read_wav_i16, rms};
 
 /// The default model's recorded predictions on shared clips (this crate's own fixture).
 pub fn expectations_file() -> PathBuf {

@@ -27,6 +27,17 @@ pub fn read_wav_i16(path: &Path) -> Vec<f32> {
     panic!("no data chunk in {}", path.display());
 }
 
+/// Root mean square of a tensor's values (f32).
+pub fn rms(t: &candle_core::Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
