@@ -1,9 +1,11 @@
 //! The library side of the `valence` tool: decoding files, the labelled dataset and its cached
-//! features, training augmentations, training of heads, and evaluation metrics. The subcommands themselves are in the
+//! features, training augmentations, training of heads, evaluation metrics, and the export of models
+//! for Triton Inference Server. The subcommands themselves are in the
 //! binary (`main.rs`).
 
 pub mod augment;
 pub mod dataset;
 pub mod decode;
+pub mod export;
 pub mod metrics;
 pub mod training;

@@ -73,6 +73,9 @@ enum Command {
     /// Turn checkpoints into encoder or model directories.
     #[command(subcommand)]
     Import(ImportCommand),
+    /// Write a model in another runtime's format.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Speaker-independent model selection: grouped-by-speaker k-fold CV and
     /// leave-one-corpus-out, on cached pooled features.
     Cv {
@@ -175,6 +178,29 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ExportCommand {
+    /// A Triton Inference Server model repository: REPO/NAME/config.pbtxt and
+    /// REPO/NAME/1/model.onnx (16 kHz mono samples in, label probabilities out).
+    Triton {
+        /// Model directory or installed model name.
+        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        model: String,
+        /// The model repository to write into.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// The model's name in the repository (what `triton://HOST:PORT/NAME` names).
+        #[arg(long, default_value = "valence")]
+        name: String,
+        /// Largest batch Triton's dynamic batcher forms.
+        #[arg(long, default_value_t = 64)]
+        max_batch_size: usize,
+        /// How long the dynamic batcher holds a request for others, in microseconds.
+        #[arg(long, default_value_t = 2000)]
+        max_queue_delay_us: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum ImportCommand {
     /// A CTranslate2 (faster-whisper) Whisper model.bin, possibly split into parts.
     WhisperCt2 {
@@ -260,6 +286,29 @@ fn run() -> Result<()> {
                 cfg.encoder_layers,
                 cfg.d_model,
                 output.display()
+            );
+            Ok(())
+        }
+        Command::Export(ExportCommand::Triton {
+            model: spec,
+            output,
+            name,
+            max_batch_size,
+            max_queue_delay_us,
+        }) => {
+            let dir = model::registry::resolve_model(&spec)?;
+            valence_cli::export::export_triton(
+                &dir,
+                &output,
+                &name,
+                valence_cli::export::TritonBatching {
+                    max_batch_size: max_batch_size.max(1),
+                    max_queue_delay_us,
+                },
+            )?;
+            eprintln!(
+                "wrote {} (config.pbtxt, 1/model.onnx)",
+                output.join(&name).display()
             );
             Ok(())
         }

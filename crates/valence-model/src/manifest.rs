@@ -348,6 +348,38 @@ impl Manifest {
         Self::resolve(dir, &self.encoder.path)
     }
 
+    /// The head's config and tensors and the scaler, as the manifest names them (read, not yet
+    /// built): what [`Self::load`] builds the head from, and what an exporter writes out.
+    pub fn head_parts(&self, dir: &Path) -> Result<HeadParts> {
+        let (config, tensors, origin, card_scaler) = match &self.head {
+            HeadSpec::Files { config, weights } => {
+                let cpath = Self::resolve(dir, config);
+                let cfg: HeadConfig = serde_json::from_str(
+                    &crate::files::read_metadata_string(&cpath)
+                        .with_context(|| format!("cannot read head config {}", cpath.display()))?,
+                )
+                .with_context(|| format!("{} is not a valid head config", cpath.display()))?;
+                let wpath = Self::resolve(dir, weights);
+                (cfg, super::weights::read_checkpoint(&wpath)?, wpath, None)
+            }
+            HeadSpec::Card { card } => {
+                let cdir = Self::resolve(dir, card);
+                let (cfg, tensors, origin, scaler) = load_card_head(&cdir)?;
+                (HeadConfig::Transformer(cfg), tensors, origin, scaler)
+            }
+        };
+        let scaler = match (&self.scaler, card_scaler) {
+            (Some(p), _) => Some(StandardScaler::load(&Self::resolve(dir, p))?),
+            (None, s) => s,
+        };
+        Ok(HeadParts {
+            config,
+            tensors,
+            origin,
+            scaler,
+        })
+    }
+
     /// Loads every part. Errors name the file at fault.
     pub fn load(self, dir: &Path, device: &Device) -> Result<ValenceModel> {
         let mut dtype = parse_dtype(&self.dtype)?;
@@ -392,23 +424,12 @@ impl Manifest {
             .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
         let feature_dim = self.features.dim(encoder.width());
 
-        let (head_cfg, head_tensors, head_origin, card_scaler) = match &self.head {
-            HeadSpec::Files { config, weights } => {
-                let cpath = Self::resolve(dir, config);
-                let cfg: HeadConfig = serde_json::from_str(
-                    &crate::files::read_metadata_string(&cpath)
-                        .with_context(|| format!("cannot read head config {}", cpath.display()))?,
-                )
-                .with_context(|| format!("{} is not a valid head config", cpath.display()))?;
-                let wpath = Self::resolve(dir, weights);
-                (cfg, super::weights::read_checkpoint(&wpath)?, wpath, None)
-            }
-            HeadSpec::Card { card } => {
-                let cdir = Self::resolve(dir, card);
-                let (cfg, tensors, origin, scaler) = load_card_head(&cdir)?;
-                (HeadConfig::Transformer(cfg), tensors, origin, scaler)
-            }
-        };
+        let HeadParts {
+            config: head_cfg,
+            tensors: head_tensors,
+            origin: head_origin,
+            scaler,
+        } = self.head_parts(dir)?;
         if head_cfg.input_dim() != feature_dim {
             bail!(
                 "{}: head expects {} features, the encoder and feature spec give {}",
@@ -427,10 +448,6 @@ impl Manifest {
         }
         let head =
             head::head_from_tensors(&head_cfg, head_tensors, &head_origin, DType::F32, device)?;
-        let scaler = match (&self.scaler, card_scaler) {
-            (Some(p), _) => Some(StandardScaler::load(&Self::resolve(dir, p))?),
-            (None, s) => s,
-        };
         if let Some(s) = &scaler
             && s.dim() != feature_dim
         {
@@ -451,6 +468,16 @@ impl Manifest {
             device: device.clone(),
         })
     }
+}
+
+/// A head as read from a model directory (see [`Manifest::head_parts`]).
+pub struct HeadParts {
+    pub config: HeadConfig,
+    /// Tensors by the names [`head::Head`] loads them under.
+    pub tensors: std::collections::HashMap<String, Tensor>,
+    /// The file the tensors came from (for messages).
+    pub origin: PathBuf,
+    pub scaler: Option<StandardScaler>,
 }
 
 /// The reference card's files: `config.json`, `emotion_classifier_complete.safetensors`, and

@@ -1,6 +1,6 @@
 //! Helpers of the CLI's integration tests: the model crate's helpers and fixtures, plus the
 //! shared data and this crate's own recorded expectations.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
 
