@@ -11,4 +11,7 @@ cargo clippy --release --all-targets --locked -- -D warnings
 # The default model's tests need the imported encoder: fetch it (once; cached) first.
 cargo build --release --locked
 "$CARGO_TARGET_DIR/release/valence" setup
+# ONNX Runtime and a real Triton server (PyTriton) for the export and Triton client tests.
+VALENCE_TEST_PYTHON="$(bash scripts/triton-venv.sh | tail -1)"
+export VALENCE_TEST_PYTHON
 cargo test --release --locked

@@ -24,8 +24,8 @@ use gst_base::subclass::prelude::*;
 use once_cell::sync::Lazy;
 
 use valence_model::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
-use valence_model::service::{BatchConfig, Client, Completed, Wait};
-use valence_model::{ValenceModel, registry};
+use valence_model::registry;
+use valence_model::service::{Backend, BatchConfig, Client, Completed, InferenceService, Wait};
 
 static CAT: Lazy<gst::DebugCategory> = Lazy::new(|| {
     gst::DebugCategory::new(
@@ -103,6 +103,8 @@ struct Stats {
     classified: AtomicU64,
     skipped: AtomicU64,
     silent: AtomicU64,
+    /// Windows sent for inference that came back without a result.
+    failed: AtomicU64,
     inference_ns: AtomicU64,
     /// Sum over classified windows of the size of the batch each ran in.
     batched_windows: AtomicU64,
@@ -136,7 +138,8 @@ enum Pending {
 
 /// Everything that lives from `start` to `stop`.
 struct State {
-    model: Arc<ValenceModel>,
+    /// The model the service runs: in this process, or on a Triton server.
+    backend: Arc<dyn Backend>,
     /// This element's connection to the model's inference service.
     client: Arc<Client>,
     info: Option<gst_audio::AudioInfo>,
@@ -155,6 +158,11 @@ struct State {
     /// the end of the stream still have a buffer to ride on.
     held: Option<gst::Buffer>,
     warned_behind: bool,
+    /// A warning about an unreachable model server was posted (cleared when windows are
+    /// classified again, so that the next outage warns again).
+    warned_unavailable: bool,
+    /// Non-live: the model server stayed unreachable through the retries; the stream fails.
+    server_lost: bool,
     /// Read from the settings once per buffer.
     silence_threshold: f64,
     /// Messages (warnings, QoS) made while the state is locked, posted once it is not: a bus
@@ -225,7 +233,12 @@ impl ValenceClassify {
         WindowResult {
             pts,
             duration,
-            label: state.model.labels.get(best).cloned().unwrap_or_default(),
+            label: state
+                .backend
+                .labels()
+                .get(best)
+                .cloned()
+                .unwrap_or_default(),
             confidence: p as f64,
             probabilities: probs.iter().map(|&p| p as f64).collect(),
         }
@@ -252,10 +265,10 @@ impl ValenceClassify {
             .field("label", r.label.as_str())
             .field("confidence", r.confidence)
             .build();
-        for (name, p) in state.model.labels.iter().zip(&r.probabilities) {
+        for (name, p) in state.backend.labels().iter().zip(&r.probabilities) {
             s.set(name.as_str(), *p);
         }
-        s.set("model", state.model.name.as_str());
+        s.set("model", state.backend.name());
         s
     }
 
@@ -327,6 +340,92 @@ impl ValenceClassify {
     }
 
     /// Sends the buffer held back in non-live mode downstream (before a serialized event).
+    fn batch_config(&self, settings: &Settings, device_name: &str) -> BatchConfig {
+        BatchConfig {
+            max_batch: batch_size_for(settings.batch_size, device_name),
+            timeout: Duration::from_nanos(settings.batch_timeout),
+        }
+    }
+
+    fn log_service_config(&self, service: &InferenceService, asked: BatchConfig) {
+        if service.config() != asked {
+            gst::info!(
+                CAT,
+                imp = self,
+                "the model's service runs with {:?} (set by the element that started it), not {:?}",
+                service.config(),
+                asked
+            );
+        }
+    }
+
+    /// A model on a Triton server: connects and checks it (in the state change, not on a
+    /// streaming thread); an unreachable server or a mismatched model fails the start.
+    fn start_remote(
+        &self,
+        settings: &Settings,
+    ) -> Result<Arc<InferenceService>, gst::ErrorMessage> {
+        let config = self.batch_config(settings, "remote");
+        let service =
+            valence_triton::shared_service(&settings.model, &settings.model_instance_id, config)
+                .map_err(|e| {
+                    gst::error_msg!(
+                        gst::ResourceError::OpenRead,
+                        ("Cannot use remote model: {:#}", e)
+                    )
+                })?;
+        self.log_service_config(&service, config);
+        Ok(service)
+    }
+
+    /// A model in this process, loaded (once per process) on the device asked for.
+    fn start_local(&self, settings: &Settings) -> Result<Arc<InferenceService>, gst::ErrorMessage> {
+        let device = valence_model::parse_device(&settings.device).map_err(|e| {
+            gst::error_msg!(
+                gst::LibraryError::Settings,
+                ("Bad device `{}`: {:#}", settings.device, e)
+            )
+        })?;
+        let dir = registry::resolve_model(&settings.model).map_err(|e| {
+            gst::error_msg!(gst::ResourceError::NotFound, ("Cannot find model: {:#}", e))
+        })?;
+        // Loading a large model takes seconds: say so (a failed load is an error naming it).
+        let loading = registry::needs_load(&dir, &device);
+        let load_msg = |kind, text: String| {
+            gst::message::Progress::builder(kind, "load-model", &text)
+                .src(&*self.obj())
+                .build()
+        };
+        if loading {
+            let _ = self.obj().post_message(load_msg(
+                gst::ProgressType::Start,
+                format!("Loading model {}", dir.display()),
+            ));
+        }
+        let config = self.batch_config(settings, &valence_model::device_name(&device));
+        let service = registry::shared_service(&dir, &device, &settings.model_instance_id, config)
+            .map_err(|e| {
+                if loading {
+                    let _ = self.obj().post_message(load_msg(
+                        gst::ProgressType::Error,
+                        format!("Cannot load model {}", dir.display()),
+                    ));
+                }
+                gst::error_msg!(
+                    gst::ResourceError::OpenRead,
+                    ("Cannot load model {}: {:#}", dir.display(), e)
+                )
+            })?;
+        if loading {
+            let _ = self.obj().post_message(load_msg(
+                gst::ProgressType::Complete,
+                format!("Loaded model {}", dir.display()),
+            ));
+        }
+        self.log_service_config(&service, config);
+        Ok(service)
+    }
+
     fn push_held(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
         let held = self
             .state
@@ -369,6 +468,7 @@ impl ValenceClassify {
         match done.outcome {
             Ok(probs) => {
                 self.stats.classified.fetch_add(1, Ordering::Relaxed);
+                state.warned_unavailable = false;
                 self.stats
                     .inference_ns
                     .fetch_add(done.model_time.as_nanos() as u64, Ordering::Relaxed);
@@ -379,14 +479,36 @@ impl ValenceClassify {
                     Pending::Ready(Self::make_result(state, pts, duration, &probs));
             }
             Err(e) => {
-                let msg = gst::message::Warning::builder(
-                    gst::StreamError::Failed,
-                    &format!("Window at {pts} not classified: {e}"),
-                )
-                .src(&*self.obj())
-                .build();
-                state.outbox.push(msg);
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
                 state.pending.remove(idx);
+                let live = state.live.unwrap_or(false);
+                if e.unavailable && !live {
+                    // A file or other non-live source: a result missing for good is an error.
+                    if !state.server_lost {
+                        state.server_lost = true;
+                        let msg = self.error_message(
+                            gst::ResourceError::Read,
+                            &format!("Window at {pts} not classified, model server lost: {e}"),
+                        );
+                        state.outbox.push(msg);
+                    }
+                    return;
+                }
+                if e.unavailable && state.warned_unavailable {
+                    return; // live: one warning per outage; windows-failed counts the rest
+                }
+                state.warned_unavailable |= e.unavailable;
+                let text = if e.unavailable {
+                    format!(
+                        "Model server unreachable from window at {pts}: audio keeps flowing,                          windows fail (windows-failed) until it answers again: {e}"
+                    )
+                } else {
+                    format!("Window at {pts} not classified: {e}")
+                };
+                let msg = gst::message::Warning::builder(gst::StreamError::Failed, &text)
+                    .src(&*self.obj())
+                    .build();
+                state.outbox.push(msg);
             }
         }
     }
@@ -426,12 +548,12 @@ impl ValenceClassify {
     /// Sends windows to the inference service (or reports them as silence). Never waits.
     fn submit(&self, state: &mut State, windows: Vec<Window>) {
         let live = state.live.unwrap_or(false);
-        let min = state.model.encoder.min_samples();
+        let min = state.backend.min_samples();
         for w in windows {
             let (pts, duration) = state.window_pts(&w);
             if audio::rms_dbfs(&w.samples) < state.silence_threshold || w.samples.len() < min {
                 self.stats.silent.fetch_add(1, Ordering::Relaxed);
-                let n = state.model.labels.len();
+                let n = state.backend.labels().len();
                 state
                     .pending
                     .push_back(Pending::Ready(Self::silence_result(pts, duration, n)));
@@ -606,8 +728,10 @@ impl ObjectImpl for ValenceClassify {
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
                     .blurb(
-                        "Model directory (holding valence.json) or the name of a model installed \
-                         in the valence cache; `default` is the model `valence setup` installs",
+                        "Model directory (holding valence.json), the name of a model installed \
+                         in the valence cache (`default` is the model `valence setup` installs), \
+                         or triton://HOST:PORT/NAME[/VERSION] for a model exported with \
+                         `valence export triton` on a Triton Inference Server (gRPC)",
                     )
                     .default_value(Some(DEFAULT_MODEL))
                     .mutable_ready()
@@ -702,6 +826,14 @@ impl ObjectImpl for ValenceClassify {
                     .blurb("Windows dropped because inference fell behind a live stream")
                     .read_only()
                     .build(),
+                glib::ParamSpecUInt64::builder("windows-failed")
+                    .nick("Windows failed")
+                    .blurb(
+                        "Windows sent for inference that got no result (a remote model server \
+                         unreachable, or a window the model refused)",
+                    )
+                    .read_only()
+                    .build(),
                 glib::ParamSpecUInt64::builder("windows-silent")
                     .nick("Windows silent")
                     .blurb("Windows reported as silence without inference")
@@ -778,6 +910,7 @@ impl ObjectImpl for ValenceClassify {
             "windows-classified" => self.stats.classified.load(Ordering::Relaxed).to_value(),
             "windows-skipped" => self.stats.skipped.load(Ordering::Relaxed).to_value(),
             "windows-silent" => self.stats.silent.load(Ordering::Relaxed).to_value(),
+            "windows-failed" => self.stats.failed.load(Ordering::Relaxed).to_value(),
             "average-inference-time" => {
                 let n = self.stats.classified.load(Ordering::Relaxed);
                 let t = self.stats.inference_ns.load(Ordering::Relaxed);
@@ -856,74 +989,19 @@ impl BaseTransformImpl for ValenceClassify {
                 ("window and hop must be > 0")
             ));
         }
-        let device = valence_model::parse_device(&settings.device).map_err(|e| {
-            gst::error_msg!(
-                gst::LibraryError::Settings,
-                ("Bad device `{}`: {:#}", settings.device, e)
-            )
-        })?;
-        let dir = registry::resolve_model(&settings.model).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::NotFound, ("Cannot find model: {:#}", e))
-        })?;
-        // Loading a large model takes seconds: say so (a failed load is an error naming it).
-        let loading = registry::needs_load(&dir, &device);
-        let load_msg = |kind, text: String| {
-            gst::message::Progress::builder(kind, "load-model", &text)
-                .src(&*self.obj())
-                .build()
+        let service = if valence_triton::is_remote(&settings.model) {
+            self.start_remote(&settings)?
+        } else {
+            self.start_local(&settings)?
         };
-        if loading {
-            let _ = self.obj().post_message(load_msg(
-                gst::ProgressType::Start,
-                format!("Loading model {}", dir.display()),
-            ));
-        }
-        let config = BatchConfig {
-            max_batch: batch_size_for(settings.batch_size, &valence_model::device_name(&device)),
-            timeout: Duration::from_nanos(settings.batch_timeout),
-        };
-        let service = registry::shared_service(&dir, &device, &settings.model_instance_id, config)
-            .map_err(|e| {
-                if loading {
-                    let _ = self.obj().post_message(load_msg(
-                        gst::ProgressType::Error,
-                        format!("Cannot load model {}", dir.display()),
-                    ));
-                }
-                gst::error_msg!(
-                    gst::ResourceError::OpenRead,
-                    ("Cannot load model {}: {:#}", dir.display(), e)
-                )
-            })?;
-        if loading {
-            let _ = self.obj().post_message(load_msg(
-                gst::ProgressType::Complete,
-                format!("Loaded model {}", dir.display()),
-            ));
-        }
-        let model = service.model().clone();
-        if service.config() != config {
-            gst::info!(
-                CAT,
-                imp = self,
-                "the model's service runs with {:?} (set by the element that started it), not {:?}",
-                service.config(),
-                config
-            );
-        }
-        gst::info!(
-            CAT,
-            imp = self,
-            "model {} on {}, encoder weights {}",
-            model.name,
-            valence_model::device_name(&device),
-            model.encoder_weights
-        );
+        let backend = service.backend().clone();
+        gst::info!(CAT, imp = self, "model {}", backend.describe());
         let client = Arc::new(service.client());
         for c in [
             &self.stats.classified,
             &self.stats.skipped,
             &self.stats.silent,
+            &self.stats.failed,
             &self.stats.inference_ns,
             &self.stats.batched_windows,
         ] {
@@ -931,7 +1009,7 @@ impl BaseTransformImpl for ValenceClassify {
         }
         let window_samples = audio::ns_to_samples(settings.window) as usize;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(State {
-            model,
+            backend,
             client,
             info: None,
             resampler: None,
@@ -944,6 +1022,8 @@ impl BaseTransformImpl for ValenceClassify {
             pending: VecDeque::new(),
             held: None,
             warned_behind: false,
+            warned_unavailable: false,
+            server_lost: false,
             silence_threshold: settings.silence_threshold,
             outbox: Vec::new(),
         });
@@ -1018,6 +1098,12 @@ impl BaseTransformImpl for ValenceClassify {
         };
         let results = self.collect_ready(state);
         self.publish(state, out, &results, Some(&mut buf));
+        if state.server_lost {
+            let messages = std::mem::take(&mut state.outbox);
+            drop(guard);
+            self.post_all(messages);
+            return Err(gst::FlowError::Error);
+        }
         let ret = if state.live == Some(true) {
             GenerateOutputSuccess::Buffer(buf)
         } else {

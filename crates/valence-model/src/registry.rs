@@ -10,7 +10,7 @@ use candle_core::Device;
 use once_cell::sync::Lazy;
 
 use super::{ValenceModel, device_name};
-use crate::service::{BatchConfig, InferenceService};
+use crate::service::{Backend, BatchConfig, InferenceService};
 
 /// Name of the model that `valence setup` installs and the element uses by default.
 pub const DEFAULT_MODEL: &str = "default";
@@ -172,12 +172,13 @@ pub fn shared_service(
     let key = (model.dir.clone(), device_name(device), instance.to_string());
     let mut services = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
     services.retain(|_, s| s.strong_count() > 0);
+    let backend: Arc<dyn Backend> = model;
     if let Some(s) = services.get(&key).and_then(|s| s.upgrade())
-        && Arc::ptr_eq(s.model(), &model)
+        && s.runs_on(&backend)
     {
         return Ok(s);
     }
-    let service = InferenceService::start(model, config)?;
+    let service = InferenceService::start(backend, config)?;
     services.insert(key, Arc::downgrade(&service));
     Ok(service)
 }

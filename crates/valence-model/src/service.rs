@@ -1,6 +1,7 @@
 //! One inference service per shared model: dispatch threads (one per core, at most 4) that
-//! collect windows from every client (every element using the model), run them as batches through
-//! [`ValenceModel::classify_batch`], and hand each outcome back to the client that sent it.
+//! collect windows from every client (every element using the model), run them as batches
+//! through a [`Backend`] (a [`ValenceModel`] in this process, or a remote inference server),
+//! and hand each outcome back to the client that sent it.
 //!
 //! A batch is dispatched when it is full (`max_batch`) or when its oldest window has waited
 //! `timeout`, as DeepStream's `batched-push-timeout` does. A service with a single client never
@@ -35,13 +36,88 @@ impl Default for BatchConfig {
     }
 }
 
+/// Why a window has no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowError {
+    pub message: String,
+    /// The backend itself could not be reached (a remote server lost, after retries), as
+    /// opposed to this window being unfit for the model: callers may treat it as an outage.
+    pub unavailable: bool,
+}
+
+impl std::fmt::Display for WindowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl WindowError {
+    pub fn window(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+}
+
+/// What a service runs windows on.
+pub trait Backend: Send + Sync + 'static {
+    /// The model's name, for messages.
+    fn name(&self) -> &str;
+    /// Class names, in the order of the probabilities.
+    fn labels(&self) -> &[String];
+    /// Shortest window (16 kHz samples) the model accepts.
+    fn min_samples(&self) -> usize;
+    /// One outcome per window, in order; windows may have different lengths.
+    fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Vec<f32>, WindowError>>;
+    /// Where and how it runs (device, weight format, server), for logs and benchmarks.
+    fn describe(&self) -> String;
+    /// How many batches may run at once.
+    fn concurrency(&self) -> usize {
+        dispatch_threads()
+    }
+}
+
+impl Backend for ValenceModel {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    fn min_samples(&self) -> usize {
+        self.encoder.min_samples()
+    }
+
+    fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Vec<f32>, WindowError>> {
+        ValenceModel::classify_batch(self, windows)
+            .into_iter()
+            .map(|r| {
+                r.map(|p| p.probabilities)
+                    .map_err(|e| WindowError::window(format!("{e:#}")))
+            })
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} on {}, encoder weights {}",
+            self.name,
+            crate::device_name(&self.device),
+            self.encoder_weights
+        )
+    }
+}
+
 /// One window's outcome as a client receives it.
 #[derive(Debug, Clone)]
 pub struct Completed {
     /// The tag the client gave at submission.
     pub tag: u64,
     /// Probabilities in the model's label order, or why the window was not classified.
-    pub outcome: Result<Vec<f32>, String>,
+    pub outcome: Result<Vec<f32>, WindowError>,
     /// How many windows ran in the batch this one ran in.
     pub batch_size: usize,
     /// The batch's model time divided by its size: this window's share.
@@ -95,11 +171,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// `Arc` ends the loop after the batch it is running, without waiting for it.
 pub struct InferenceService {
     shared: Arc<ServiceShared>,
-    model: Arc<ValenceModel>,
+    backend: Arc<dyn Backend>,
 }
 
 impl InferenceService {
-    pub fn start(model: Arc<ValenceModel>, config: BatchConfig) -> std::io::Result<Arc<Self>> {
+    pub fn start(backend: Arc<dyn Backend>, config: BatchConfig) -> std::io::Result<Arc<Self>> {
         let config = BatchConfig {
             max_batch: config.max_batch.max(1),
             timeout: config.timeout,
@@ -110,17 +186,22 @@ impl InferenceService {
             config,
             clients: AtomicUsize::new(0),
         });
-        for _ in 0..dispatch_threads() {
-            let (s, m) = (shared.clone(), model.clone());
+        for _ in 0..backend.concurrency().max(1) {
+            let (s, b) = (shared.clone(), backend.clone());
             std::thread::Builder::new()
                 .name("valence-service".into())
-                .spawn(move || dispatch_loop(&s, &m))?;
+                .spawn(move || dispatch_loop(&s, b.as_ref()))?;
         }
-        Ok(Arc::new(Self { shared, model }))
+        Ok(Arc::new(Self { shared, backend }))
     }
 
-    pub fn model(&self) -> &Arc<ValenceModel> {
-        &self.model
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Whether this service runs on `backend` (the same object, not an equal one).
+    pub fn runs_on(&self, backend: &Arc<dyn Backend>) -> bool {
+        std::ptr::addr_eq(Arc::as_ptr(&self.backend), Arc::as_ptr(backend))
     }
 
     pub fn config(&self) -> BatchConfig {
@@ -187,21 +268,25 @@ fn next_batch(shared: &ServiceShared) -> Option<Vec<Request>> {
     }
 }
 
-fn dispatch_loop(shared: &ServiceShared, model: &ValenceModel) {
+fn dispatch_loop(shared: &ServiceShared, backend: &dyn Backend) {
     while let Some(batch) = next_batch(shared) {
         let t0 = Instant::now();
         let inputs: Vec<&[f32]> = batch.iter().map(|r| r.samples.as_slice()).collect();
         let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.classify_batch(&inputs)
+            backend.classify_batch(&inputs)
         }));
         let n = batch.len();
         let share = t0.elapsed() / n as u32;
-        let outcomes: Vec<Result<Vec<f32>, String>> = match outcomes {
-            Ok(o) => o
-                .into_iter()
-                .map(|r| r.map(|p| p.probabilities).map_err(|e| format!("{e:#}")))
-                .collect(),
-            Err(_) => vec![Err("inference panicked".to_string()); n],
+        let outcomes = match outcomes {
+            Ok(o) if o.len() == n => o,
+            Ok(o) => vec![
+                Err(WindowError::window(format!(
+                    "the backend gave {} outcomes for {n} windows",
+                    o.len()
+                )));
+                n
+            ],
+            Err(_) => vec![Err(WindowError::window("inference panicked")); n],
         };
         for (req, outcome) in batch.into_iter().zip(outcomes) {
             req.client.deliver(
@@ -396,7 +481,7 @@ mod tests {
     fn clients_get_their_own_results_and_windows_are_batched() {
         let model = tiny_model(32);
         let service = InferenceService::start(
-            model.clone(),
+            model.clone() as Arc<dyn Backend>,
             BatchConfig {
                 max_batch: 4,
                 timeout: Duration::from_millis(200),
@@ -438,7 +523,7 @@ mod tests {
     fn batch_size_one_and_cancel() {
         let model = tiny_model(33);
         let service = InferenceService::start(
-            model,
+            model as Arc<dyn Backend>,
             BatchConfig {
                 max_batch: 1,
                 timeout: Duration::from_secs(10),
