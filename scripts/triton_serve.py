@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 
 def config_value(text, key, default):
@@ -64,7 +64,12 @@ def main():
         allow_gpu_metrics=False,
         exit_on_error=True,
     )
-    with Triton(config=triton_config) as triton:
+    # PyTriton guards Triton's statistics API with a token; plain Triton leaves it open, and the
+    # benchmarks read the server's batch sizes from it. The other guarded APIs stay guarded.
+    security = TritonSecurityConfig(
+        restricted_endpoints=["shared-memory", "model-repository", "trace", "logging"]
+    )
+    with Triton(config=triton_config, security_config=security) as triton:
         triton.bind(
             model_name=args.name,
             infer_func=infer,
