@@ -9,3 +9,4 @@ pub mod decode;
 pub mod export;
 pub mod metrics;
 pub mod training;
+pub mod triton_serve;

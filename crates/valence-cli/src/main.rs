@@ -12,6 +12,7 @@ mod plot;
 mod setup;
 mod streams;
 mod train;
+mod triton_bench;
 
 use valence_model as model;
 
@@ -143,14 +144,17 @@ enum Command {
         /// `--device` beside the CPU's answers and PyTorch on that GPU); products (the encoders' single
         /// projections in f32 and 8 bits, beside PyTorch's); live (live streams held on this
         /// machine) or files (non-live streams' throughput), each with the element's batching
-        /// on and off.
+        /// on and off; triton (file and live streams through one Triton server beside the
+        /// same streams in this process; `--python` runs a PyTriton server on loopback, or
+        /// `--model triton://HOST:PORT/NAME` names a running one).
         #[arg(long, default_value = "whisper")]
         what: String,
         /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
         #[arg(long)]
         work_dir: Option<PathBuf>,
-        /// live/files: the stream counts to run, smallest first (files compares with the first).
-        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 8, 16, 32, 64])]
+        /// live/files/triton: the stream counts to run, smallest first (files compares with the
+        /// first); default 1,8,16,32,64 (live, files) or 1,8,32 (triton).
+        #[arg(long, value_delimiter = ',')]
         streams: Vec<usize>,
         /// live/files: seconds per run (live) or of audio per stream (files).
         #[arg(long, default_value_t = 60.0)]
@@ -380,6 +384,14 @@ fn run() -> Result<()> {
             avx2_only,
             device,
         } => match (what.as_str(), sharing) {
+            ("triton", _) => {
+                let counts = if counts.is_empty() {
+                    vec![1, 8, 32]
+                } else {
+                    counts
+                };
+                triton_bench::run(&model, python.as_deref(), &counts, seconds)
+            }
             _ if avx2_only && std::env::var(bench::AVX2_ONLY_MARK).is_err() => {
                 bench::rerun_avx2_only()
             }
@@ -392,6 +404,11 @@ fn run() -> Result<()> {
                 seconds,
             ),
             ("live" | "files", None) => {
+                let counts = if counts.is_empty() {
+                    vec![1, 8, 16, 32, 64]
+                } else {
+                    counts
+                };
                 streams::run(&model, &device, what == "live", &counts, seconds)
             }
             _ => bench::run(

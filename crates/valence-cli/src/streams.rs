@@ -283,6 +283,36 @@ pub fn run_one(
     Ok(())
 }
 
+/// Runs one configuration ([`run_one`]) in a fresh child process of this binary.
+pub fn run_child(
+    model: &str,
+    device: &str,
+    live: bool,
+    n: usize,
+    sharing: usize,
+    seconds: f64,
+) -> Result<Figures> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["bench", "--what", if live { "live" } else { "files" }])
+        .args([
+            "--streams",
+            &n.to_string(),
+            "--seconds",
+            &seconds.to_string(),
+        ])
+        .args(["--model", model, "--sharing", &sharing.to_string()])
+        .args(["--device", device])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run a benchmark child process")?;
+    if !out.status.success() {
+        bail!("the child process failed");
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .with_context(|| format!("child printed {text:?}"))
+}
+
 /// The live-capacity and file-throughput tables. Each row runs in a fresh child process (this
 /// binary with `--sharing K`), so memory and CPU figures do not carry over from earlier rows:
 /// an allocator keeps what a previous configuration freed.
@@ -302,30 +332,12 @@ pub fn run(model: &str, device: &str, live: bool, streams: &[usize], seconds: f6
         },
         valence_model::runtime::CpuFeatures::detect().describe()
     );
-    let exe = std::env::current_exe()?;
     let sharings = sharings_for(device);
     let mut alone: Vec<Option<f64>> = vec![None; sharings.len()];
     for &n in streams {
         for (k, sharing) in sharings.iter().enumerate() {
-            let out = std::process::Command::new(&exe)
-                .args(["bench", "--what", if live { "live" } else { "files" }])
-                .args([
-                    "--streams",
-                    &n.to_string(),
-                    "--seconds",
-                    &seconds.to_string(),
-                ])
-                .args(["--model", &model, "--sharing", &k.to_string()])
-                .args(["--device", device])
-                .stderr(std::process::Stdio::inherit())
-                .output()
-                .context("cannot run a benchmark child process")?;
-            if !out.status.success() {
-                bail!("the run with {n} streams ({}) failed", sharing.name);
-            }
-            let text = String::from_utf8_lossy(&out.stdout);
-            let f: Figures = serde_json::from_str(text.lines().last().unwrap_or(""))
-                .with_context(|| format!("child printed {text:?}"))?;
+            let f = run_child(&model, device, live, n, k, seconds)
+                .with_context(|| format!("the run with {n} streams ({})", sharing.name))?;
             if live {
                 println!(
                     "N={n:3} {:42} classified {:6} skipped {:6} ({:5.1} %) {} cpu {:.2} cores, RSS {:.0} MB, mean batch {:.2}, latency p50 {:.3} s p99 {:.3} s",

@@ -11,7 +11,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +18,7 @@ use std::time::{Duration, Instant};
 use common::{fixtures, shared_data};
 use gst::prelude::*;
 use valence_cli::export::{TritonBatching, export_triton};
+use valence_cli::triton_serve::{LocalTriton, free_port};
 use valence_model::manifest::{Combine, FeatureSource, Manifest, Pooling};
 use valence_model::registry;
 use valence_triton::{Timeouts, TritonModel, TritonUrl};
@@ -33,94 +33,6 @@ fn python() -> Option<String> {
             );
             None
         }
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A PyTriton server in its own process group (Python and the `tritonserver` it starts), killed
-/// with the group when dropped.
-struct Server {
-    child: Option<Child>,
-    python: String,
-    repo: PathBuf,
-    grpc_port: u16,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(python: &str, repo: &Path, grpc_port: u16) -> Self {
-        let mut s = Self {
-            child: None,
-            python: python.into(),
-            repo: repo.into(),
-            grpc_port,
-            log: repo.join(format!("server-{grpc_port}.log")),
-        };
-        s.spawn();
-        s
-    }
-
-    fn url(&self, model: &str) -> String {
-        format!("triton://127.0.0.1:{}/{model}", self.grpc_port)
-    }
-
-    fn spawn(&mut self) {
-        use std::os::unix::process::CommandExt;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/triton_serve.py");
-        let log = std::fs::File::create(&self.log).unwrap();
-        let child = Command::new(&self.python)
-            .arg(script)
-            .arg("--repo")
-            .arg(&self.repo)
-            .args(["--name", "valence", "--grpc-port"])
-            .arg(self.grpc_port.to_string())
-            .arg("--http-port")
-            .arg(free_port().to_string())
-            .arg("--metrics-port")
-            .arg(free_port().to_string())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .expect("cannot start scripts/triton_serve.py");
-        self.child = Some(child);
-        let url = TritonUrl::parse(&self.url("valence")).unwrap();
-        let t0 = Instant::now();
-        loop {
-            if TritonModel::connect(&url, Timeouts::default()).is_ok() {
-                eprintln!("server ready after {:.1} s", t0.elapsed().as_secs_f64());
-                return;
-            }
-            let exited = self.child.as_mut().unwrap().try_wait().unwrap();
-            if exited.is_some() || t0.elapsed() > Duration::from_secs(120) {
-                panic!(
-                    "Triton did not become ready ({exited:?}): {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's process group.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -321,7 +233,7 @@ fn triton_server_end_to_end() {
         },
     )
     .unwrap();
-    let mut server = Server::start(&python, &repo, free_port());
+    let mut server = LocalTriton::start(&python, &repo, "valence", free_port().unwrap()).unwrap();
     let remote = server.url("valence");
 
     // A model the server does not have: the state change fails, naming the URL and the model.
@@ -402,7 +314,7 @@ fn triton_server_end_to_end() {
         live.buffers.load(Ordering::Relaxed) > flowing,
         "audio must keep flowing while the server is down"
     );
-    server.spawn();
+    server.spawn().unwrap();
     let resumed_from = element_u64(&live.element, "windows-classified");
     wait_for("classification to resume", Duration::from_secs(30), || {
         element_u64(&live.element, "windows-classified") > resumed_from + 1

@@ -133,6 +133,25 @@ static RUNTIME: Lazy<tokio::runtime::Runtime> = Lazy::new(|| {
         .expect("cannot start the Triton client's runtime")
 });
 
+/// Runs `f` on the client's runtime and waits for it. Called from a thread of an application's
+/// own tokio runtime (an app that sets pipeline states from async code), blocking there would
+/// panic, so the wait moves to a scoped thread.
+fn block_on<F>(f: F) -> F::Output
+where
+    F: std::future::Future + Send,
+    F::Output: Send,
+{
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| {
+            s.spawn(|| RUNTIME.block_on(f))
+                .join()
+                .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        })
+    } else {
+        RUNTIME.block_on(f)
+    }
+}
+
 /// Counters of the server's own statistics for one model (Triton's statistics extension).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStatistics {
@@ -213,7 +232,7 @@ impl TritonModel {
     fn check(&mut self) -> Result<()> {
         let url = self.url.clone();
         let mut client = self.client.clone();
-        let (ready, metadata) = RUNTIME.block_on(async {
+        let (ready, metadata) = block_on(async {
             let ready = client
                 .server_ready(self.request(proto::ServerReadyRequest {}))
                 .await
@@ -296,9 +315,7 @@ impl TritonModel {
             ..Default::default()
         };
         let mut client = self.client.clone();
-        let response = RUNTIME
-            .block_on(client.model_infer(self.request(request)))?
-            .into_inner();
+        let response = block_on(client.model_infer(self.request(request)))?.into_inner();
         parse_probabilities(&response, windows.len(), self.labels.len())
             .map_err(|e| tonic::Status::internal(format!("{e:#}")))
     }
@@ -345,15 +362,14 @@ impl TritonModel {
     /// The server's counters for this model (Triton's statistics extension).
     pub fn statistics(&self) -> Result<ServerStatistics> {
         let mut client = self.client.clone();
-        let response = RUNTIME
-            .block_on(
-                client.model_statistics(self.request(proto::ModelStatisticsRequest {
-                    name: self.url.model.clone(),
-                    version: self.url.version.clone(),
-                })),
-            )
-            .map_err(|s| anyhow::anyhow!("{}: statistics: {}", self.url, s.message()))?
-            .into_inner();
+        let response = block_on(client.model_statistics(self.request(
+            proto::ModelStatisticsRequest {
+                name: self.url.model.clone(),
+                version: self.url.version.clone(),
+            },
+        )))
+        .map_err(|s| anyhow::anyhow!("{}: statistics: {}", self.url, s.message()))?
+        .into_inner();
         Ok(response
             .model_stats
             .iter()
@@ -637,6 +653,16 @@ mod tests {
         };
         assert_eq!(after.mean_batch_since(&before), Some(8.0));
         assert_eq!(before.mean_batch_since(&before), None);
+    }
+
+    /// Called from inside an application's tokio runtime, the client waits on its own.
+    #[test]
+    fn blocking_calls_work_from_inside_another_runtime() {
+        let app = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let v = app.block_on(async { block_on(async { 41 + 1 }) });
+        assert_eq!(v, 42);
     }
 
     /// Nothing listens on the port: connecting fails at once with the URL in the message.
