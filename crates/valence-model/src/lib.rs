@@ -148,6 +148,22 @@ impl Encoder {
     }
 }
 
+/// The indices of `windows` grouped by length (shortest first, each group in input order): an
+/// encoder batch, or a server's, holds inputs of one shape.
+pub fn groups_by_length(windows: &[&[f32]]) -> Vec<Vec<usize>> {
+    let mut lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    lengths
+        .into_iter()
+        .map(|len| {
+            (0..windows.len())
+                .filter(|&i| windows[i].len() == len)
+                .collect()
+        })
+        .collect()
+}
+
 /// The common length of a batch's inputs (an error for an empty batch or mixed lengths).
 pub(crate) fn batch_length(inputs: &[&[f32]]) -> Result<usize> {
     let Some(first) = inputs.first() else {
@@ -331,13 +347,7 @@ impl ValenceModel {
     /// result); each window gets its own outcome, so one bad window fails only itself.
     pub fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Prediction>> {
         let mut outcomes: Vec<Option<Result<Prediction>>> = windows.iter().map(|_| None).collect();
-        let mut lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        for len in lengths {
-            let members: Vec<usize> = (0..windows.len())
-                .filter(|&i| windows[i].len() == len)
-                .collect();
+        for members in groups_by_length(windows) {
             let group: Vec<&[f32]> = members.iter().map(|&i| windows[i]).collect();
             match self.classify_same_length(&group) {
                 Ok(preds) => {

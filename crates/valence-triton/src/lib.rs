@@ -470,13 +470,7 @@ impl Backend for TritonModel {
     /// succeeds or fails as a whole.
     fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Vec<f32>, WindowError>> {
         let mut outcomes: Vec<Option<Result<Vec<f32>, WindowError>>> = vec![None; windows.len()];
-        let mut lengths: Vec<usize> = windows.iter().map(|w| w.len()).collect();
-        lengths.sort_unstable();
-        lengths.dedup();
-        for len in lengths {
-            let members: Vec<usize> = (0..windows.len())
-                .filter(|&i| windows[i].len() == len)
-                .collect();
+        for members in valence_model::groups_by_length(windows) {
             let group: Vec<&[f32]> = members.iter().map(|&i| windows[i]).collect();
             match self.infer(&group) {
                 Ok(rows) => {
