@@ -608,6 +608,31 @@ fn missing_and_corrupt_models_fail_the_state_change_with_a_clear_error() {
     assert!(err.contains("head.safetensors"), "{err}");
 }
 
+/// A Triton server that does not answer, or an address that is not one, fails the start with an
+/// error naming the URL (the tests against a real server are in the CLI crate's `triton.rs`).
+#[test]
+fn unreachable_or_malformed_triton_models_fail_the_state_change() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port(); // released: nothing listens there
+    let url = format!("triton://127.0.0.1:{port}/valence");
+    let started = std::time::Instant::now();
+    let (msgs, _, err) = run_pipeline(&format!(
+        "audiotestsrc num-buffers=10 ! valenceclassify model={url} ! fakesink"
+    ));
+    let err = err.expect("must fail");
+    assert!(err.contains(&url) && err.contains("not reachable"), "{err}");
+    assert!(msgs.is_empty());
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let (_, _, err) = run_pipeline(
+        "audiotestsrc num-buffers=10 ! valenceclassify model=triton://127.0.0.1/valence ! fakesink",
+    );
+    let err = err.expect("must fail");
+    assert!(err.contains("HOST:PORT"), "{err}");
+}
+
 #[test]
 fn sixteen_pipelines_share_one_loaded_model() {
     init();
