@@ -346,7 +346,6 @@ fn whisper_states(
 
 /// Pools states [batch, frames, width] as the manifest says: [batch, width] (or 2 x width).
 fn pool(g: &mut GraphBuilder, h: &str, pooling: Pooling, voiced: Option<&str>) -> Result<String> {
-    let ax1 = g.i64s(&[1]);
     Ok(match pooling {
         Pooling::Mean => g.op(
             "ReduceMean",
@@ -367,12 +366,14 @@ fn pool(g: &mut GraphBuilder, h: &str, pooling: Pooling, voiced: Option<&str>) -
                 vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(0))],
             );
             let std = g.op("Sqrt", &[&var], vec![]);
+            let ax1 = g.i64s(&[1]);
             let mean = g.op2("Squeeze", &mean, &ax1);
             g.op("Concat", &[&mean, &std], vec![("axis", Attr::Int(1))])
         }
         Pooling::VoicedMean => {
             let w = voiced.context("voiced weights")?;
             let prod = g.op2("Mul", h, w);
+            let ax1 = g.i64s(&[1]);
             g.op(
                 "ReduceSum",
                 &[&prod, &ax1],
