@@ -105,15 +105,19 @@ fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
 fn compare(python: &str, dir: &Path, windows: &[Vec<f32>]) -> f32 {
     let onnx = dir.join("model.onnx");
     std::fs::write(&onnx, model_to_onnx(dir).unwrap()).unwrap();
-    let model = load_f32(dir);
+    candle_vs_onnx(python, &load_f32(dir), &onnx, windows)
+}
+
+/// The largest difference between the candle model's and ONNX Runtime's probabilities for
+/// `windows` (all of one length).
+fn candle_vs_onnx(python: &str, model: &ValenceModel, onnx: &Path, windows: &[Vec<f32>]) -> f32 {
     let refs: Vec<&[f32]> = windows.iter().map(|w| w.as_slice()).collect();
     let want: Vec<Vec<f32>> = model
         .classify_batch(&refs)
         .into_iter()
         .map(|p| p.unwrap().probabilities)
         .collect();
-    let got = run_onnx(python, &onnx, windows);
-    max_diff(&want, &got)
+    max_diff(&want, &run_onnx(python, onnx, windows))
 }
 
 /// Rewrites the tiny model's features and gives it an MLP head and scaler of the new width.
@@ -254,14 +258,7 @@ fn exported_default_model_matches_candle_on_real_speech() {
             .map(|i| samples[i * 16000..i * 16000 + len].to_vec())
             .take(4)
             .collect();
-        let refs: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
-        let want: Vec<Vec<f32>> = model
-            .classify_batch(&refs)
-            .into_iter()
-            .map(|p| p.unwrap().probabilities)
-            .collect();
-        let got = run_onnx(&python, &onnx, &ws);
-        worst = worst.max(max_diff(&want, &got));
+        worst = worst.max(candle_vs_onnx(&python, &model, &onnx, &ws));
     }
     eprintln!(
         "default model, {} clips: max |difference| {worst:.2e}",

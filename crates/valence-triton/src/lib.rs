@@ -173,7 +173,6 @@ impl ServerStatistics {
 /// A model on a Triton server.
 pub struct TritonModel {
     url: TritonUrl,
-    name: String,
     labels: Vec<String>,
     client: GrpcInferenceServiceClient<Channel>,
     timeouts: Timeouts,
@@ -213,7 +212,6 @@ impl TritonModel {
             .max_encoding_message_size(256 << 20);
         let mut model = Self {
             url: url.clone(),
-            name: url.model.clone(),
             labels: Vec::new(),
             client,
             timeouts,
@@ -453,7 +451,7 @@ fn parse_probabilities(
 
 impl Backend for TritonModel {
     fn name(&self) -> &str {
-        &self.name
+        &self.url.model
     }
 
     fn labels(&self) -> &[String] {
