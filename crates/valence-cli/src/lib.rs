@@ -3,6 +3,7 @@
 //! for Triton Inference Server. The subcommands themselves are in the
 //! binary (`main.rs`).
 
+pub mod adapt;
 pub mod augment;
 pub mod dataset;
 pub mod decode;

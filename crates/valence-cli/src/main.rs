@@ -90,6 +90,26 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Adapt the encoder: train the head alone and the head with low-rank adapters on the last
+    /// encoder layer it reads (same clips, views and schedule), and compare them on held-out clips.
+    Adapt {
+        #[command(flatten)]
+        features: train::FeatureArgs,
+        #[command(flatten)]
+        holdout: train::HoldoutArgs,
+        /// Adapter rank (LoRA on the query and value projections).
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Adapter scale numerator (the update is alpha / rank x B A).
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        #[arg(long, default_value_t = 6)]
+        epochs: usize,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Train a head on pooled encoder features and write a model directory.
     Train {
         #[command(flatten)]
@@ -349,6 +369,30 @@ fn run() -> Result<()> {
             speaker_norm,
             json,
         } => train::cv(&features, folds, speaker_norm, json.as_deref()),
+        Command::Adapt {
+            features,
+            holdout,
+            rank,
+            alpha,
+            epochs,
+            batch_size,
+            json,
+        } => {
+            let head = features.train_config(0).head;
+            let cfg = valence_cli::adapt::AdaptConfig {
+                head,
+                rank,
+                alpha,
+                lr: features.lr,
+                weight_decay: 0.01,
+                label_smoothing: 0.1,
+                batch_size,
+                epochs,
+                clip_norm: 1.0,
+                seed: features.seed,
+            };
+            train::adapt(&features, &holdout, &cfg, json.as_deref())
+        }
         Command::Train {
             features,
             output,

@@ -699,3 +699,162 @@ pub fn eval(
     }
     Ok(())
 }
+
+/// Which clips `valence adapt` holds out.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HoldoutArgs {
+    /// Hold out this corpus (leave-one-corpus-out for one corpus).
+    #[arg(long, conflicts_with = "holdout_fold")]
+    pub holdout_corpus: Option<String>,
+    /// Hold out this fold of the grouped-by-speaker folds (`valence cv`'s folds, same seed).
+    #[arg(long)]
+    pub holdout_fold: Option<usize>,
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+}
+
+/// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
+/// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
+pub fn adapt(
+    args: &FeatureArgs,
+    holdout: &HoldoutArgs,
+    cfg: &valence_cli::adapt::AdaptConfig,
+    json: Option<&Path>,
+) -> Result<()> {
+    use valence_cli::adapt::{AdaptedLayer, Window, fit, prepare};
+    let spec = args.spec();
+    if spec.pooling != Pooling::VoicedMean || spec.prosody {
+        bail!("adapt pools with voiced-mean and no prosody (--pooling voiced-mean)");
+    }
+    if spec.layers.len() > 1 && spec.combine != Combine::Concat {
+        bail!("adapt joins layers with --combine concat");
+    }
+    let top = *spec.layers.iter().max().context("no layers")?;
+    if top == 0 {
+        bail!("hidden state 0 comes from no layer: nothing to adapt");
+    }
+    let fixed: Vec<usize> = spec.layers.iter().copied().filter(|&l| l != top).collect();
+    let clips = dataset::read_manifest(&args.manifest)?;
+    let root = dataset::clip_root(&args.manifest, args.root.as_deref());
+    let held: Vec<bool> = match (&holdout.holdout_corpus, holdout.holdout_fold) {
+        (Some(c), _) => clips.iter().map(|x| &x.corpus == c).collect(),
+        (None, Some(f)) => {
+            let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
+            train::speaker_folds(&speakers, holdout.folds, args.seed)
+                .iter()
+                .map(|&k| k == f)
+                .collect()
+        }
+        _ => bail!("give --holdout-corpus NAME or --holdout-fold N"),
+    };
+    if !held.iter().any(|&h| h) || held.iter().all(|&h| h) {
+        bail!("the holdout leaves no test or no training clips");
+    }
+    let mut encoder = valence_model::Encoder::load_dir(
+        &args.encoder,
+        None,
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )?;
+    if let Some(q) = args.quantize.as_deref() {
+        encoder.quantize(quantization_kernel(q)?)?;
+    }
+    let audio = clips
+        .iter()
+        .map(|c| valence_cli::decode::decode_to_16k_mono(&root.join(&c.path)))
+        .collect::<Result<Vec<_>>>()?;
+    let aug = valence_cli::augment::Augmenter {
+        window: (args.view_window * valence_cli::augment::RATE) as usize,
+    };
+    // Windows: every clip whole, then the training clips' augmented views.
+    let mut jobs: Vec<(usize, Option<usize>)> = (0..clips.len()).map(|c| (c, None)).collect();
+    for c in (0..clips.len()).filter(|&c| !held[c]) {
+        jobs.extend((0..args.views).map(|v| (c, Some(v))));
+    }
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    let n = clips.len();
+    let windows: Vec<Window> = jobs
+        .iter()
+        .map(|&(c, view)| {
+            let label = clips[c].label().unwrap_or(0);
+            let samples = match view {
+                None => audio[c].clone(),
+                Some(v) => {
+                    let mut rng = valence_model::synthetic::SeededNormal::new(
+                        (args.seed ^ 0xa06) ^ ((c as u64) << 20) ^ (v as u64),
+                    );
+                    let babble: Vec<&[f32]> = (0..64)
+                        .map(|_| (rng.uniform() * n as f64) as usize % n)
+                        .filter(|&o| clips[o].speaker != clips[c].speaker && !held[o])
+                        .take(3)
+                        .map(|o| audio[o].as_slice())
+                        .collect();
+                    aug.view(&audio[c], &babble, &mut rng).0
+                }
+            };
+            bar.inc(1);
+            prepare(&encoder, &samples, top - 1, &fixed, label)
+                .with_context(|| format!("encoding {}", clips[c].path))
+        })
+        .collect::<Result<_>>()?;
+    bar.finish_and_clear();
+    drop(audio);
+    let train_idx: Vec<usize> = (0..windows.len()).filter(|&i| i >= n || !held[i]).collect();
+    let test_idx: Vec<usize> = (0..n).filter(|&c| held[c]).collect();
+    let y: Vec<usize> = test_idx.iter().map(|&c| windows[c].label).collect();
+    let dim = windows[0].fixed.len() + windows[0].states.dim(1)?;
+    let cfg = valence_cli::adapt::AdaptConfig {
+        head: args.train_config(dim).head,
+        ..cfg.clone()
+    };
+    let mut arms = serde_json::Map::new();
+    for rank in [0, cfg.rank] {
+        let t0 = std::time::Instant::now();
+        let layer = AdaptedLayer::load(&args.encoder, top - 1, rank, cfg.alpha, args.seed ^ 0x10a)?;
+        let cfg = valence_cli::adapt::AdaptConfig {
+            rank,
+            ..cfg.clone()
+        };
+        let fitted = fit(layer, &windows, &train_idx, &cfg, |e, l| {
+            eprintln!(
+                "rank {rank} epoch {e}: loss {l:.4} ({:.0} s)",
+                t0.elapsed().as_secs_f64()
+            )
+        })?;
+        let probs = fitted.predict(&windows, &test_idx)?;
+        let pred: Vec<usize> = probs.iter().map(|p| valence_model::argmax(p).0).collect();
+        let r = metrics::report(&y, &pred, 3);
+        let (lo, hi) = metrics::bootstrap_macro_f1(&y, &pred, 3, 1000, 7);
+        let ece = metrics::expected_calibration_error(&probs, &y, 15);
+        let recall: Vec<f64> = r.per_class.iter().map(|c| c.recall).collect();
+        let name = if rank == 0 {
+            "head only".to_string()
+        } else {
+            format!("LoRA rank {rank} + head")
+        };
+        eprintln!(
+            "{name}: held-out macro-F1 {:.3} [{lo:.3}, {hi:.3}], recall neg/neu/pos {:.2}/{:.2}/{:.2}, ECE {ece:.3} ({:.0} s)",
+            r.macro_f1,
+            recall[0],
+            recall[1],
+            recall[2],
+            t0.elapsed().as_secs_f64()
+        );
+        arms.insert(
+            name,
+            serde_json::json!({"rank": rank, "macro_f1": r.macro_f1, "ci95": [lo, hi],
+                "recall": recall, "ece15": ece, "train_loss": fitted.train_loss,
+                "confusion": r.confusion, "seconds": t0.elapsed().as_secs_f64()}),
+        );
+    }
+    let v = serde_json::json!({
+        "holdout_corpus": holdout.holdout_corpus, "holdout_fold": holdout.holdout_fold,
+        "folds": holdout.folds, "features": spec, "views": args.views, "config": cfg,
+        "train_windows": train_idx.len(), "test_clips": test_idx.len(), "arms": arms,
+    });
+    println!("{v}");
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
+    }
+    Ok(())
+}

@@ -113,7 +113,7 @@ pub fn speaker_split(speakers: &[String], fraction: f64, seed: u64) -> (Vec<usiz
     (train, val)
 }
 
-fn init_vars(varmap: &VarMap, seed: u64) -> Result<()> {
+pub(crate) fn init_vars(varmap: &VarMap, seed: u64) -> Result<()> {
     let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
@@ -156,7 +156,7 @@ fn reverse_gradient(x: &Tensor, lambda: f64) -> candle_core::Result<Tensor> {
 }
 
 /// Cross-entropy with label smoothing and class weights, as PyTorch computes it.
-fn loss_fn(
+pub(crate) fn loss_fn(
     logits: &Tensor,
     labels: &[usize],
     weights: &Tensor,
@@ -178,7 +178,7 @@ fn loss_fn(
     (main * (1.0 - eps))? + (smooth * eps)?
 }
 
-fn clip_gradients(
+pub(crate) fn clip_gradients(
     grads: &mut candle_core::backprop::GradStore,
     vars: &[Var],
     max_norm: f64,

@@ -309,6 +309,55 @@ fn augmented_views_of_shared_clips_train_a_head() {
     let _ = std::fs::remove_dir_all(&cache);
 }
 
+/// One fine-tuning run of the encoder on a handful of shared clips and an augmented view of
+/// each: low-rank adapters on the last Whisper layer the default head reads, trained with a
+/// head, lower the loss, and the adapted layer then gives other features than the imported one.
+#[test]
+fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
+    use valence_cli::adapt::{AdaptConfig, AdaptedLayer, fit, prepare};
+    let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
+        return;
+    };
+    let clips = some_clips(&data, 4);
+    let encoder = valence_model::Encoder::load_dir(&enc, None, DType::F32, &Device::Cpu).unwrap();
+    let aug = valence_cli::augment::Augmenter { window: 48_000 };
+    let mut windows = Vec::new();
+    for (i, c) in clips.iter().enumerate() {
+        let audio = valence_cli::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
+        let mut rng = valence_model::synthetic::SeededNormal::new(i as u64);
+        let view = aug.view(&audio, &[], &mut rng).0;
+        for samples in [audio, view] {
+            windows.push(prepare(&encoder, &samples, 2, &[2], c.label().unwrap()).unwrap());
+        }
+    }
+    let cfg = AdaptConfig {
+        head: quick_recipe(1024).head,
+        rank: 8,
+        alpha: 16.0,
+        lr: 1e-3,
+        weight_decay: 0.01,
+        label_smoothing: 0.1,
+        batch_size: 8,
+        epochs: 4,
+        clip_norm: 1.0,
+        seed: 0,
+    };
+    let idx: Vec<usize> = (0..windows.len()).collect();
+    let layer = AdaptedLayer::load(&enc, 2, cfg.rank, cfg.alpha, 1).unwrap();
+    let before = valence_cli::adapt::features(&layer, &windows, &idx).unwrap();
+    let fitted = fit(layer, &windows, &idx, &cfg, |_, _| {}).unwrap();
+    let loss = &fitted.train_loss;
+    assert!(loss.last().unwrap() < &loss[0], "loss {loss:?}");
+    let after = valence_cli::adapt::features(&fitted.layer, &windows, &idx).unwrap();
+    let moved = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| max_row_diff(&b[512..], &a[512..]))
+        .fold(0.0, f32::max);
+    assert!(moved > 1e-4, "the adapted layer's features did not change");
+    assert_eq!(max_row_diff(&before[0][..512], &after[0][..512]), 0.0);
+}
+
 fn max_row_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
