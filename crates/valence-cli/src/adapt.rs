@@ -31,6 +31,8 @@ pub struct AdaptedLayer {
     lora: Option<[(Var, Var); 2]>,
     /// alpha / rank.
     scale: f64,
+    /// Attention pooling's query [width, 1] (None: voiced mean).
+    pool_query: Option<Var>,
 }
 
 /// The projections the adapters sit on.
@@ -97,16 +99,42 @@ impl AdaptedLayer {
             heads,
             lora,
             scale: alpha / rank.max(1) as f64,
+            pool_query: None,
         })
     }
 
-    /// The adapters' tensors (what the optimizer updates).
+    /// Pools this layer's output with attention over the voiced frames (a learned query; it
+    /// starts at zero, where attention pooling is the voiced mean) instead of the voiced mean.
+    pub fn with_attention_pooling(mut self) -> Result<Self> {
+        let width = self.get("self_attn.q_proj.weight")?.dim(0)?;
+        self.pool_query = Some(Var::zeros((width, 1), DType::F32, &Device::Cpu)?);
+        Ok(self)
+    }
+
+    /// What training updates: the adapters and the pooling query, where present.
     pub fn vars(&self) -> Vec<Var> {
         self.lora
             .iter()
             .flatten()
             .flat_map(|(a, b)| [a.clone(), b.clone()])
+            .chain(self.pool_query.clone())
             .collect()
+    }
+
+    /// The output `h` [batch, frames, width] pooled with `voiced` ([batch, frames, 1], 1/n on
+    /// the n voiced frames): their mean, or attention weights over them.
+    pub fn pool(&self, h: &Tensor, voiced: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(query) = &self.pool_query else {
+            return h.broadcast_mul(voiced)?.sum(1);
+        };
+        let (b, t, d) = h.dims3()?;
+        let scores = (h.reshape((b * t, d))?.matmul(query.as_tensor())? / (d as f64).sqrt())?
+            .reshape((b, t, 1))?;
+        let shifted = scores.broadcast_sub(&scores.max_keepdim(1)?.detach())?;
+        // Unvoiced frames weigh zero: `voiced` is proportional to the mask.
+        let e = (shifted.exp()? * voiced)?;
+        let weights = e.broadcast_div(&e.sum_keepdim(1)?)?;
+        h.broadcast_mul(&weights)?.sum(1)
     }
 
     fn get(&self, name: &str) -> candle_core::Result<&Tensor> {
@@ -271,7 +299,7 @@ pub fn prepare(
 fn batch_features(layer: &AdaptedLayer, windows: &[&Window]) -> candle_core::Result<Tensor> {
     let states = Tensor::stack(&windows.iter().map(|w| &w.states).collect::<Vec<_>>(), 0)?;
     let pool = Tensor::stack(&windows.iter().map(|w| &w.pool).collect::<Vec<_>>(), 0)?;
-    let pooled = layer.forward(&states)?.broadcast_mul(&pool)?.sum(1)?;
+    let pooled = layer.pool(&layer.forward(&states)?, &pool)?;
     let fixed_dim = windows[0].fixed.len();
     if fixed_dim == 0 {
         return Ok(pooled);
@@ -352,9 +380,9 @@ pub fn fit(
         bail!("no training windows");
     }
     let k = cfg.head.num_classes();
-    let lora = layer.lora.take();
+    let (lora, query) = (layer.lora.take(), layer.pool_query.take());
     let initial = features(&layer, windows, train)?;
-    layer.lora = lora;
+    (layer.lora, layer.pool_query) = (lora, query);
     let scaler = StandardScaler::fit(&initial)?;
     if scaler.dim() != cfg.head.input_dim() {
         bail!(
@@ -397,7 +425,7 @@ pub fn fit(
             ..Default::default()
         },
     )?;
-    // Without adapters the layer's output never changes: pool it once.
+    // With nothing to train in the layer its pooled output never changes: pool it once.
     let fixed_rows: Option<HashMap<usize, Vec<f32>>> = if adapter_vars.is_empty() {
         Some(train.iter().copied().zip(initial).collect())
     } else {
@@ -537,6 +565,55 @@ mod tests {
                 assert!(max_diff(&w, &layer.get(&name)?.t()?) == 0.0, "{name}");
             }
         }
+        Ok(())
+    }
+
+    /// Attention pooling starts as the voiced mean, ignores unvoiced frames whatever its query,
+    /// and its query receives a gradient.
+    #[test]
+    fn attention_pooling_starts_as_the_voiced_mean() -> Result<()> {
+        let layer = AdaptedLayer::load(&tiny_dir(), 1, 0, 1.0, 0)?;
+        let plain = AdaptedLayer::load(&tiny_dir(), 1, 0, 1.0, 0)?;
+        let layer = layer.with_attention_pooling()?;
+        let d = layer.pool_query.as_ref().unwrap().dim(0)?;
+        let h = Tensor::randn(0f32, 1., (2, 5, d), &Device::Cpu)?;
+        // Frames 0 and 3 unvoiced in the first window; all voiced in the second.
+        let voiced = Tensor::new(
+            &[
+                [[0f32], [1. / 3.], [1. / 3.], [0.], [1. / 3.]],
+                [[0.2], [0.2], [0.2], [0.2], [0.2]],
+            ],
+            &Device::Cpu,
+        )?;
+        let want = plain.pool(&h, &voiced)?;
+        assert!(max_diff(&layer.pool(&h, &voiced)?, &want) < 1e-6);
+        let q = layer.pool_query.as_ref().unwrap();
+        q.set(&Tensor::randn(0f32, 3., (d, 1), &Device::Cpu)?)?;
+        // Moving frame 0 or 3 of the first window changes nothing.
+        let mask = Tensor::new(&[1f32, 0., 0., 1., 0.], &Device::Cpu)?.reshape((1, 5, 1))?;
+        let moved = Tensor::cat(
+            &[
+                (h.narrow(0, 0, 1)?
+                    + mask
+                        .broadcast_mul(&Tensor::ones((1, 5, d), DType::F32, &Device::Cpu)?)?
+                        .affine(50., 0.)?)?,
+                h.narrow(0, 1, 1)?,
+            ],
+            0,
+        )?;
+        let a = layer.pool(&h, &voiced)?;
+        assert!(
+            max_diff(
+                &layer.pool(&moved, &voiced)?.narrow(0, 0, 1)?,
+                &a.narrow(0, 0, 1)?
+            ) < 1e-5
+        );
+        assert!(
+            max_diff(&a, &want) > 1e-3,
+            "a random query should weigh frames unevenly"
+        );
+        let grads = a.sum_all()?.backward()?;
+        assert!(grads.get(q.as_tensor()).is_some());
         Ok(())
     }
 

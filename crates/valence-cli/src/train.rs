@@ -711,6 +711,10 @@ pub struct HoldoutArgs {
     pub holdout_fold: Option<usize>,
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
+    /// What to train, each from the same start: `head` (the head alone), `lora` (adapters and
+    /// head), `attention` (attention pooling of the layer and head), `lora+attention`.
+    #[arg(long, value_delimiter = ',', default_value = "head,lora")]
+    pub arms: Vec<String>,
 }
 
 /// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
@@ -808,16 +812,27 @@ pub fn adapt(
         ..cfg.clone()
     };
     let mut arms = serde_json::Map::new();
-    for rank in [0, cfg.rank] {
+    for arm in &holdout.arms {
+        let (rank, attention) = match arm.as_str() {
+            "head" => (0, false),
+            "lora" => (cfg.rank, false),
+            "attention" => (0, true),
+            "lora+attention" => (cfg.rank, true),
+            other => bail!("unknown arm `{other}` (head, lora, attention, lora+attention)"),
+        };
         let t0 = std::time::Instant::now();
-        let layer = AdaptedLayer::load(&args.encoder, top - 1, rank, cfg.alpha, args.seed ^ 0x10a)?;
+        let mut layer =
+            AdaptedLayer::load(&args.encoder, top - 1, rank, cfg.alpha, args.seed ^ 0x10a)?;
+        if attention {
+            layer = layer.with_attention_pooling()?;
+        }
         let cfg = valence_cli::adapt::AdaptConfig {
             rank,
             ..cfg.clone()
         };
         let fitted = fit(layer, &windows, &train_idx, &cfg, |e, l| {
             eprintln!(
-                "rank {rank} epoch {e}: loss {l:.4} ({:.0} s)",
+                "{arm} epoch {e}: loss {l:.4} ({:.0} s)",
                 t0.elapsed().as_secs_f64()
             )
         })?;
@@ -827,11 +842,7 @@ pub fn adapt(
         let (lo, hi) = metrics::bootstrap_macro_f1(&y, &pred, 3, 1000, 7);
         let ece = metrics::expected_calibration_error(&probs, &y, 15);
         let recall: Vec<f64> = r.per_class.iter().map(|c| c.recall).collect();
-        let name = if rank == 0 {
-            "head only".to_string()
-        } else {
-            format!("LoRA rank {rank} + head")
-        };
+        let name = arm.clone();
         eprintln!(
             "{name}: held-out macro-F1 {:.3} [{lo:.3}, {hi:.3}], recall neg/neu/pos {:.2}/{:.2}/{:.2}, ECE {ece:.3} ({:.0} s)",
             r.macro_f1,
@@ -842,7 +853,7 @@ pub fn adapt(
         );
         arms.insert(
             name,
-            serde_json::json!({"rank": rank, "macro_f1": r.macro_f1, "ci95": [lo, hi],
+            serde_json::json!({"rank": rank, "attention_pooling": attention, "macro_f1": r.macro_f1, "ci95": [lo, hi],
                 "recall": recall, "ece15": ece, "train_loss": fitted.train_loss,
                 "confusion": r.confusion, "seconds": t0.elapsed().as_secs_f64()}),
         );
