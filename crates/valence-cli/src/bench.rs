@@ -374,7 +374,9 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
 /// The encoders' projections one by one: candle's f32 product (the model's fused dense op) and
 /// every 8-bit kernel this CPU runs (activation quantization included), beside PyTorch's f32
 /// `Linear` and its dynamic-quantized int8 `Linear` (fbgemm, the scheme of ONNX Runtime's
-/// int8 MatMul) on the same sizes.
+/// int8 MatMul) on the same sizes. The AVX2 kernel's row also says what share it reaches of
+/// its bare instruction sequence on this machine (a ceiling no layout of the same instructions
+/// passes), measured alternately with it.
 fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
     use valence_model::kernels::int8::{self, PackedWeights};
     let mut torch = python
@@ -391,6 +393,14 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
     .into_iter()
     .filter(|k| k.runs_here() && k.rank_at_most(best))
     .collect();
+    if kernels.contains(&Int8Kernel::Avx2) {
+        avx2_sequence_rate(); // warm-up
+        println!(
+            "bare AVX2 8-bit sequence on {} threads: {:.0} GMAC/s now (the AVX2 rows' ceiling)",
+            candle_core::utils::get_num_threads(),
+            avx2_sequence_rate() / 1e9
+        );
+    }
     // Whisper base at 3 s (150 frames), then xlsr-53 at 10 s (499 frames).
     for (label, m, k, n) in [
         ("Whisper qkv", 150usize, 512usize, 1536usize),
@@ -440,10 +450,19 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
                 None,
             )?;
             line += &format!(
-                "  {} {:>6.2} ms ({:.2}x f32)",
+                "  {} {:>6.2} ms ({:.2}x f32{})",
                 kernel.short_name(),
                 p.candle * 1e3,
-                f32p.candle / p.candle
+                f32p.candle / p.candle,
+                if *kernel == Int8Kernel::Avx2 {
+                    let share = avx2_share(rounds, (m * k * n) as f64, || {
+                        let q = int8::quantize_rows(&x, m, k);
+                        int8::matmul(&q, &packed, &mut dst, *kernel);
+                    });
+                    format!(", {:.0} % of the bare AVX2 sequence", share * 100.0)
+                } else {
+                    String::new()
+                }
             );
         }
         if let (Some(tf), Some(ti)) = (f32p.torch, torch_int8) {
@@ -456,6 +475,87 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
         println!("{line}");
     }
     Ok(())
+}
+
+/// The AVX2 kernel's own instruction sequence with nothing else around it: a 4-row x 16-column
+/// tile (`vpbroadcastd`, `vpmaddubsw`, `vpmaddwd` with ones, `vpaddd`; the weights of 512 inputs
+/// and the activations in L1), on every candle thread at once. Multiply-adds per second: what
+/// an AVX2 8-bit product could reach on this machine at this moment.
+#[cfg(target_arch = "x86_64")]
+fn avx2_sequence_rate() -> f64 {
+    #[target_feature(enable = "avx2")]
+    fn run(iters: usize) -> i32 {
+        use std::arch::x86_64::*;
+        const QUADS: usize = 128;
+        // Opaque to the optimizer, so the products are computed, not folded.
+        let w_store = vec![1i8; QUADS * 64];
+        let x_store = [3u8; 4 * QUADS * 4];
+        let (w, x) = (
+            std::hint::black_box(w_store.as_slice()),
+            std::hint::black_box(&x_store),
+        );
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+        for _ in 0..iters {
+            for q in 0..QUADS {
+                // SAFETY: both loads lie within `w`.
+                let (w0, w1) = unsafe {
+                    let p = w.as_ptr().add(q * 64) as *const __m256i;
+                    (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+                };
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let off = (i * QUADS + q) * 4;
+                    let xv = _mm256_set1_epi32(i32::from_le_bytes([
+                        x[off],
+                        x[off + 1],
+                        x[off + 2],
+                        x[off + 3],
+                    ]));
+                    for (h, wv) in [w0, w1].into_iter().enumerate() {
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv), ones);
+                        a[h] = _mm256_add_epi32(a[h], p);
+                    }
+                }
+            }
+        }
+        let mut sum = _mm256_setzero_si256();
+        for a in acc.iter().flatten() {
+            sum = _mm256_add_epi32(sum, *a);
+        }
+        _mm256_extract_epi32::<0>(sum)
+    }
+    if !std::is_x86_feature_detected!("avx2") {
+        return f64::NAN;
+    }
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let iters = 4000;
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            // SAFETY: AVX2 was detected above.
+            s.spawn(|| std::hint::black_box(unsafe { run(iters) }));
+        }
+    });
+    (threads * iters * 128 * 4 * 16 * 4) as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx2_sequence_rate() -> f64 {
+    f64::NAN
+}
+
+/// The AVX2 product's share of [`avx2_sequence_rate`], measured alternately (median of the
+/// per-round ratios: the machine's speed drifts between rounds, not within one).
+fn avx2_share(rounds: usize, macs: f64, mut product: impl FnMut()) -> f64 {
+    product();
+    let mut ratios = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        product();
+        let rate = macs / t0.elapsed().as_secs_f64();
+        ratios.push(rate / avx2_sequence_rate());
+    }
+    median(ratios)
 }
 
 pub fn default_work_dir() -> PathBuf {
