@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use crate::training::{clip_gradients, loss_fn};
+use crate::training::{class_weights, clip_gradients, loss_fn, scheduled_lr};
 use valence_model::head::{Head, HeadConfig, seed_dropout};
 use valence_model::scaler::StandardScaler;
 use valence_model::synthetic::SeededNormal;
@@ -392,21 +392,7 @@ pub fn fit(
         );
     }
     let (mean, inv_std) = scaler_tensors(&scaler)?;
-    let mut counts = vec![0usize; k];
-    for &i in train {
-        counts[windows[i].label] += 1;
-    }
-    let weights: Vec<f32> = counts
-        .iter()
-        .map(|&c| {
-            if c > 0 {
-                train.len() as f32 / (k * c) as f32
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let weights = Tensor::new(weights.as_slice(), &Device::Cpu)?;
+    let weights = class_weights(train.iter().map(|&i| windows[i].label), k, true)?;
     let head_vars = VarMap::new();
     let head = Head::new(
         &cfg.head,
@@ -441,13 +427,7 @@ pub fn fit(
     for epoch in 0..cfg.epochs {
         let mut sum = 0f64;
         for batch in length_batches(windows, train, cfg.batch_size, &mut rng) {
-            let lr = if step < warmup {
-                cfg.lr * (step + 1) as f64 / warmup as f64
-            } else {
-                let p = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-                cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-            };
-            opt.set_learning_rate(lr);
+            opt.set_learning_rate(scheduled_lr(cfg.lr, step, warmup, total));
             let x = match &fixed_rows {
                 Some(rows) => {
                     let flat: Vec<f32> = batch.iter().flat_map(|i| rows[i].clone()).collect();
@@ -539,15 +519,17 @@ mod tests {
         (0..n).map(|i| (i as f32 * f).sin() * 0.2).collect()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
             .unwrap()
             .max_all()
             .unwrap()
             .to_scalar::<f32>()
             .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        max_abs(&(a - b).unwrap())
     }
 
     /// Without adapters (and with fresh ones, whose B is zero) the differentiable copy gives
@@ -658,15 +640,7 @@ mod tests {
             .iter()
             .skip(1)
             .step_by(2)
-            .map(|b| {
-                b.as_tensor()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            })
+            .map(|b| max_abs(b.as_tensor()))
             .fold(0.0, f32::max);
         assert!(moved > 0.0, "B stayed zero");
         // The merged weights in a layer without adapters give the adapted output.

@@ -148,6 +148,42 @@ pub(crate) fn init_vars(varmap: &VarMap, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Balanced class weights (`n / (k * count)`, as scikit-learn's "balanced") for `labels`, or
+/// ones when `enabled` is false; a class with no rows weighs 1.
+pub(crate) fn class_weights(
+    labels: impl Iterator<Item = usize>,
+    k: usize,
+    enabled: bool,
+) -> candle_core::Result<Tensor> {
+    let mut counts = vec![0usize; k];
+    for y in labels {
+        counts[y] += 1;
+    }
+    let n: usize = counts.iter().sum();
+    let weights: Vec<f32> = counts
+        .iter()
+        .map(|&c| {
+            if enabled && c > 0 {
+                n as f32 / (k * c) as f32
+            } else {
+                1.0
+            }
+        })
+        .collect();
+    Tensor::new(weights.as_slice(), &Device::Cpu)
+}
+
+/// The learning rate at `step` of `total`: linear warm-up over `warmup` steps, then a cosine
+/// decay to zero.
+pub(crate) fn scheduled_lr(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        base * (step + 1) as f64 / warmup as f64
+    } else {
+        let p = (step - warmup) as f64 / (total - warmup).max(1) as f64;
+        base * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
 /// The identity forward; backward, the gradient times `-lambda` (gradient reversal).
 fn reverse_gradient(x: &Tensor, lambda: f64) -> candle_core::Result<Tensor> {
     let fixed = x.detach();
@@ -259,21 +295,7 @@ pub fn train(
             cfg.head.input_dim()
         );
     }
-    let mut counts = vec![0usize; k];
-    for &i in &train_idx {
-        counts[y[i]] += 1;
-    }
-    let weights: Vec<f32> = counts
-        .iter()
-        .map(|&c| {
-            if cfg.class_weights && c > 0 {
-                train_idx.len() as f32 / (k * c) as f32
-            } else {
-                1.0
-            }
-        })
-        .collect();
-    let weights = Tensor::new(weights.as_slice(), &Device::Cpu)?;
+    let weights = class_weights(train_idx.iter().map(|&i| y[i]), k, cfg.class_weights)?;
 
     let varmap = VarMap::new();
     let head = Head::new(
@@ -332,13 +354,7 @@ pub fn train(
         shuffle(&mut order, &mut rng);
         let mut loss_sum = 0f64;
         for batch in order.chunks(cfg.batch_size) {
-            let lr = if step < warmup {
-                cfg.lr * (step + 1) as f64 / warmup as f64
-            } else {
-                let p = (step - warmup) as f64 / (total_steps - warmup).max(1) as f64;
-                cfg.lr * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
-            };
-            opt.set_learning_rate(lr);
+            opt.set_learning_rate(scheduled_lr(cfg.lr, step, warmup, total_steps));
             let xb = rows_tensor(x, batch, &scaler)?;
             let yb: Vec<usize> = batch.iter().map(|&i| y[i]).collect();
             // The epoch's loss reports the class loss; the adversary's term only adds gradient.
