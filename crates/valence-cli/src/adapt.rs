@@ -5,7 +5,8 @@
 //! The layers below it stay as imported and run as the model runs them (8-bit where it
 //! quantizes), so their output is computed once per window ([`Window`]) and only the adapted
 //! layer runs in each training step, in plain differentiable candle ops. The adapters start at
-//! zero (B = 0), so training starts from exactly the frozen encoder's features.
+//! zero (B = 0), so training starts from exactly the frozen encoder's features. Attention
+//! pooling of the adapted layer's frames (a learned query) is the alternative to its voiced mean.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 
-use crate::training::{class_weights, clip_gradients, loss_fn, scheduled_lr};
+use crate::training::{class_weights, clip_gradients, loss_fn, scheduled_lr, shuffle};
 use valence_model::head::{Head, HeadConfig, seed_dropout};
 use valence_model::scaler::StandardScaler;
 use valence_model::synthetic::SeededNormal;
@@ -294,8 +295,8 @@ pub fn prepare(
     })
 }
 
-/// Features of `batch` (windows of one length): the fixed pooled states beside the adapted
-/// layer's voiced mean, [batch, dim], unscaled.
+/// Features of `windows` (all of one length): the fixed pooled states beside the adapted
+/// layer's pooled output, [batch, dim], unscaled.
 fn batch_features(layer: &AdaptedLayer, windows: &[&Window]) -> candle_core::Result<Tensor> {
     let states = Tensor::stack(&windows.iter().map(|w| &w.states).collect::<Vec<_>>(), 0)?;
     let pool = Tensor::stack(&windows.iter().map(|w| &w.pool).collect::<Vec<_>>(), 0)?;
@@ -332,13 +333,6 @@ fn length_batches(
         .collect();
     shuffle(&mut batches, rng);
     batches
-}
-
-fn shuffle<T>(v: &mut [T], rng: &mut SeededNormal) {
-    for i in (1..v.len()).rev() {
-        let j = (rng.uniform() * (i + 1) as f64) as usize % (i + 1);
-        v.swap(i, j);
-    }
 }
 
 /// How the adapters and the head are trained.

@@ -73,7 +73,8 @@ pub struct Trained {
 }
 
 /// A deterministic permutation.
-fn shuffle<T>(v: &mut [T], rng: &mut SeededNormal) {
+/// A seeded Fisher-Yates shuffle.
+pub(crate) fn shuffle<T>(v: &mut [T], rng: &mut SeededNormal) {
     for i in (1..v.len()).rev() {
         let j = (rng.uniform() * (i + 1) as f64) as usize % (i + 1);
         v.swap(i, j);
