@@ -310,8 +310,23 @@ fn batch_features(layer: &AdaptedLayer, windows: &[&Window]) -> candle_core::Res
     Tensor::cat(&[&fixed, &pooled], 1)
 }
 
-/// Groups of indices whose windows have the same number of frames, at most `size` each, in a
-/// seeded random order.
+/// Groups of `idx` whose windows have the same number of frames (so that they stack), at most
+/// `size` each, in the order of `idx` within a length.
+fn length_groups(windows: &[Window], idx: &[usize], size: usize) -> Vec<Vec<usize>> {
+    let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for &i in idx {
+        by_len
+            .entry(windows[i].states.dim(0).unwrap_or(0))
+            .or_default()
+            .push(i);
+    }
+    by_len
+        .values()
+        .flat_map(|v| v.chunks(size).map(<[usize]>::to_vec))
+        .collect()
+}
+
+/// [`length_groups`] of `idx` shuffled, in a shuffled order: one epoch's batches.
 fn length_batches(
     windows: &[Window],
     idx: &[usize],
@@ -320,17 +335,7 @@ fn length_batches(
 ) -> Vec<Vec<usize>> {
     let mut order = idx.to_vec();
     shuffle(&mut order, rng);
-    let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
-    for i in order {
-        by_len
-            .entry(windows[i].states.dim(0).unwrap_or(0))
-            .or_default()
-            .push(i);
-    }
-    let mut batches: Vec<Vec<usize>> = by_len
-        .values()
-        .flat_map(|v| v.chunks(size).map(<[usize]>::to_vec))
-        .collect();
+    let mut batches = length_groups(windows, &order, size);
     shuffle(&mut batches, rng);
     batches
 }
@@ -339,8 +344,6 @@ fn length_batches(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdaptConfig {
     pub head: HeadConfig,
-    pub rank: usize,
-    pub alpha: f64,
     pub lr: f64,
     pub weight_decay: f64,
     pub label_smoothing: f64,
@@ -354,7 +357,6 @@ pub struct AdaptConfig {
 pub struct Adapted {
     pub layer: AdaptedLayer,
     pub head: Head,
-    pub head_vars: VarMap,
     pub scaler: StandardScaler,
     /// Mean training loss per epoch (before each epoch's last update: the loss the steps saw).
     pub train_loss: Vec<f64>,
@@ -385,7 +387,6 @@ pub fn fit(
             cfg.head.input_dim()
         );
     }
-    let (mean, inv_std) = scaler_tensors(&scaler)?;
     let weights = class_weights(train.iter().map(|&i| windows[i].label), k, true)?;
     let head_vars = VarMap::new();
     let head = Head::new(
@@ -412,8 +413,7 @@ pub fn fit(
         None
     };
     let mut rng = SeededNormal::new(cfg.seed.wrapping_add(99));
-    let steps_per_epoch =
-        length_batches(windows, train, cfg.batch_size, &mut SeededNormal::new(0)).len();
+    let steps_per_epoch = length_groups(windows, train, cfg.batch_size).len();
     let total = (steps_per_epoch * cfg.epochs).max(1);
     let warmup = ((total as f64 * 0.05).ceil() as usize).max(1);
     let mut step = 0;
@@ -432,7 +432,7 @@ pub fn fit(
                     batch_features(&layer, &w)?
                 }
             };
-            let x = x.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?;
+            let x = scaler.transform(&x)?;
             let labels: Vec<usize> = batch.iter().map(|&i| windows[i].label).collect();
             let loss = loss_fn(
                 &head.forward(&x, true)?,
@@ -453,26 +453,16 @@ pub fn fit(
     Ok(Adapted {
         layer,
         head,
-        head_vars,
         scaler,
         train_loss,
     })
-}
-
-fn scaler_tensors(scaler: &StandardScaler) -> Result<(Tensor, Tensor)> {
-    let inv: Vec<f32> = scaler.scale.iter().map(|s| 1.0 / s).collect();
-    Ok((
-        Tensor::new(scaler.mean.as_slice(), &Device::Cpu)?,
-        Tensor::new(inv.as_slice(), &Device::Cpu)?,
-    ))
 }
 
 /// Unscaled features of `idx` through `layer`, one row each.
 pub fn features(layer: &AdaptedLayer, windows: &[Window], idx: &[usize]) -> Result<Vec<Vec<f32>>> {
     let mut rows = vec![Vec::new(); idx.len()];
     let pos: HashMap<usize, usize> = idx.iter().enumerate().map(|(p, &i)| (i, p)).collect();
-    let mut rng = SeededNormal::new(0);
-    for batch in length_batches(windows, idx, 16, &mut rng) {
+    for batch in length_groups(windows, idx, 16) {
         let w: Vec<&Window> = batch.iter().map(|&i| &windows[i]).collect();
         let f = batch_features(layer, &w)?.to_vec2::<f32>()?;
         for (i, r) in batch.iter().zip(f) {
@@ -485,14 +475,15 @@ pub fn features(layer: &AdaptedLayer, windows: &[Window], idx: &[usize]) -> Resu
 impl Adapted {
     /// Class probabilities of `idx`, one row each.
     pub fn predict(&self, windows: &[Window], idx: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let (mean, inv_std) = scaler_tensors(&self.scaler)?;
         let rows = features(&self.layer, windows, idx)?;
         let mut out = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(256) {
             let flat: Vec<f32> = chunk.iter().flatten().copied().collect();
-            let x = Tensor::from_vec(flat, (chunk.len(), self.scaler.dim()), &Device::Cpu)?
-                .broadcast_sub(&mean)?
-                .broadcast_mul(&inv_std)?;
+            let x = self.scaler.transform(&Tensor::from_vec(
+                flat,
+                (chunk.len(), self.scaler.dim()),
+                &Device::Cpu,
+            )?)?;
             let logits = self.head.forward(&x, false)?.to_vec2::<f32>()?;
             out.extend(logits.iter().map(|r| valence_model::softmax(r)));
         }
@@ -613,8 +604,6 @@ mod tests {
                 head_activation: Activation::Relu,
                 num_classes: 3,
             }),
-            rank: 4,
-            alpha: 8.0,
             lr: 3e-3,
             weight_decay: 0.0,
             label_smoothing: 0.0,
@@ -623,7 +612,7 @@ mod tests {
             clip_norm: 1.0,
             seed: 3,
         };
-        let layer = AdaptedLayer::load(&tiny_dir(), 1, cfg.rank, cfg.alpha, 5)?;
+        let layer = AdaptedLayer::load(&tiny_dir(), 1, 4, 8.0, 5)?;
         let idx: Vec<usize> = (0..windows.len()).collect();
         let fitted = fit(layer, &windows, &idx, &cfg, |_, _| {})?;
         let losses = &fitted.train_loss;

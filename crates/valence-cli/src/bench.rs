@@ -440,11 +440,14 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
             f32p.candle * 1e3
         );
         for kernel in &kernels {
+            let mut product = || {
+                let q = int8::quantize_rows(&x, m, k);
+                int8::matmul(&q, &packed, &mut dst, *kernel);
+            };
             let p = paired(
                 rounds,
                 || {
-                    let q = int8::quantize_rows(&x, m, k);
-                    int8::matmul(&q, &packed, &mut dst, *kernel);
+                    product();
                     Ok(())
                 },
                 None,
@@ -455,10 +458,7 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
                 p.candle * 1e3,
                 f32p.candle / p.candle,
                 if *kernel == Int8Kernel::Avx2 {
-                    let share = avx2_share(rounds, (m * k * n) as f64, || {
-                        let q = int8::quantize_rows(&x, m, k);
-                        int8::matmul(&q, &packed, &mut dst, *kernel);
-                    });
+                    let share = avx2_share(rounds, (m * k * n) as f64, &mut product);
                     format!(", {:.0} % of the bare AVX2 sequence", share * 100.0)
                 } else {
                     String::new()
@@ -483,10 +483,12 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
 /// an AVX2 8-bit product could reach on this machine at this moment.
 #[cfg(target_arch = "x86_64")]
 fn avx2_sequence_rate() -> f64 {
+    /// Quads of inputs per pass (512 inputs), rows and columns of the tile.
+    const QUADS: usize = 128;
+    const MACS_PER_PASS: usize = QUADS * 4 * 4 * 16;
     #[target_feature(enable = "avx2")]
     fn run(iters: usize) -> i32 {
         use std::arch::x86_64::*;
-        const QUADS: usize = 128;
         // Opaque to the optimizer, so the products are computed, not folded.
         let w_store = vec![1i8; QUADS * 64];
         let x_store = [3u8; 4 * QUADS * 4];
@@ -536,7 +538,7 @@ fn avx2_sequence_rate() -> f64 {
             s.spawn(|| std::hint::black_box(unsafe { run(iters) }));
         }
     });
-    (threads * iters * 128 * 4 * 16 * 4) as f64 / t0.elapsed().as_secs_f64()
+    (threads * iters * MACS_PER_PASS) as f64 / t0.elapsed().as_secs_f64()
 }
 
 #[cfg(not(target_arch = "x86_64"))]

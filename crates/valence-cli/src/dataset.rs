@@ -353,6 +353,31 @@ pub struct ViewSpec {
     pub seed: u64,
 }
 
+/// View `v` of clip `c` (`audio[c]`), seeded by `spec.seed`, `c` and `v`: a window-length
+/// augmented crop with babble from three clips of other speakers that `babble_from` allows.
+pub fn augmented_view(
+    clips: &[Clip],
+    audio: &[Vec<f32>],
+    c: usize,
+    v: usize,
+    spec: ViewSpec,
+    babble_from: impl Fn(usize) -> bool,
+) -> Vec<f32> {
+    let aug = crate::augment::Augmenter {
+        window: (spec.window_s * crate::augment::RATE) as usize,
+    };
+    let n = clips.len();
+    let mut rng =
+        valence_model::synthetic::SeededNormal::new(spec.seed ^ ((c as u64) << 20) ^ (v as u64));
+    let babble: Vec<&[f32]> = (0..64)
+        .map(|_| (rng.uniform() * n as f64) as usize % n)
+        .filter(|&o| clips[o].speaker != clips[c].speaker && babble_from(o))
+        .take(3)
+        .map(|o| audio[o].as_slice())
+        .collect();
+    aug.view(&audio[c], &babble, &mut rng).0
+}
+
 /// Pooled features of `spec.per_clip` random augmented views of every clip (row `c *
 /// per_clip + v` is view `v` of clip `c`), cached like [`features`]. `last_mean` holds hidden
 /// state `upto` (the views are not run through the whole encoder).
@@ -387,23 +412,10 @@ pub fn view_features(
         .iter()
         .map(|c| crate::decode::decode_to_16k_mono(&root.join(&c.path)))
         .collect::<Result<Vec<_>>>()?;
-    let aug = crate::augment::Augmenter {
-        window: (spec.window_s * crate::augment::RATE) as usize,
-    };
     let n = clips.len();
     let jobs = (0..n * spec.per_clip).map(|row| {
         let (c, v) = (row / spec.per_clip, row % spec.per_clip);
-        let mut rng = valence_model::synthetic::SeededNormal::new(
-            spec.seed ^ ((c as u64) << 20) ^ (v as u64),
-        );
-        // Babble from three clips of other speakers.
-        let babble: Vec<&[f32]> = (0..64)
-            .map(|_| (rng.uniform() * n as f64) as usize % n)
-            .filter(|&o| clips[o].speaker != clips[c].speaker)
-            .take(3)
-            .map(|o| audio[o].as_slice())
-            .collect();
-        Ok(aug.view(&audio[c], &babble, &mut rng).0)
+        Ok(augmented_view(clips, &audio, c, v, spec, |_| true))
     });
     let (mean, std, voiced) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
     std::fs::create_dir_all(cache_dir)?;

@@ -96,17 +96,7 @@ enum Command {
         #[command(flatten)]
         features: train::FeatureArgs,
         #[command(flatten)]
-        holdout: train::HoldoutArgs,
-        /// Adapter rank (LoRA on the query and value projections).
-        #[arg(long, default_value_t = 8)]
-        rank: usize,
-        /// Adapter scale numerator (the update is alpha / rank x B A).
-        #[arg(long, default_value_t = 16.0)]
-        alpha: f64,
-        #[arg(long, default_value_t = 6)]
-        epochs: usize,
-        #[arg(long, default_value_t = 32)]
-        batch_size: usize,
+        adapt: train::AdaptArgs,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -371,28 +361,9 @@ fn run() -> Result<()> {
         } => train::cv(&features, folds, speaker_norm, json.as_deref()),
         Command::Adapt {
             features,
-            holdout,
-            rank,
-            alpha,
-            epochs,
-            batch_size,
+            adapt,
             json,
-        } => {
-            let head = features.train_config(0).head;
-            let cfg = valence_cli::adapt::AdaptConfig {
-                head,
-                rank,
-                alpha,
-                lr: features.lr,
-                weight_decay: 0.01,
-                label_smoothing: 0.1,
-                batch_size,
-                epochs,
-                clip_norm: 1.0,
-                seed: features.seed,
-            };
-            train::adapt(&features, &holdout, &cfg, json.as_deref())
-        }
+        } => train::adapt(&features, &adapt, json.as_deref()),
         Command::Train {
             features,
             output,

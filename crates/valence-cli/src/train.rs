@@ -700,9 +700,9 @@ pub fn eval(
     Ok(())
 }
 
-/// Which clips `valence adapt` holds out.
+/// What `valence adapt` holds out, trains and how.
 #[derive(Debug, Clone, clap::Args)]
-pub struct HoldoutArgs {
+pub struct AdaptArgs {
     /// Hold out this corpus (leave-one-corpus-out for one corpus).
     #[arg(long, conflicts_with = "holdout_fold")]
     pub holdout_corpus: Option<String>,
@@ -715,16 +715,21 @@ pub struct HoldoutArgs {
     /// head), `attention` (attention pooling of the layer and head), `lora+attention`.
     #[arg(long, value_delimiter = ',', default_value = "head,lora")]
     pub arms: Vec<String>,
+    /// Adapter rank (LoRA on the query and value projections).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Adapter scale numerator (the update is alpha / rank x B A).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 6)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
 }
 
 /// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
 /// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
-pub fn adapt(
-    args: &FeatureArgs,
-    holdout: &HoldoutArgs,
-    cfg: &valence_cli::adapt::AdaptConfig,
-    json: Option<&Path>,
-) -> Result<()> {
+pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) -> Result<()> {
     use valence_cli::adapt::{AdaptedLayer, Window, fit, prepare};
     let spec = args.spec();
     if spec.pooling != Pooling::VoicedMean || spec.prosody {
@@ -740,11 +745,11 @@ pub fn adapt(
     let fixed: Vec<usize> = spec.layers.iter().copied().filter(|&l| l != top).collect();
     let clips = dataset::read_manifest(&args.manifest)?;
     let root = dataset::clip_root(&args.manifest, args.root.as_deref());
-    let held: Vec<bool> = match (&holdout.holdout_corpus, holdout.holdout_fold) {
+    let held: Vec<bool> = match (&adapt_args.holdout_corpus, adapt_args.holdout_fold) {
         (Some(c), _) => clips.iter().map(|x| &x.corpus == c).collect(),
         (None, Some(f)) => {
             let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
-            train::speaker_folds(&speakers, holdout.folds, args.seed)
+            train::speaker_folds(&speakers, adapt_args.folds, args.seed)
                 .iter()
                 .map(|&k| k == f)
                 .collect()
@@ -767,8 +772,11 @@ pub fn adapt(
         .iter()
         .map(|c| valence_cli::decode::decode_to_16k_mono(&root.join(&c.path)))
         .collect::<Result<Vec<_>>>()?;
-    let aug = valence_cli::augment::Augmenter {
-        window: (args.view_window * valence_cli::augment::RATE) as usize,
+    let views = dataset::ViewSpec {
+        per_clip: args.views,
+        window_s: args.view_window,
+        upto: top,
+        seed: args.seed ^ 0xa06,
     };
     // Windows: every clip whole, then the training clips' augmented views.
     let mut jobs: Vec<(usize, Option<usize>)> = (0..clips.len()).map(|c| (c, None)).collect();
@@ -783,18 +791,7 @@ pub fn adapt(
             let label = clips[c].label().unwrap_or(0);
             let samples = match view {
                 None => audio[c].clone(),
-                Some(v) => {
-                    let mut rng = valence_model::synthetic::SeededNormal::new(
-                        (args.seed ^ 0xa06) ^ ((c as u64) << 20) ^ (v as u64),
-                    );
-                    let babble: Vec<&[f32]> = (0..64)
-                        .map(|_| (rng.uniform() * n as f64) as usize % n)
-                        .filter(|&o| clips[o].speaker != clips[c].speaker && !held[o])
-                        .take(3)
-                        .map(|o| audio[o].as_slice())
-                        .collect();
-                    aug.view(&audio[c], &babble, &mut rng).0
-                }
+                Some(v) => dataset::augmented_view(&clips, &audio, c, v, views, |o| !held[o]),
             };
             bar.inc(1);
             prepare(&encoder, &samples, top - 1, &fixed, label)
@@ -809,27 +806,34 @@ pub fn adapt(
     let dim = windows[0].fixed.len() + windows[0].states.dim(1)?;
     let cfg = valence_cli::adapt::AdaptConfig {
         head: args.train_config(dim).head,
-        ..cfg.clone()
+        lr: args.lr,
+        weight_decay: 0.01,
+        label_smoothing: 0.1,
+        batch_size: adapt_args.batch_size,
+        epochs: adapt_args.epochs,
+        clip_norm: 1.0,
+        seed: args.seed,
     };
     let mut arms = serde_json::Map::new();
-    for arm in &holdout.arms {
+    for arm in &adapt_args.arms {
         let (rank, attention) = match arm.as_str() {
             "head" => (0, false),
-            "lora" => (cfg.rank, false),
+            "lora" => (adapt_args.rank, false),
             "attention" => (0, true),
-            "lora+attention" => (cfg.rank, true),
+            "lora+attention" => (adapt_args.rank, true),
             other => bail!("unknown arm `{other}` (head, lora, attention, lora+attention)"),
         };
         let t0 = std::time::Instant::now();
-        let mut layer =
-            AdaptedLayer::load(&args.encoder, top - 1, rank, cfg.alpha, args.seed ^ 0x10a)?;
+        let mut layer = AdaptedLayer::load(
+            &args.encoder,
+            top - 1,
+            rank,
+            adapt_args.alpha,
+            args.seed ^ 0x10a,
+        )?;
         if attention {
             layer = layer.with_attention_pooling()?;
         }
-        let cfg = valence_cli::adapt::AdaptConfig {
-            rank,
-            ..cfg.clone()
-        };
         let fitted = fit(layer, &windows, &train_idx, &cfg, |e, l| {
             eprintln!(
                 "{arm} epoch {e}: loss {l:.4} ({:.0} s)",
@@ -842,9 +846,8 @@ pub fn adapt(
         let (lo, hi) = metrics::bootstrap_macro_f1(&y, &pred, 3, 1000, 7);
         let ece = metrics::expected_calibration_error(&probs, &y, 15);
         let recall: Vec<f64> = r.per_class.iter().map(|c| c.recall).collect();
-        let name = arm.clone();
         eprintln!(
-            "{name}: held-out macro-F1 {:.3} [{lo:.3}, {hi:.3}], recall neg/neu/pos {:.2}/{:.2}/{:.2}, ECE {ece:.3} ({:.0} s)",
+            "{arm}: held-out macro-F1 {:.3} [{lo:.3}, {hi:.3}], recall neg/neu/pos {:.2}/{:.2}/{:.2}, ECE {ece:.3} ({:.0} s)",
             r.macro_f1,
             recall[0],
             recall[1],
@@ -852,15 +855,16 @@ pub fn adapt(
             t0.elapsed().as_secs_f64()
         );
         arms.insert(
-            name,
+            arm.clone(),
             serde_json::json!({"rank": rank, "attention_pooling": attention, "macro_f1": r.macro_f1, "ci95": [lo, hi],
                 "recall": recall, "ece15": ece, "train_loss": fitted.train_loss,
                 "confusion": r.confusion, "seconds": t0.elapsed().as_secs_f64()}),
         );
     }
     let v = serde_json::json!({
-        "holdout_corpus": holdout.holdout_corpus, "holdout_fold": holdout.holdout_fold,
-        "folds": holdout.folds, "features": spec, "views": args.views, "config": cfg,
+        "holdout_corpus": adapt_args.holdout_corpus, "holdout_fold": adapt_args.holdout_fold,
+        "folds": adapt_args.folds, "features": spec, "views": args.views, "config": cfg,
+        "alpha": adapt_args.alpha,
         "train_windows": train_idx.len(), "test_clips": test_idx.len(), "arms": arms,
     });
     println!("{v}");

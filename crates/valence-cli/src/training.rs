@@ -72,8 +72,7 @@ pub struct Trained {
     pub train_loss: Vec<f64>,
 }
 
-/// A deterministic permutation.
-/// A seeded Fisher-Yates shuffle.
+/// A seeded Fisher-Yates shuffle (a deterministic permutation).
 pub(crate) fn shuffle<T>(v: &mut [T], rng: &mut SeededNormal) {
     for i in (1..v.len()).rev() {
         let j = (rng.uniform() * (i + 1) as f64) as usize % (i + 1);

@@ -332,8 +332,6 @@ fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
     }
     let cfg = AdaptConfig {
         head: quick_recipe(1024).head,
-        rank: 8,
-        alpha: 16.0,
         lr: 1e-3,
         weight_decay: 0.01,
         label_smoothing: 0.1,
@@ -343,7 +341,7 @@ fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
         seed: 0,
     };
     let idx: Vec<usize> = (0..windows.len()).collect();
-    let layer = AdaptedLayer::load(&enc, 2, cfg.rank, cfg.alpha, 1).unwrap();
+    let layer = AdaptedLayer::load(&enc, 2, 8, 16.0, 1).unwrap();
     let before = valence_cli::adapt::features(&layer, &windows, &idx).unwrap();
     let fitted = fit(layer, &windows, &idx, &cfg, |_, _| {}).unwrap();
     let loss = &fitted.train_loss;
