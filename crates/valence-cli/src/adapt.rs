@@ -13,9 +13,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
-use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use candle_nn::{Optimizer, VarBuilder, VarMap};
 
-use crate::training::{class_weights, clip_gradients, loss_fn, scheduled_lr, shuffle};
+use crate::training::{adamw, class_weights, clip_gradients, loss_fn, scheduled_lr, shuffle};
 use valence_model::head::{Head, HeadConfig, seed_dropout};
 use valence_model::scaler::StandardScaler;
 use valence_model::synthetic::SeededNormal;
@@ -398,14 +398,7 @@ pub fn fit(
     let mut vars = head_vars.all_vars();
     let adapter_vars = layer.vars();
     vars.extend(adapter_vars.iter().cloned());
-    let mut opt = candle_nn::AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars.clone(), cfg.lr, cfg.weight_decay)?;
     // With nothing to train in the layer its pooled output never changes: pool it once.
     let fixed_rows: Option<HashMap<usize, Vec<f32>>> = if adapter_vars.is_empty() {
         Some(train.iter().copied().zip(initial).collect())

@@ -173,6 +173,22 @@ pub(crate) fn class_weights(
     Tensor::new(weights.as_slice(), &Device::Cpu)
 }
 
+/// AdamW over `vars` (candle's defaults for the betas and epsilon, as PyTorch's).
+pub(crate) fn adamw(
+    vars: Vec<Var>,
+    lr: f64,
+    weight_decay: f64,
+) -> candle_core::Result<candle_nn::AdamW> {
+    candle_nn::AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr,
+            weight_decay,
+            ..Default::default()
+        },
+    )
+}
+
 /// The learning rate at `step` of `total`: linear warm-up over `warmup` steps, then a cosine
 /// decay to zero.
 pub(crate) fn scheduled_lr(base: f64, step: usize, warmup: usize, total: usize) -> f64 {
@@ -325,14 +341,7 @@ pub fn train(
     init_vars(&varmap, cfg.seed)?;
     seed_dropout(cfg.seed.wrapping_add(17));
     let vars = varmap.all_vars();
-    let mut opt = candle_nn::AdamW::new(
-        vars.clone(),
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
+    let mut opt = adamw(vars.clone(), cfg.lr, cfg.weight_decay)?;
     let steps_per_epoch = train_idx.len().div_ceil(cfg.batch_size);
     let total_steps = (steps_per_epoch * cfg.max_epochs).max(1);
     let warmup = ((total_steps as f64 * cfg.warmup_fraction).ceil() as usize).max(1);
