@@ -131,8 +131,12 @@ impl AdaptedLayer {
         let (b, t, d) = h.dims3()?;
         let scores = (h.reshape((b * t, d))?.matmul(query.as_tensor())? / (d as f64).sqrt())?
             .reshape((b, t, 1))?;
-        let shifted = scores.broadcast_sub(&scores.max_keepdim(1)?.detach())?;
-        // Unvoiced frames weigh zero: `voiced` is proportional to the mask.
+        // The softmax runs over the voiced frames only: an unvoiced frame neither weighs (its
+        // exponential is multiplied by its zero weight) nor sets the maximum subtracted for
+        // stability (else a loud unvoiced score would underflow every voiced exponential).
+        let unvoiced = (voiced.le(0f32)?.to_dtype(DType::F32)? * -1e30)?;
+        let masked = (scores + unvoiced)?;
+        let shifted = masked.broadcast_sub(&masked.max_keepdim(1)?.detach())?;
         let e = (shifted.exp()? * voiced)?;
         let weights = e.broadcast_div(&e.sum_keepdim(1)?)?;
         h.broadcast_mul(&weights)?.sum(1)
