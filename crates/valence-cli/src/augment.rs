@@ -1,7 +1,8 @@
 //! Robustness augmentations of 16 kHz mono speech for training, all seeded: window-length crops
 //! (the element classifies 3 s windows that mostly start mid-word), speed perturbation,
-//! coloured and babble noise at a random SNR, gain, the telephone band, and room sound around the
-//! speech. Each is a small pure function; [`Augmenter::view`] chains a random selection of them.
+//! coloured and babble noise at a random SNR, gain, the telephone band, room sound around the
+//! speech, and Opus over RTP ([`crate::codec`], through GStreamer). Each but the codec is a small
+//! pure function; [`Augmenter::view`] chains a random selection of them.
 
 use valence_model::synthetic::SeededNormal;
 
@@ -192,23 +193,28 @@ pub struct ViewRecipe {
     pub noise: Option<(String, f64)>,
     pub telephone: bool,
     pub gain_db: f64,
+    /// Opus bit rate of the codec round trip, when there was one.
+    pub opus_kbps: Option<u32>,
 }
 
 /// Makes random training views of clips, each cut to the element's window length.
 pub struct Augmenter {
     /// Window length in samples (the element's default: 3 s).
     pub window: usize,
+    /// Chance that a view ends with an Opus/RTP round trip at 12-32 kbps. At 0 no random draw
+    /// is spent on it, so views are the same as before the codec existed.
+    pub opus: f64,
 }
 
 impl Augmenter {
     /// One random view of `clip`. `babble` is other speakers' speech to mix in as background
-    /// chatter (it may be empty).
+    /// chatter (it may be empty). Fails only when the codec round trip does.
     pub fn view(
         &self,
         clip: &[f32],
         babble: &[&[f32]],
         rng: &mut SeededNormal,
-    ) -> (Vec<f32>, ViewRecipe) {
+    ) -> anyhow::Result<(Vec<f32>, ViewRecipe)> {
         let mut r = ViewRecipe::default();
         let mut x = clip.to_vec();
         if chance(rng, 0.5) {
@@ -255,7 +261,14 @@ impl Augmenter {
         }
         r.gain_db = uniform(rng, -12.0, 6.0);
         gain(&mut x, r.gain_db);
-        (x, r)
+        // The sender's codec comes last: after the room, the microphone's gain and clipping.
+        if self.opus > 0.0 && chance(rng, self.opus) {
+            let (lo, hi) = crate::codec::OPUS_KBPS;
+            let kbps = (uniform(rng, lo as f64, hi as f64 + 1.0) as u32).min(hi);
+            x = crate::codec::opus_round_trip(&x, kbps)?;
+            r.opus_kbps = Some(kbps);
+        }
+        Ok((x, r))
     }
 }
 
@@ -315,19 +328,52 @@ mod tests {
 
     #[test]
     fn views_are_reproducible_window_sized_and_bounded() {
-        let aug = Augmenter { window: 48000 };
+        let aug = Augmenter {
+            window: 48000,
+            opus: 0.0,
+        };
         let clip = sine(180.0, 5.0);
         let other = sine(90.0, 2.0);
         let babble: Vec<&[f32]> = vec![&other];
-        let (a, ra) = aug.view(&clip, &babble, &mut SeededNormal::new(7));
-        let (b, rb) = aug.view(&clip, &babble, &mut SeededNormal::new(7));
+        let (a, ra) = aug.view(&clip, &babble, &mut SeededNormal::new(7)).unwrap();
+        let (b, rb) = aug.view(&clip, &babble, &mut SeededNormal::new(7)).unwrap();
         assert_eq!(a, b);
         assert_eq!(ra, rb);
         let mut rng = SeededNormal::new(8);
         for _ in 0..50 {
-            let (v, _) = aug.view(&clip, &babble, &mut rng);
+            let (v, r) = aug.view(&clip, &babble, &mut rng).unwrap();
             assert!(v.len() <= 48000 && !v.is_empty());
             assert!(v.iter().all(|s| s.is_finite() && s.abs() <= 1.0));
+            assert_eq!(r.opus_kbps, None);
         }
+    }
+
+    #[test]
+    fn views_with_the_codec_pass_some_through_opus_reproducibly() {
+        let clip = sine(180.0, 4.0);
+        let plain = Augmenter {
+            window: 48000,
+            opus: 0.0,
+        };
+        let coded = Augmenter {
+            window: 48000,
+            opus: 1.0,
+        };
+        let (p, rp) = plain.view(&clip, &[], &mut SeededNormal::new(3)).unwrap();
+        let (c, rc) = coded.view(&clip, &[], &mut SeededNormal::new(3)).unwrap();
+        let (c2, _) = coded.view(&clip, &[], &mut SeededNormal::new(3)).unwrap();
+        assert_eq!(c, c2, "seeded, codec included");
+        let kbps = rc.opus_kbps.expect("opus 1.0 always codes");
+        assert!((12..=32).contains(&kbps), "{kbps} kbps");
+        // The same view up to the codec: the coded one has the plain one's length, differs.
+        assert_eq!(
+            ViewRecipe {
+                opus_kbps: None,
+                ..rc
+            },
+            rp
+        );
+        assert_eq!(c.len(), p.len());
+        assert_ne!(c, p);
     }
 }

@@ -351,6 +351,8 @@ pub struct ViewSpec {
     /// Hidden states up to this one are pooled (the head's deepest layer).
     pub upto: usize,
     pub seed: u64,
+    /// Chance that a view goes through an Opus/RTP round trip ([`crate::augment::Augmenter::opus`]).
+    pub opus: f64,
 }
 
 /// View `v` of clip `c` (`audio[c]`), seeded by `spec.seed`, `c` and `v`: a window-length
@@ -362,9 +364,10 @@ pub fn augmented_view(
     v: usize,
     spec: ViewSpec,
     babble_from: impl Fn(usize) -> bool,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let aug = crate::augment::Augmenter {
         window: (spec.window_s * crate::augment::RATE) as usize,
+        opus: spec.opus,
     };
     let n = clips.len();
     let mut rng =
@@ -375,7 +378,7 @@ pub fn augmented_view(
         .take(3)
         .map(|o| audio[o].as_slice())
         .collect();
-    aug.view(&audio[c], &babble, &mut rng).0
+    Ok(aug.view(&audio[c], &babble, &mut rng)?.0)
 }
 
 /// Pooled features of `spec.per_clip` random augmented views of every clip (row `c *
@@ -391,8 +394,14 @@ pub fn view_features(
     device: &Device,
 ) -> Result<FeatureTable> {
     let key = cache_key(encoder_dir, quantize, clips, root)?;
+    // Views without the codec keep the name they had before it existed (same samples).
+    let codec = if spec.opus > 0.0 {
+        format!("-opus{}", spec.opus)
+    } else {
+        String::new()
+    };
     let file = cache_dir.join(format!(
-        "{key}-views{}-w{}-upto{}-seed{}-aug1v.safetensors",
+        "{key}-views{}-w{}-upto{}-seed{}{codec}-aug1v.safetensors",
         spec.per_clip, spec.window_s, spec.upto, spec.seed
     ));
     if file.is_file() {
@@ -415,7 +424,7 @@ pub fn view_features(
     let n = clips.len();
     let jobs = (0..n * spec.per_clip).map(|row| {
         let (c, v) = (row / spec.per_clip, row % spec.per_clip);
-        Ok(augmented_view(clips, &audio, c, v, spec, |_| true))
+        augmented_view(clips, &audio, c, v, spec, |_| true)
     });
     let (mean, std, voiced) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
     std::fs::create_dir_all(cache_dir)?;

@@ -83,6 +83,10 @@ pub struct FeatureArgs {
     /// Window length of the views in seconds (the element's `window`).
     #[arg(long, default_value_t = 3.0)]
     pub view_window: f64,
+    /// Chance that a view ends with an Opus round trip over RTP at 12-32 kbps (GStreamer's
+    /// opusenc, rtpopuspay, rtpopusdepay, opusdec), as a media server's calls arrive.
+    #[arg(long, default_value_t = 0.0)]
+    pub view_opus: f64,
     /// Repeat the rows of smaller corpora so that every corpus weighs about the same.
     #[arg(long)]
     pub balance_corpora: bool,
@@ -169,8 +173,20 @@ impl FeatureArgs {
         Ok((clips, x, y))
     }
 
+    /// `--view-opus`, checked: a chance, and only with views.
+    pub fn view_opus(&self) -> Result<f64> {
+        if !(0.0..=1.0).contains(&self.view_opus) {
+            bail!("--view-opus {} is a chance, in [0, 1]", self.view_opus);
+        }
+        if self.views == 0 && self.view_opus > 0.0 {
+            bail!("--view-opus applies to augmented views: add --views N");
+        }
+        Ok(self.view_opus)
+    }
+
     /// The augmented views of `clips` as extra training rows (none unless `--views`).
     pub fn load_views(&self, clips: &[Clip]) -> Result<train::ExtraRows> {
+        let opus = self.view_opus()?;
         if self.views == 0 {
             return Ok(train::ExtraRows::default());
         }
@@ -194,6 +210,7 @@ impl FeatureArgs {
                 window_s: self.view_window,
                 upto: spec.layers.iter().max().copied().unwrap_or(0),
                 seed: self.seed ^ 0xa06,
+                opus,
             },
             &self
                 .feature_cache
@@ -430,7 +447,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         serde_json::json!({
             "layers": args.layers, "combine": format!("{:?}", args.combine), "pooling": format!("{:?}", args.pooling),
             "head": args.head, "ensemble": args.ensemble, "speaker_norm": speaker_norm,
-            "views": args.views, "balance_corpora": args.balance_corpora,
+            "views": args.views, "view_opus": args.view_opus, "balance_corpora": args.balance_corpora,
             "grouped_cv_macro_f1": grouped.report.macro_f1, "grouped_cv_accuracy": grouped.report.accuracy,
             "loco_three_class_mean_macro_f1": loco_v["three_class_corpus_mean_macro_f1"],
             "loco_three_class_min_macro_f1": loco_v["three_class_corpus_min_macro_f1"],
@@ -443,7 +460,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         let v = serde_json::json!({
             "config": cfg,
             "features": args.spec(),
-            "views": args.views, "view_window": args.view_window,
+            "views": args.views, "view_window": args.view_window, "view_opus": args.view_opus,
             "balance_corpora": args.balance_corpora,
             "speaker_norm": speaker_norm,
             "temperature": temperature,
@@ -569,6 +586,7 @@ pub fn train_model(
             "recipe": cfg,
             "views": args.views,
             "view_window": args.view_window,
+            "view_opus": args.view_opus,
             "balance_corpora": args.balance_corpora,
             "ensemble": members,
             "epochs_run": trained.epochs_run,
@@ -777,6 +795,7 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
         window_s: args.view_window,
         upto: top,
         seed: args.seed ^ 0xa06,
+        opus: args.view_opus()?,
     };
     // Windows: every clip whole, then the training clips' augmented views.
     let mut jobs: Vec<(usize, Option<usize>)> = (0..clips.len()).map(|c| (c, None)).collect();
@@ -791,7 +810,7 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
             let label = clips[c].label().unwrap_or(0);
             let samples = match view {
                 None => audio[c].clone(),
-                Some(v) => dataset::augmented_view(&clips, &audio, c, v, views, |o| !held[o]),
+                Some(v) => dataset::augmented_view(&clips, &audio, c, v, views, |o| !held[o])?,
             };
             bar.inc(1);
             prepare(&encoder, &samples, top - 1, &fixed, label)
@@ -863,7 +882,8 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
     }
     let v = serde_json::json!({
         "holdout_corpus": adapt_args.holdout_corpus, "holdout_fold": adapt_args.holdout_fold,
-        "folds": adapt_args.folds, "features": spec, "views": args.views, "config": cfg,
+        "folds": adapt_args.folds, "features": spec, "views": args.views,
+        "view_opus": args.view_opus, "config": cfg,
         "alpha": adapt_args.alpha,
         "train_windows": train_idx.len(), "test_clips": test_idx.len(), "arms": arms,
     });

@@ -268,6 +268,7 @@ fn augmented_views_of_shared_clips_train_a_head() {
             window_s: 3.0,
             upto: 3,
             seed: 5,
+            opus: 0.5,
         },
         &cache,
         &Device::Cpu,
@@ -320,12 +321,16 @@ fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
     };
     let clips = some_clips(&data, 4);
     let encoder = valence_model::Encoder::load_dir(&enc, None, DType::F32, &Device::Cpu).unwrap();
-    let aug = valence_cli::augment::Augmenter { window: 48_000 };
+    // Every view through Opus over RTP as well, so CI runs the codec on real clips.
+    let aug = valence_cli::augment::Augmenter {
+        window: 48_000,
+        opus: 1.0,
+    };
     let mut windows = Vec::new();
     for (i, c) in clips.iter().enumerate() {
         let audio = valence_cli::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
         let mut rng = valence_model::synthetic::SeededNormal::new(i as u64);
-        let view = aug.view(&audio, &[], &mut rng).0;
+        let view = aug.view(&audio, &[], &mut rng).unwrap().0;
         for samples in [audio, view] {
             windows.push(prepare(&encoder, &samples, 2, &[2], c.label().unwrap()).unwrap());
         }
