@@ -169,8 +169,45 @@ pub fn features(
     cache_dir: &Path,
     device: &Device,
 ) -> Result<FeatureTable> {
+    features_through(clips, root, encoder_dir, quantize, None, cache_dir, device)
+}
+
+/// [`features`] of the clips after an Opus/RTP round trip at `opus_kbps`
+/// ([`crate::codec::opus_round_trip`]): what the model hears of them over a VoIP call.
+pub fn coded_features(
+    clips: &[Clip],
+    root: &Path,
+    encoder_dir: &Path,
+    quantize: Option<Int8Kernel>,
+    opus_kbps: u32,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<FeatureTable> {
+    features_through(
+        clips,
+        root,
+        encoder_dir,
+        quantize,
+        Some(opus_kbps),
+        cache_dir,
+        device,
+    )
+}
+
+fn features_through(
+    clips: &[Clip],
+    root: &Path,
+    encoder_dir: &Path,
+    quantize: Option<Int8Kernel>,
+    opus_kbps: Option<u32>,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<FeatureTable> {
     let key = cache_key(encoder_dir, quantize, clips, root)?;
-    let file = cache_dir.join(format!("{key}.safetensors"));
+    let file = match opus_kbps {
+        None => cache_dir.join(format!("{key}.safetensors")),
+        Some(k) => cache_dir.join(format!("{key}-opus{k}kbps.safetensors")),
+    };
     if file.is_file() {
         let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
         let get = |k: &str| {
@@ -203,7 +240,11 @@ pub fn features(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for c in clips {
         let path = root.join(&c.path);
-        let samples = crate::decode::decode_to_16k_mono(&path)?;
+        let mut samples = crate::decode::decode_to_16k_mono(&path)?;
+        if let Some(k) = opus_kbps {
+            samples = crate::codec::opus_round_trip(&samples, k)
+                .with_context(|| format!("coding {}", path.display()))?;
+        }
         let out = encoder
             .encode(&samples)
             .with_context(|| format!("encoding {}", path.display()))?;

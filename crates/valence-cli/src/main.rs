@@ -87,6 +87,10 @@ enum Command {
         /// Standardise features per speaker (what a running per-stream normalisation approximates).
         #[arg(long)]
         speaker_norm: bool,
+        /// Also score every fold's model on its held-out clips sent through Opus over RTP at
+        /// this bit rate (kbps), as a VoIP call delivers them.
+        #[arg(long)]
+        test_opus: Option<u32>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -357,8 +361,9 @@ fn run() -> Result<()> {
             features,
             folds,
             speaker_norm,
+            test_opus,
             json,
-        } => train::cv(&features, folds, speaker_norm, json.as_deref()),
+        } => train::cv(&features, folds, speaker_norm, test_opus, json.as_deref()),
         Command::Adapt {
             features,
             adapt,

@@ -173,6 +173,30 @@ impl FeatureArgs {
         Ok((clips, x, y))
     }
 
+    /// Features of `clips` (as [`Self::load`] read them) after an Opus/RTP round trip at `kbps`.
+    pub fn load_coded(&self, clips: &[Clip], kbps: u32) -> Result<Vec<Vec<f32>>> {
+        let spec = self.spec();
+        if spec.prosody {
+            bail!("coded clips carry no prosodic features yet (--prosody with --test-opus)");
+        }
+        let table = dataset::coded_features(
+            clips,
+            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &self.encoder,
+            self.quantize
+                .as_deref()
+                .map(quantization_kernel)
+                .transpose()?,
+            kbps,
+            &self
+                .feature_cache
+                .clone()
+                .unwrap_or_else(dataset::default_feature_cache),
+            &Device::Cpu,
+        )?;
+        table.select(&spec)
+    }
+
     /// `--view-opus`, checked: a chance, and only with views.
     pub fn view_opus(&self) -> Result<f64> {
         if !(0.0..=1.0).contains(&self.view_opus) {
@@ -391,8 +415,18 @@ fn scheme_figures(
     (e, v)
 }
 
-pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Path>) -> Result<()> {
+pub fn cv(
+    args: &FeatureArgs,
+    folds: usize,
+    speaker_norm: bool,
+    test_opus: Option<u32>,
+    json: Option<&Path>,
+) -> Result<()> {
     let (clips, x, y) = args.load()?;
+    let coded = test_opus.map(|k| args.load_coded(&clips, k)).transpose()?;
+    if coded.is_some() && speaker_norm {
+        bail!("--speaker-norm and --test-opus do not combine");
+    }
     let extra = args.load_views(&clips)?;
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
@@ -415,7 +449,13 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         speakers: &speakers,
         domains: &domains,
     };
-    let grouped_p = train::out_of_fold_probs(rows, &fold, &extra, &expand, &cfg, args.ensemble)?;
+    // Every fold's model predicts its held-out clips as recorded and, with --test-opus, coded.
+    let versions: Vec<&[Vec<f32>]> = std::iter::once(x.as_slice())
+        .chain(coded.as_deref())
+        .collect();
+    let mut grouped_all =
+        train::out_of_fold_probs_on(rows, &fold, &extra, &expand, &cfg, args.ensemble, &versions)?;
+    let grouped_p = grouped_all.remove(0);
     // Temperature fitted on the grouped-CV predictions (held-out speakers); LOCO then shows
     // how it transfers to corpora the fit never saw.
     let temperature = metrics::fit_temperature(&grouped_p, &y);
@@ -436,8 +476,38 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
         .iter()
         .map(|c| corpus_ids.iter().position(|x| x == c).unwrap_or(0))
         .collect();
-    let loco_p = train::out_of_fold_probs(rows, &loco_fold, &extra, &expand, &cfg, args.ensemble)?;
+    let mut loco_all = train::out_of_fold_probs_on(
+        rows,
+        &loco_fold,
+        &extra,
+        &expand,
+        &cfg,
+        args.ensemble,
+        &versions,
+    )?;
+    let loco_p = loco_all.remove(0);
     let (loco, loco_v) = scheme_figures("leave-one-corpus-out", &loco_p, &clips, &y, temperature);
+    let coded_v = match (test_opus, grouped_all.pop(), loco_all.pop()) {
+        (Some(k), Some(g), Some(l)) => {
+            let what = format!("through Opus/RTP at {k} kbps");
+            let (_, gv) = scheme_figures(
+                &format!("grouped CV, held-out clips {what}"),
+                &g,
+                &clips,
+                &y,
+                temperature,
+            );
+            let (_, lv) = scheme_figures(
+                &format!("leave-one-corpus-out, held-out clips {what}"),
+                &l,
+                &clips,
+                &y,
+                temperature,
+            );
+            serde_json::json!({"kbps": k, "grouped_cv": gv, "leave_one_corpus_out": lv})
+        }
+        _ => serde_json::Value::Null,
+    };
     eprintln!(
         "temperature {temperature:.3} (fitted on grouped CV); {:.0} s",
         t0.elapsed().as_secs_f64()
@@ -454,6 +524,8 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
             "loco_pooled_macro_f1": loco.report.macro_f1,
             "temperature": temperature,
             "grouped_ece15": grouped_v["ece15_at_temperature"], "loco_ece15": loco_v["ece15_at_temperature"],
+            "opus_test_grouped_macro_f1": coded_v["grouped_cv"]["macro_f1"],
+            "opus_test_loco_three_class_mean_macro_f1": coded_v["leave_one_corpus_out"]["three_class_corpus_mean_macro_f1"],
         })
     );
     if let Some(p) = json {
@@ -466,6 +538,7 @@ pub fn cv(args: &FeatureArgs, folds: usize, speaker_norm: bool, json: Option<&Pa
             "temperature": temperature,
             "grouped_cv": grouped_v,
             "leave_one_corpus_out": loco_v,
+            "opus_test": coded_v,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }

@@ -675,8 +675,32 @@ pub fn out_of_fold_probs(
     members: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let x = clips.x;
+    let mut probs = out_of_fold_probs_on(clips, fold, extra, expand, cfg, members, &[x])?;
+    Ok(probs.remove(0))
+}
+
+/// [`out_of_fold_probs`] on several versions of the clips' features (`tests[t][clip]`, e.g.
+/// the clips as recorded and after a codec): each fold's model, trained once on `clips`,
+/// predicts its held-out clips in every version.
+pub fn out_of_fold_probs_on(
+    clips: ClipRows,
+    fold: &[usize],
+    extra: &ExtraRows,
+    expand: impl Fn(&[usize]) -> Vec<usize>,
+    cfg: &TrainConfig,
+    members: usize,
+    tests: &[&[Vec<f32>]],
+) -> Result<Vec<Vec<Vec<f32>>>> {
+    let x = clips.x;
+    if let Some(bad) = tests.iter().find(|t| t.len() != x.len()) {
+        bail!(
+            "a test version has {} rows for {} clips",
+            bad.len(),
+            x.len()
+        );
+    }
     let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
-    let mut probs = vec![Vec::new(); x.len()];
+    let mut probs = vec![vec![Vec::new(); x.len()]; tests.len()];
     for f in 0..n_folds {
         let test_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] == f).collect();
         if test_idx.is_empty() {
@@ -692,8 +716,10 @@ pub fn out_of_fold_probs(
         let rows = expand(&rows);
         let (xs, ys, ss, ds) = extra.gather(clips, &rows);
         let t = train_ensemble(&xs, &ys, &ss, &ds, cfg, members, |_, _, _, _| {})?;
-        for (i, p) in test_idx.iter().zip(t.predict(x, &test_idx)?) {
-            probs[*i] = p;
+        for (version, probs) in tests.iter().zip(probs.iter_mut()) {
+            for (i, p) in test_idx.iter().zip(t.predict(version, &test_idx)?) {
+                probs[*i] = p;
+            }
         }
     }
     Ok(probs)
@@ -890,6 +916,34 @@ mod tests {
         let want = (sum / 3.0).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn out_of_fold_models_score_every_version_of_the_held_out_clips() {
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
+        cfg.max_epochs = 5;
+        let fold = speaker_folds(&s, 3, 2);
+        // A second version that loses the class signal: its predictions must differ.
+        let blurred: Vec<Vec<f32>> = x.iter().map(|r| vec![r.iter().sum::<f32>(); 8]).collect();
+        let rows = ClipRows {
+            x: &x,
+            y: &y,
+            speakers: &s,
+            domains: &[],
+        };
+        let none = ExtraRows::default();
+        let same = |r: &[usize]| r.to_vec();
+        let both =
+            out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, &[&x, &blurred]).unwrap();
+        let alone = out_of_fold_probs(rows, &fold, &none, same, &cfg, 1).unwrap();
+        assert_eq!(
+            both[0], alone,
+            "the first version is the plain out-of-fold result"
+        );
+        assert_ne!(both[1], both[0]);
+        assert!(both[1].iter().all(|p| p.len() == 3));
+        assert!(out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, &[&x[1..]]).is_err());
     }
 
     #[test]
