@@ -136,11 +136,12 @@ fn cache_key(
     if quantize.is_some() {
         // Only quantized runs add to the key, so f32 caches made earlier stay valid. Every
         // 8-bit kernel gives the same features (kernels::int8), so the kernel is not part of it;
-        // the format's block size is.
+        // the format's block size and weight bits are.
         h.update(
             format!(
-                "quantize=int8-k{}+conv2",
-                valence_model::kernels::int8::K_BLOCK
+                "quantize=int8-k{}-w{}+conv2",
+                valence_model::kernels::int8::K_BLOCK,
+                valence_model::kernels::int8::WEIGHT_BITS
             )
             .as_bytes(),
         );

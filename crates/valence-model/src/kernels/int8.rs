@@ -1,6 +1,6 @@
 //! 8-bit products `x W^T + b` on the CPU, the encoders' quantized path.
 //!
-//! - Weights are quantized once, at load, to signed 8-bit values with one scale per output
+//! - Weights are quantized once, at load, to signed 7-bit values (`-63..=63`, in bytes) with one scale per output
 //!   column and block of [`K_BLOCK`] inputs, and packed in panels of 16 columns x 4 inputs: one
 //!   256-bit load (two for AVX2) per four inputs of a panel.
 //! - Activations are quantized once per product to 7 bits per row and block (`-63..=63`,
@@ -8,12 +8,14 @@
 //! - Each block's dot products accumulate exactly in i32 (`vpdpbusd` with AVX512-VNNI or
 //!   AVX-VNNI; `vpmaddubsw` + `vpmaddwd` with AVX2), then are scaled and added in f32.
 //!
-//! Why 7-bit activations: `vpmaddubsw` adds two u8 x i8 products into a *saturating* i16. With
-//! bytes at most 127 and weights at most 127 in magnitude the pair is at most 32 258, so it
-//! never saturates: every kernel computes the same integers, and the float steps after each
-//! block are the same operations in the same order, so all kernels (and the plain twin) give
-//! bit-identical results on every CPU. (With 8-bit activations AVX2 would need 7-bit weights or
-//! saturate.) Per-block scales keep an outlier from coarsening a whole row.
+//! Why 7 bits on both sides: `vpmaddubsw` adds two u8 x i8 products into a *saturating* i16.
+//! With bytes at most 127 and weights at most 63 in magnitude even the sum of two such pairs is
+//! at most 32 004, so AVX2 adds two `vpmaddubsw` results before widening them (one `vpmaddwd`
+//! per eight inputs instead of per four: AVX2 CPUs have no VNNI, and the widening was a third of
+//! their multiply instructions) and still never saturates: every kernel computes the same
+//! integers, and the float steps after each block are the same operations in the same order, so
+//! all kernels (and the plain twin) give bit-identical results on every CPU. Per-block scales
+//! keep an outlier from coarsening a whole row.
 //!
 //! Twin: [`matmul_plain`], scalar integer loops over the unpacked values; tests require equality.
 
@@ -25,11 +27,15 @@ use super::{SyncPtr, contiguous_f32};
 /// Inputs per scale block. Whisper's and Wav2Vec2's widths (512, 768, 1024, 1536, 2048, 3072,
 /// 4096) are multiples; other widths end with a shorter block.
 pub const K_BLOCK: usize = 256;
+/// Bits per packed weight, sign included (`-63..=63`).
+pub const WEIGHT_BITS: u32 = 7;
 /// Output columns per packed panel.
 const PANEL: usize = 16;
 const ACT_MAX: f32 = 63.0;
 const ACT_OFFSET: u8 = 64;
-const W_MAX: f32 = 127.0;
+/// 7-bit weights: four products of an activation byte (at most 127) and a weight sum to at most
+/// 32 004 in magnitude, so AVX2 can add two `vpmaddubsw` results in i16 (see `tile_avx2`).
+const W_MAX: f32 = ((1 << (WEIGHT_BITS - 1)) - 1) as f32;
 /// Rows a task works through before its panels' weights are read again (activations of this
 /// many rows stay in L2 while the panels stream past).
 const ROW_CHUNK: usize = 120;
@@ -693,13 +699,60 @@ mod simd {
         };
     }
 
-    tile256!(
-        /// AVX2: `vpmaddubsw` (pairs into i16, never saturating here), then `vpmaddwd` with
-        /// ones (pairs of pairs into i32).
-        tile_avx2,
-        "avx2,fma",
-        |a, x, w| _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
-    );
+    /// AVX2, 16 columns, `R` rows: for two quads at a time, two `vpmaddubsw` (pairs into i16)
+    /// added in i16 (four products of at most 127 x 63: never above 32 004, so nothing
+    /// saturates), then one `vpmaddwd` with ones into i32: three multiply instructions per
+    /// eight inputs instead of four.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tile_avx2<const R: usize>(
+        x: &QuantizedRows,
+        row: usize,
+        w: &PackedWeights,
+        panel: usize,
+        tile: &mut [[f32; PANEL]; 8],
+    ) {
+        let wbase = unsafe { w.data.as_ptr().add(panel * w.k4 * PANEL) };
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY (both): quad q of this panel lies within `data`.
+        let weights = |q: usize| unsafe {
+            let p = wbase.add(q * PANEL * 4) as *const __m256i;
+            (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+        };
+        for b in 0..w.blocks {
+            let (start, end) = block_range(b, w.k4);
+            let (first, last) = (start / 4, end / 4);
+            let pairs_end = first + (last - first) / 2 * 2;
+            let mut acc = [[_mm256_setzero_si256(); 2]; R];
+            for q in (first..pairs_end).step_by(2) {
+                let ((w0a, w1a), (w0b, w1b)) = (weights(q), weights(q + 1));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xa = _mm256_set1_epi32(unsafe { quad(x, row + i, q) });
+                    let xb = _mm256_set1_epi32(unsafe { quad(x, row + i, q + 1) });
+                    let s0 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(xa, w0a),
+                        _mm256_maddubs_epi16(xb, w0b),
+                    );
+                    let s1 = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(xa, w1a),
+                        _mm256_maddubs_epi16(xb, w1b),
+                    );
+                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(s0, ones));
+                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(s1, ones));
+                }
+            }
+            if pairs_end < last {
+                let (w0, w1) = weights(pairs_end);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_set1_epi32(unsafe { quad(x, row + i, pairs_end) });
+                    let s0 = _mm256_maddubs_epi16(xv, w0);
+                    let s1 = _mm256_maddubs_epi16(xv, w1);
+                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(s0, ones));
+                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(s1, ones));
+                }
+            }
+            unsafe { combine256::<R>(&acc, x, row, w, panel, b, tile) };
+        }
+    }
 
     tile256!(
         /// AVX-VNNI: one `vpdpbusd` per product.
@@ -912,6 +965,32 @@ mod tests {
         }
     }
 
+    /// The largest bytes against the largest weights of both signs, every quad: the AVX2
+    /// kernel's i16 sums of four products are at their limit and must not saturate.
+    #[test]
+    fn extreme_values_do_not_saturate() {
+        let (m, n, k) = (5usize, 32usize, 520usize);
+        let x = vec![1.0f32; m * k];
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| if (i / k) % 2 == 0 { 1.0 } else { -1.0 })
+            .collect();
+        let packed = PackedWeights::pack(&w, n, k).unwrap();
+        let want = matmul_plain(&x, m, &packed);
+        for (i, v) in want.iter().enumerate() {
+            let exact = if (i % n) % 2 == 0 {
+                k as f32
+            } else {
+                -(k as f32)
+            };
+            assert!((v - exact).abs() <= 1e-3 * k as f32, "twin {v} vs {exact}");
+        }
+        for kernel in kernels() {
+            let mut got = vec![f32::NAN; m * n];
+            matmul(&quantize_rows(&x, m, k), &packed, &mut got, kernel);
+            assert_eq!(got, want, "{kernel:?}");
+        }
+    }
+
     /// The twin is within the quantization error of the f32 product: relative error of the
     /// whole product (Frobenius) under 2 %, for Gaussian-like data.
     #[test]
@@ -940,7 +1019,7 @@ mod tests {
             .zip(&deq)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst <= 1.0 / 127.0 / 2.0 + 1e-6, "weight error {worst}");
+        assert!(worst <= 1.0 / W_MAX / 2.0 + 1e-6, "weight error {worst}");
     }
 
     /// The dispatched quantizer writes the scalar one's bytes and scales, with NaN, infinities,
