@@ -273,10 +273,11 @@ impl Augmenter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sine(hz: f64, secs: f64) -> Vec<f32> {
+    /// A 16 kHz sine at amplitude 0.5.
+    pub(crate) fn sine(hz: f64, secs: f64) -> Vec<f32> {
         (0..(secs * RATE) as usize)
             .map(|i| (0.5 * (2.0 * std::f64::consts::PI * hz * i as f64 / RATE).sin()) as f32)
             .collect()

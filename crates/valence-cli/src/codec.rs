@@ -103,13 +103,8 @@ pub fn opus_round_trip(x: &[f32], kbps: u32) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::augment::tests::sine as tone;
     use crate::augment::{RATE, rms};
-
-    fn tone(hz: f64, secs: f64) -> Vec<f32> {
-        (0..(secs * RATE) as usize)
-            .map(|i| (0.3 * (2.0 * std::f64::consts::PI * hz * i as f64 / RATE).sin()) as f32)
-            .collect()
-    }
 
     /// Rising zero crossings per second.
     fn pitch(x: &[f32]) -> f64 {

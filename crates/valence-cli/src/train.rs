@@ -10,6 +10,7 @@ use valence_cli::dataset::{self, Clip};
 use valence_cli::metrics;
 use valence_cli::training::{self as train, TrainConfig};
 use valence_model::head::{Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig};
+use valence_model::kernels::int8::Int8Kernel;
 use valence_model::manifest::{
     Combine, EncoderKind, EncoderSpec, FeatureSource, FeatureSpec, HeadSpec, Manifest, Pooling,
     parse_quantization,
@@ -141,29 +142,40 @@ impl FeatureArgs {
         }
     }
 
+    /// Where the clips' paths start.
+    fn clip_root(&self) -> PathBuf {
+        dataset::clip_root(&self.manifest, self.root.as_deref())
+    }
+
+    /// The feature cache directory.
+    fn cache_dir(&self) -> PathBuf {
+        self.feature_cache
+            .clone()
+            .unwrap_or_else(dataset::default_feature_cache)
+    }
+
+    /// The 8-bit kernel `--quantize` asks for (none: f32).
+    fn quantize_kernel(&self) -> Result<Option<Int8Kernel>> {
+        self.quantize
+            .as_deref()
+            .map(quantization_kernel)
+            .transpose()
+    }
+
     /// Clips, their feature rows, labels.
     pub fn load(&self) -> Result<Labelled> {
         let clips = dataset::read_manifest(&self.manifest)?;
-        let cache = self
-            .feature_cache
-            .clone()
-            .unwrap_or_else(dataset::default_feature_cache);
-        let quantize = self
-            .quantize
-            .as_deref()
-            .map(quantization_kernel)
-            .transpose()?;
+        let (root, cache) = (self.clip_root(), self.cache_dir());
         let table = dataset::features(
             &clips,
-            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &root,
             &self.encoder,
-            quantize,
+            self.quantize_kernel()?,
             &cache,
             &Device::Cpu,
         )?;
         let mut x = table.select(&self.spec())?;
         if self.prosody {
-            let root = dataset::clip_root(&self.manifest, self.root.as_deref());
             let p = dataset::prosody_features(&clips, &root, &cache)?;
             for (row, extra) in x.iter_mut().zip(p) {
                 row.extend(extra);
@@ -181,17 +193,11 @@ impl FeatureArgs {
         }
         let table = dataset::coded_features(
             clips,
-            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &self.clip_root(),
             &self.encoder,
-            self.quantize
-                .as_deref()
-                .map(quantization_kernel)
-                .transpose()?,
+            self.quantize_kernel()?,
             kbps,
-            &self
-                .feature_cache
-                .clone()
-                .unwrap_or_else(dataset::default_feature_cache),
+            &self.cache_dir(),
             &Device::Cpu,
         )?;
         table.select(&spec)
@@ -223,12 +229,9 @@ impl FeatureArgs {
         }
         let table = dataset::view_features(
             clips,
-            &dataset::clip_root(&self.manifest, self.root.as_deref()),
+            &self.clip_root(),
             &self.encoder,
-            self.quantize
-                .as_deref()
-                .map(quantization_kernel)
-                .transpose()?,
+            self.quantize_kernel()?,
             dataset::ViewSpec {
                 per_clip: self.views,
                 window_s: self.view_window,
@@ -236,10 +239,7 @@ impl FeatureArgs {
                 seed: self.seed ^ 0xa06,
                 opus,
             },
-            &self
-                .feature_cache
-                .clone()
-                .unwrap_or_else(dataset::default_feature_cache),
+            &self.cache_dir(),
             &Device::Cpu,
         )?;
         Ok(train::ExtraRows {
