@@ -1,8 +1,8 @@
 //! 8-bit products `x W^T + b` on the CPU, the encoders' quantized path.
 //!
-//! - Weights are quantized once, at load, to signed 7-bit values (`-63..=63`, in bytes) with one scale per output
-//!   column and block of [`K_BLOCK`] inputs, and packed in panels of 16 columns x 4 inputs: one
-//!   256-bit load (two for AVX2) per four inputs of a panel.
+//! - Weights are quantized once, at load, to signed 7-bit values (`-63..=63`, stored in bytes)
+//!   with one scale per output column and block of [`K_BLOCK`] inputs, and packed in panels of
+//!   16 columns x 4 inputs: one 256-bit load (two for AVX2) per four inputs of a panel.
 //! - Activations are quantized once per product to 7 bits per row and block (`-63..=63`,
 //!   stored plus 64 as unsigned bytes).
 //! - Each block's dot products accumulate exactly in i32 (`vpdpbusd` with AVX512-VNNI or
