@@ -70,26 +70,7 @@ pub fn opus_round_trip(x: &[f32], kbps: u32) -> Result<Vec<f32>> {
         }
         src.push_buffer(buffer)?;
         src.end_of_stream()?;
-        let mut out = Vec::with_capacity(x.len() + 1024);
-        // pull_sample fails at EOS or on error; errors are read from the bus below.
-        while let Ok(s) = sink.pull_sample() {
-            let buf = s.buffer().context("sample without buffer")?;
-            let map = buf.map_readable()?;
-            out.extend(
-                map.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-        }
-        let bus = pipeline.bus().context("pipeline without bus")?;
-        while let Some(msg) = bus.pop() {
-            if let gst::MessageView::Error(e) = msg.view() {
-                bail!(
-                    "Opus round trip: {} ({})",
-                    e.error(),
-                    e.debug().unwrap_or_default()
-                );
-            }
-        }
+        let mut out = crate::decode::drain_f32(&pipeline, &sink, "Opus round trip")?;
         if out.is_empty() {
             bail!("Opus round trip decoded nothing");
         }

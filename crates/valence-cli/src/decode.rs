@@ -30,29 +30,37 @@ pub fn decode_to_16k_mono(path: &Path) -> Result<Vec<f32>> {
     gst::Element::link_many([&convert, &resample, sink.upcast_ref()])?;
     link_audio_pads(&decode, &convert);
     pipeline.set_state(gst::State::Playing)?;
-    let mut samples = Vec::new();
-    let result = (|| -> Result<()> {
-        // pull_sample fails at EOS or on error; errors are read from the bus below.
-        while let Ok(s) = sink.pull_sample() {
-            let buf = s.buffer().context("sample without buffer")?;
-            let map = buf.map_readable()?;
-            samples.extend(
-                map.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            );
-        }
-        let bus = pipeline.bus().context("pipeline without bus")?;
-        while let Some(msg) = bus.pop() {
-            if let gst::MessageView::Error(e) = msg.view() {
-                bail!("{}: {}", path.display(), e.error());
-            }
-        }
-        Ok(())
-    })();
+    let result = drain_f32(&pipeline, &sink, &path.display().to_string());
     pipeline.set_state(gst::State::Null)?;
-    result?;
+    let samples = result?;
     if samples.is_empty() {
         bail!("{}: no audio decoded", path.display());
+    }
+    Ok(samples)
+}
+
+/// Every F32LE sample `sink` receives until EOS or an error, then the first error on
+/// `pipeline`'s bus, if any, as `what: error`.
+pub(crate) fn drain_f32(
+    pipeline: &gst::Pipeline,
+    sink: &gst_app::AppSink,
+    what: &str,
+) -> Result<Vec<f32>> {
+    let mut samples = Vec::new();
+    // pull_sample fails at EOS or on error; errors are read from the bus below.
+    while let Ok(s) = sink.pull_sample() {
+        let buf = s.buffer().context("sample without buffer")?;
+        let map = buf.map_readable()?;
+        samples.extend(
+            map.chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+    }
+    let bus = pipeline.bus().context("pipeline without bus")?;
+    while let Some(msg) = bus.pop() {
+        if let gst::MessageView::Error(e) = msg.view() {
+            bail!("{what}: {}", e.error());
+        }
     }
     Ok(samples)
 }

@@ -422,17 +422,18 @@ pub fn cv(
     test_opus: Option<u32>,
     json: Option<&Path>,
 ) -> Result<()> {
-    let (clips, x, y) = args.load()?;
-    let coded = test_opus.map(|k| args.load_coded(&clips, k)).transpose()?;
-    if coded.is_some() && speaker_norm {
+    // Refused before any features are computed (views and coded clips take minutes).
+    if test_opus.is_some() && speaker_norm {
         bail!("--speaker-norm and --test-opus do not combine");
     }
+    if args.views > 0 && speaker_norm {
+        bail!("--speaker-norm and --views do not combine");
+    }
+    let (clips, x, y) = args.load()?;
+    let coded = test_opus.map(|k| args.load_coded(&clips, k)).transpose()?;
     let extra = args.load_views(&clips)?;
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
-    if speaker_norm && !extra.x.is_empty() {
-        bail!("--speaker-norm and --views do not combine");
-    }
     let x = if speaker_norm {
         train::normalize_per_group(&x, &speakers)
     } else {
