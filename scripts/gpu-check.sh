@@ -25,6 +25,8 @@ pack() {
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
     rm -rf "$B" && mkdir -p "$B/stage/lib" "$B/stage/plugins" "$B/stage/cache/models"
     strip -o "$B/stage/valence" "$bin"
+    echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' with uncommitted changes')" \
+        > "$B/stage/REV"
     local gst=/usr/lib/x86_64-linux-gnu/gstreamer-1.0
     for p in coreelements audiotestsrc audioconvert audioresample playback typefindfunctions wavparse; do
         cp "$gst/libgst$p.so" "$B/stage/plugins/"
@@ -93,6 +95,7 @@ run() {
         GST_PLUGIN_SCANNER_1_0="$x/gst-plugin-scanner" GST_REGISTRY_1_0="$x/registry.bin" \
         VALENCE_CACHE_DIR="$x/cache" PYTHONUNBUFFERED=1 BENCH_THREADS=8
     {
+        echo "valence build: $(cat "$x/REV" 2>/dev/null)"
         nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
         echo "CPU: $(nproc) x $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
         echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
@@ -102,7 +105,7 @@ run() {
         --python "$x/python" --work-dir /tmp/valence-xlsr 2>&1 | tee "$out/gpu-bench.txt"
     [ "${GPU_LIVE:-1}" = 1 ] || return 0
     timeout "${GPU_LIVE_S:-240}" "$x/valence" bench --what live --device cuda:0 \
-        --streams "${GPU_STREAMS:-64,256}" --seconds "${GPU_LIVE_SECONDS:-20}" 2>&1 \
+        --streams "${GPU_STREAMS:-256,768}" --seconds "${GPU_LIVE_SECONDS:-15}" 2>&1 \
         | tee "$out/gpu-live.txt"
 }
 

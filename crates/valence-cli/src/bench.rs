@@ -749,47 +749,9 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
             }
         }
     }
-    // Where a large batch's time goes: log-mels on the CPU, their copy to the GPU, the encoder
-    // layers, then pooling, scaler and head (the rest of `classify_batch`).
-    let batch = 256;
-    let xs = device_check_windows(batch, 48_000);
-    let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+    // Where a large batch's time goes.
     for &(dtype, model) in &models {
-        let valence_model::Encoder::Whisper(w) = &model.encoder else {
-            continue;
-        };
-        let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..6 {
-            let t0 = Instant::now();
-            let mel = w.log_mels(&xs);
-            let t1 = Instant::now();
-            let frames = valence_model::whisper::LogMel::frames(48_000);
-            let n_mels = mel.len() / (frames * batch);
-            let mel =
-                Tensor::from_vec(mel, (batch, n_mels, frames), &device)?.to_dtype(w.dtype())?;
-            device.synchronize()?;
-            let t2 = Instant::now();
-            w.forward_mel_upto(&mel, Some(upto))?;
-            device.synchronize()?;
-            let t3 = Instant::now();
-            for r in model.classify_batch(&xs) {
-                r?;
-            }
-            let t4 = Instant::now();
-            t[0].push((t1 - t0).as_secs_f64());
-            t[1].push((t2 - t1).as_secs_f64());
-            t[2].push((t3 - t2).as_secs_f64());
-            t[3].push((t4 - t3).as_secs_f64());
-        }
-        let [mel, copy, layers, whole] = t.map(median);
-        println!(
-            "  {dtype} batch {batch}, medians: log-mels (CPU) {:.1} ms, copy to GPU {:.1} ms, \
-             encoder layers {:.1} ms; whole classify_batch {:.1} ms",
-            mel * 1e3,
-            copy * 1e3,
-            layers * 1e3,
-            whole * 1e3
-        );
+        print!("{}", batch_breakdown(dtype, model, &device, upto, 256, 6)?);
     }
     drop((gpu_f32, half));
 
@@ -803,6 +765,94 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a batch's time goes on `device`: log-mels on the CPU (and their copy) against the
+/// encoder's own (on the GPU there), each step of the front end and layers ..`upto` (the device
+/// is synchronised after every step, so their sum exceeds an unsynchronised run), then the
+/// whole `classify_batch`. Medians of `runs`.
+fn batch_breakdown(
+    dtype: &str,
+    model: &valence_model::ValenceModel,
+    device: &Device,
+    upto: usize,
+    batch: usize,
+    runs: usize,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let valence_model::Encoder::Whisper(w) = &model.encoder else {
+        bail!("the batch breakdown is for Whisper encoders");
+    };
+    let xs = device_check_windows(batch, 48_000);
+    let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+    let frames = valence_model::whisper::LogMel::frames(48_000);
+    let n_mels = w.config.num_mel_bins;
+    let (mut cpu_mel, mut device_mel, mut whole) = (Vec::new(), Vec::new(), Vec::new());
+    let mut steps: Vec<(&'static str, Vec<f64>)> = Vec::new();
+    let mut mel_diff = 0f32;
+    for run in 0..runs {
+        let t0 = Instant::now();
+        let host = w.log_mels(&xs);
+        let host = Tensor::from_vec(host, (batch, n_mels, frames), device)?;
+        device.synchronize()?;
+        cpu_mel.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        let mel = w.log_mel_tensor(&xs)?;
+        device.synchronize()?;
+        device_mel.push(t0.elapsed().as_secs_f64());
+        if run == 0 {
+            mel_diff = (mel.to_dtype(DType::F32)? - &host)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+        }
+        let mut times: Vec<(&'static str, f64)> = Vec::new();
+        let mut last = Instant::now();
+        let mut mark = |step: &'static str| -> candle_core::Result<()> {
+            device.synchronize()?;
+            let now = Instant::now();
+            match times.iter_mut().find(|(s, _)| *s == step) {
+                Some((_, t)) => *t += (now - last).as_secs_f64(),
+                None => times.push((step, (now - last).as_secs_f64())),
+            }
+            last = now;
+            Ok(())
+        };
+        w.forward_mel_marked(&mel, Some(upto), &mut mark)?;
+        for (step, t) in times {
+            match steps.iter_mut().find(|(s, _)| *s == step) {
+                Some((_, ts)) => ts.push(t),
+                None => steps.push((step, vec![t])),
+            }
+        }
+        let t0 = Instant::now();
+        for r in model.classify_batch(&xs) {
+            r?;
+        }
+        whole.push(t0.elapsed().as_secs_f64());
+    }
+    let mut out = format!(
+        "  {dtype} batch {batch}, medians of {runs}: log-mels on the CPU + copy {:.1} ms, the \
+         encoder's own {:.1} ms (largest difference {mel_diff:.1e}); whole classify_batch \
+         {:.1} ms\n",
+        median(cpu_mel) * 1e3,
+        median(device_mel) * 1e3,
+        median(whole) * 1e3
+    );
+    let steps: Vec<(&str, f64)> = steps.into_iter().map(|(s, t)| (s, median(t))).collect();
+    let total: f64 = steps.iter().map(|(_, t)| t).sum();
+    for (step, t) in &steps {
+        writeln!(
+            out,
+            "    {step:<38} {:>8.2} ms {:>5.1} %",
+            t * 1e3,
+            100.0 * t / total
+        )?;
+    }
+    let label = format!("encoder layers ..{upto}");
+    writeln!(out, "    {label:<38} {:>8.2} ms in all", total * 1e3)?;
+    Ok(out)
 }
 
 /// A random xlsr-53-sized Wav2Vec2 (PyTorch makes and saves it) on the GPU beside PyTorch.
@@ -834,4 +884,44 @@ fn xlsr_on_gpu(python: &str, work: &Path, device: &Device, cuda: &str, dtype: &s
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU bench's breakdown runs on any device: on the CPU (where the encoder's log-mel is
+    /// the FFT one, so the two agree exactly) with a tiny model it names every step.
+    #[test]
+    fn batch_breakdown_names_every_step() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("valence-breakdown-{}", std::process::id()));
+        valence_model::synthetic::write_tiny_model(&dir, 7)?;
+        let model = valence_model::Manifest::read(&dir)?.load(&dir, &Device::Cpu);
+        std::fs::remove_dir_all(&dir)?;
+        let report = batch_breakdown("f32", &model?, &Device::Cpu, 2, 3, 2)?;
+        eprintln!("{report}");
+        for step in [
+            "conv1 + GELU",
+            "conv2 + GELU",
+            "positions",
+            "layer norms",
+            "q/k/v projection",
+            "attention (scores, softmax, context)",
+            "output projection",
+            "fc1 + GELU",
+            "fc2",
+            "residual adds",
+            "encoder layers ..2",
+        ] {
+            assert!(report.contains(step), "no `{step}` in\n{report}");
+        }
+        let diff: f32 = report
+            .split("largest difference ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .and_then(|d| d.parse().ok())
+            .expect("a log-mel difference");
+        assert!(diff < 2e-4, "log-mels differ by {diff}\n{report}");
+        Ok(())
+    }
 }

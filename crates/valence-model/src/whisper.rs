@@ -18,7 +18,9 @@ use serde::Deserialize;
 
 use super::EncoderOutput;
 use super::weights::{TensorStore, read_checkpoint};
-use crate::nn::{Conv1dLayer, FusedQkv, Projection, gelu_erf, layer_norm, self_attention};
+use crate::nn::{
+    Conv1dLayer, FusedQkv, Marks, Projection, gelu_erf, layer_norm, no_marks, self_attention_marked,
+};
 
 pub const SAMPLE_RATE: usize = 16000;
 pub const N_FFT: usize = 400;
@@ -120,31 +122,14 @@ impl LogMel {
         if frames == 0 {
             return Vec::new();
         }
-        let pad = N_FFT / 2;
-        // Reflect padding (numpy "reflect": the edge sample is not repeated).
-        let len = samples.len() as isize;
-        let at = |i: isize| -> f64 {
-            let mut j = i - pad as isize;
-            if len == 1 {
-                return samples[0] as f64;
-            }
-            while j < 0 || j >= len {
-                if j < 0 {
-                    j = -j;
-                }
-                if j >= len {
-                    j = 2 * (len - 1) - j;
-                }
-            }
-            samples[j as usize] as f64
-        };
+        let at = |i: usize| -> f64 { samples[padded_index(i, samples.len())] as f64 };
         let mut mel = vec![0f64; self.n_mels * frames];
         let mut buf = vec![Complex::new(0f64, 0f64); N_FFT];
         let mut power = vec![0f64; n_bins];
         for f in 0..frames {
-            let start = (f * HOP_LENGTH) as isize;
+            let start = f * HOP_LENGTH;
             for (k, b) in buf.iter_mut().enumerate() {
-                *b = Complex::new(at(start + k as isize) * self.window[k], 0.0);
+                *b = Complex::new(at(start + k) * self.window[k], 0.0);
             }
             self.fft.process(&mut buf);
             for (p, b) in power.iter_mut().zip(&buf) {
@@ -164,6 +149,104 @@ impl LogMel {
         mel.iter()
             .map(|&v| ((v.max(max - 8.0) + 4.0) / 4.0) as f32)
             .collect()
+    }
+}
+
+/// The sample at position `i` of the centred STFT's input: `len` samples reflect-padded by
+/// `N_FFT / 2` on both sides (numpy "reflect": the edge sample is not repeated; short inputs
+/// reflect more than once).
+fn padded_index(i: usize, len: usize) -> usize {
+    if len == 1 {
+        return 0;
+    }
+    let len = len as isize;
+    let mut j = i as isize - (N_FFT / 2) as isize;
+    while j < 0 || j >= len {
+        if j < 0 {
+            j = -j;
+        }
+        if j >= len {
+            j = 2 * (len - 1) - j;
+        }
+    }
+    j as usize
+}
+
+/// The periodic Hann window times the DFT basis, [2 * (N_FFT / 2 + 1), N_FFT]: one row per
+/// frequency bin of `window * cos`, then one of `-window * sin`. A frame times its transpose
+/// gives the real parts, then the imaginary parts, of the windowed FFT.
+pub fn windowed_dft_basis() -> Vec<f32> {
+    let n_bins = N_FFT / 2 + 1;
+    let mut basis = vec![0f32; 2 * n_bins * N_FFT];
+    for f in 0..n_bins {
+        for k in 0..N_FFT {
+            let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * k as f64 / N_FFT as f64).cos();
+            // Reduced modulo N_FFT first: the exact phase, not a large multiple of 2 pi.
+            let phase = 2.0 * std::f64::consts::PI * (f * k % N_FFT) as f64 / N_FFT as f64;
+            basis[f * N_FFT + k] = (w * phase.cos()) as f32;
+            basis[(n_bins + f) * N_FFT + k] = (-w * phase.sin()) as f32;
+        }
+    }
+    basis
+}
+
+/// [`LogMel`] as tensor operations on any device, for a batch [batch, n] of one length: the
+/// frames are gathered by index (reflect padding folded into the indices), the windowed DFT
+/// is one product with [`windowed_dft_basis`], and the power spectrum meets the mel filters in
+/// a second product (filters stacked twice, for the squared real and imaginary parts). The
+/// encoder uses it off the CPU, where the FFT would otherwise run on the host for every window
+/// of a GPU batch and the host would send 2.5x more data (frames overlap). f32 throughout; the
+/// CPU's [`LogMel`] computes in f64 (they agree within ~1e-4, a test checks it).
+pub struct TensorLogMel {
+    /// [2 * n_bins, N_FFT]
+    basis: Tensor,
+    /// [n_mels, 2 * n_bins]
+    filters: Tensor,
+    n_mels: usize,
+}
+
+impl TensorLogMel {
+    pub fn new(n_mels: usize, device: &Device) -> Result<Self> {
+        let n_bins = N_FFT / 2 + 1;
+        let basis = Tensor::from_vec(windowed_dft_basis(), (2 * n_bins, N_FFT), device)?;
+        let filters: Vec<f32> = slaney_mel_filters(n_mels, N_FFT, SAMPLE_RATE)
+            .chunks(n_bins)
+            .flat_map(|row| row.iter().chain(row).map(|&v| v as f32))
+            .collect();
+        let filters = Tensor::from_vec(filters, (n_mels, 2 * n_bins), device)?;
+        Ok(Self {
+            basis,
+            filters,
+            n_mels,
+        })
+    }
+
+    /// Log-mels of `samples` [batch, n] f32: [batch, n_mels, n / HOP_LENGTH] f32.
+    pub fn compute(&self, samples: &Tensor) -> Result<Tensor> {
+        let (batch, n) = samples.dims2()?;
+        let frames = LogMel::frames(n);
+        if frames == 0 {
+            bail!("{n} samples make no log-mel frame (at least {HOP_LENGTH} needed)");
+        }
+        let index: Vec<u32> = (0..frames)
+            .flat_map(|f| (0..N_FFT).map(move |k| padded_index(f * HOP_LENGTH + k, n) as u32))
+            .collect();
+        let index = Tensor::from_vec(index, frames * N_FFT, samples.device())?;
+        let framed = samples
+            .to_dtype(DType::F32)?
+            .index_select(&index, 1)?
+            .reshape((batch * frames, N_FFT))?;
+        let spectrum = framed.matmul(&self.basis.t()?)?;
+        let mel = spectrum.sqr()?.matmul(&self.filters.t()?)?;
+        let mel = (mel.maximum(1e-10)?.log()? / std::f64::consts::LN_10)?.reshape((
+            batch,
+            frames,
+            self.n_mels,
+        ))?;
+        // Clamp to each input's loudest value - 8, then (x + 4) / 4.
+        let floor = (mel.max_keepdim(2)?.max_keepdim(1)? - 8.0)?;
+        let mel = mel.broadcast_maximum(&floor)?.affine(0.25, 1.0)?;
+        Ok(mel.transpose(1, 2)?.contiguous()?)
     }
 }
 
@@ -226,18 +309,21 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let a = self_attention(
-            &self.attn_norm.forward(x)?,
-            &self.qkv,
-            &self.out,
-            self.heads,
-        )?;
+    fn forward(&self, x: &Tensor, marks: Marks) -> candle_core::Result<Tensor> {
+        let normed = self.attn_norm.forward(x)?;
+        marks("layer norms")?;
+        let a = self_attention_marked(&normed, &self.qkv, &self.out, self.heads, marks)?;
         let x = (x + a)?;
-        let f = self
-            .fc2
-            .forward(&self.fc1.forward_gelu(&self.ffn_norm.forward(&x)?)?)?;
-        x + f
+        marks("residual adds")?;
+        let normed = self.ffn_norm.forward(&x)?;
+        marks("layer norms")?;
+        let hidden = self.fc1.forward_gelu(&normed)?;
+        marks("fc1 + GELU")?;
+        let f = self.fc2.forward(&hidden)?;
+        marks("fc2")?;
+        let y = (x + f)?;
+        marks("residual adds")?;
+        Ok(y)
     }
 
     fn quantize(&mut self, kernel: Int8Kernel) -> candle_core::Result<()> {
@@ -252,6 +338,8 @@ impl EncoderLayer {
 pub struct WhisperEncoder {
     pub config: WhisperEncoderConfig,
     mel: LogMel,
+    /// The log-mel on the model's device: set off the CPU (see [`TensorLogMel`]).
+    device_mel: Option<TensorLogMel>,
     conv1: Conv1dLayer,
     conv2: Conv1dLayer,
     positions: Tensor,
@@ -335,8 +423,14 @@ impl WhisperEncoder {
             });
         }
         let final_norm = layer_norm(d, 1e-5, vb.pp("layer_norm"))?;
+        let device_mel = if device.is_cpu() {
+            None
+        } else {
+            Some(TensorLogMel::new(cfg.num_mel_bins, device)?)
+        };
         Ok(Self {
             mel: LogMel::new(cfg.num_mel_bins),
+            device_mel,
             config: cfg,
             conv1,
             conv2,
@@ -390,10 +484,7 @@ impl WhisperEncoder {
             if LogMel::frames(chunk.len()) < 2 && !pieces.is_empty() {
                 break; // a sliver under 20 ms at the end carries nothing
             }
-            let mel = self.mel.compute(chunk);
-            let frames = mel.len() / self.mel.n_mels();
-            let mel = Tensor::from_vec(mel, (1, self.mel.n_mels(), frames), &self.device)?
-                .to_dtype(self.dtype)?;
+            let mel = self.log_mel_tensor(&[chunk])?;
             pieces.push(self.forward_mel_upto(&mel, upto)?);
         }
         EncoderOutput::concat_time(pieces)
@@ -419,11 +510,30 @@ impl WhisperEncoder {
                 2 * HOP_LENGTH
             );
         }
-        let mel = self.log_mels(inputs);
-        let frames = mel.len() / (self.mel.n_mels() * inputs.len());
-        let mel = Tensor::from_vec(mel, (inputs.len(), self.mel.n_mels(), frames), &self.device)?
-            .to_dtype(self.dtype)?;
+        let mel = self.log_mel_tensor(inputs)?;
         self.forward_mel_upto(&mel, upto)
+    }
+
+    /// Log-mels of inputs of one length as [batch, n_mels, frames] on the model's device in its
+    /// dtype: computed there off the CPU ([`TensorLogMel`]), by [`Self::log_mels`] on it.
+    pub fn log_mel_tensor(&self, inputs: &[&[f32]]) -> Result<Tensor> {
+        let len = crate::batch_length(inputs)?;
+        let mel = match &self.device_mel {
+            Some(device_mel) => {
+                let samples: Vec<f32> = inputs.iter().flat_map(|x| x.iter().copied()).collect();
+                device_mel.compute(&Tensor::from_vec(
+                    samples,
+                    (inputs.len(), len),
+                    &self.device,
+                )?)?
+            }
+            None => {
+                let mel = self.log_mels(inputs);
+                let frames = LogMel::frames(len);
+                Tensor::from_vec(mel, (inputs.len(), self.mel.n_mels(), frames), &self.device)?
+            }
+        };
+        Ok(mel.to_dtype(self.dtype)?)
     }
 
     /// The log-mel spectrograms of `inputs`, one after another. A large batch (a GPU's) computes
@@ -460,8 +570,20 @@ impl WhisperEncoder {
 
     /// The encoder from log-mels [batch, n_mels, frames], through layer `upto` (all: None).
     pub fn forward_mel_upto(&self, mel: &Tensor, upto: Option<usize>) -> Result<EncoderOutput> {
+        self.forward_mel_marked(mel, upto, &mut no_marks)
+    }
+
+    /// [`Self::forward_mel_upto`], calling `marks` after each step (see [`Marks`]).
+    pub fn forward_mel_marked(
+        &self,
+        mel: &Tensor,
+        upto: Option<usize>,
+        marks: Marks,
+    ) -> Result<EncoderOutput> {
         let x = gelu_erf(&self.conv1.forward(mel)?)?;
+        marks("conv1 + GELU")?;
         let x = self.conv2.forward_gelu_frames(&x)?;
+        marks("conv2 + GELU")?;
         let t = x.dim(1)?;
         if t > self.config.max_source_positions {
             bail!(
@@ -470,11 +592,12 @@ impl WhisperEncoder {
             );
         }
         let mut h = x.broadcast_add(&self.positions.narrow(0, 0, t)?)?;
+        marks("positions")?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(h.clone());
         let n = upto.unwrap_or(self.layers.len()).min(self.layers.len());
         for layer in &self.layers[..n] {
-            h = layer.forward(&h)?;
+            h = layer.forward(&h, marks)?;
             hidden_states.push(h.clone());
         }
         let last_hidden_state = if n == self.layers.len() {
@@ -486,5 +609,57 @@ impl WhisperEncoder {
             hidden_states,
             last_hidden_state,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The tensor log-mel (what GPUs run) against the CPU's f64 FFT one, on inputs long enough
+    /// for one reflection and short enough to reflect twice, in a batch of two different signals.
+    #[test]
+    fn tensor_log_mel_follows_the_fft_one() -> Result<()> {
+        let cpu = LogMel::new(80);
+        let tensor = TensorLogMel::new(80, &Device::Cpu)?;
+        for n in [48_000usize, 480, 330] {
+            let a: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 0.07).sin() * 0.3 + (i as f32 * 0.011).cos() * 0.05)
+                .collect();
+            let b: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+                .collect();
+            let want: Vec<f32> = [&a, &b].iter().flat_map(|x| cpu.compute(x)).collect();
+            let samples = Tensor::from_vec([a, b].concat(), (2, n), &Device::Cpu)?;
+            let got = tensor.compute(&samples)?;
+            assert_eq!(got.dims(), &[2, 80, LogMel::frames(n)]);
+            let got = got.flatten_all()?.to_vec1::<f32>()?;
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-4, "{n} samples: largest difference {worst}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn padded_index_reflects_without_repeating_the_edge() {
+        // numpy.pad(range(5), 200, "reflect") around index 200 (the first sample).
+        let at = |i| padded_index(i, 5);
+        assert_eq!(
+            [at(198), at(199), at(200), at(204), at(205), at(206)],
+            [2, 1, 0, 4, 3, 2]
+        );
+        assert_eq!(padded_index(7, 1), 0);
+    }
+
+    #[test]
+    fn tensor_log_mel_refuses_input_without_a_frame() {
+        let tensor = TensorLogMel::new(80, &Device::Cpu).unwrap();
+        let samples = Tensor::zeros((1, 100), DType::F32, &Device::Cpu).unwrap();
+        let err = tensor.compute(&samples).unwrap_err().to_string();
+        assert!(err.contains("no log-mel frame"), "{err}");
     }
 }

@@ -153,16 +153,11 @@ fn log_mel(g: &mut GraphBuilder, samples: &str, n_mels: usize) -> String {
     let pads = g.i64s(&[0, 0, (N_FFT / 2) as i64, 0, 0, (N_FFT / 2) as i64]);
     let x = g.op("Pad", &[&x, &pads], vec![("mode", Attr::Str("reflect"))]);
     // The periodic Hann window times the DFT basis: cos rows, then -sin rows.
-    let mut basis = vec![0f32; 2 * n_bins * N_FFT];
-    for f in 0..n_bins {
-        for k in 0..N_FFT {
-            let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * k as f64 / N_FFT as f64).cos();
-            let phase = 2.0 * std::f64::consts::PI * (f * k % N_FFT) as f64 / N_FFT as f64;
-            basis[f * N_FFT + k] = (w * phase.cos()) as f32;
-            basis[(n_bins + f) * N_FFT + k] = (-w * phase.sin()) as f32;
-        }
-    }
-    let basis = g.f32s("dft", &[2 * n_bins, 1, N_FFT], basis);
+    let basis = g.f32s(
+        "dft",
+        &[2 * n_bins, 1, N_FFT],
+        valence_model::whisper::windowed_dft_basis(),
+    );
     let spec = g.op(
         "Conv",
         &[&x, &basis],

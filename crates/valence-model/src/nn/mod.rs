@@ -331,6 +331,15 @@ impl FusedQkv {
     }
 }
 
+/// Called after each step of a block with the step's name, so a profiler can synchronise the
+/// device and read the clock there (`valence bench --what gpu`); [`no_marks`] does nothing.
+pub type Marks<'a> = &'a mut dyn FnMut(&'static str) -> candle_core::Result<()>;
+
+/// Marks that do nothing: how models run outside a profiler.
+pub fn no_marks(_step: &'static str) -> candle_core::Result<()> {
+    Ok(())
+}
+
 /// Scaled dot-product self-attention over `x` [batch, time, width], no mask. CPU f32 runs the
 /// fused kernel of [`attention`]; other devices and dtypes candle's ops.
 pub fn self_attention(
@@ -339,8 +348,25 @@ pub fn self_attention(
     out: &Projection,
     heads: usize,
 ) -> candle_core::Result<Tensor> {
+    self_attention_marked(x, qkv, out, heads, &mut no_marks)
+}
+
+/// [`self_attention`], marking its projection, attention and output projection steps.
+pub fn self_attention_marked(
+    x: &Tensor,
+    qkv: &FusedQkv,
+    out: &Projection,
+    heads: usize,
+    marks: Marks,
+) -> candle_core::Result<Tensor> {
     if attention::supported(x) {
-        return out.forward(&attention::fused_self_attention(&qkv.project(x)?, heads)?);
+        let y = qkv.project(x)?;
+        marks("q/k/v projection")?;
+        let ctx = attention::fused_self_attention(&y, heads)?;
+        marks("attention (scores, softmax, context)")?;
+        let y = out.forward(&ctx)?;
+        marks("output projection")?;
+        return Ok(y);
     }
     let (b, t, width) = x.dims3()?;
     let head_dim = width / heads;
@@ -350,6 +376,7 @@ pub fn self_attention(
             .contiguous()
     };
     let (q, k, v) = qkv.forward(x)?;
+    marks("q/k/v projection")?;
     let q = split((q * (head_dim as f64).powf(-0.5))?)?;
     let k = split(k)?;
     let v = split(v)?;
@@ -359,7 +386,10 @@ pub fn self_attention(
         .matmul(&v)?
         .transpose(1, 2)?
         .reshape((b, t, heads * head_dim))?;
-    out.forward(&ctx)
+    marks("attention (scores, softmax, context)")?;
+    let y = out.forward(&ctx)?;
+    marks("output projection")?;
+    Ok(y)
 }
 
 #[cfg(test)]
