@@ -95,6 +95,12 @@ pub struct FeatureArgs {
     /// hidden layer is trained to carry no corpus identity (MLP heads).
     #[arg(long, default_value_t = 0.0)]
     pub adversary: f64,
+    /// Mixup between the rows of each batch (0: none): train on convex mixtures of two rows'
+    /// features with the same mixture of their labels, the weight drawn from Beta(a, a) (the
+    /// larger of w and 1 - w goes to the first row). Batches mix clips of different
+    /// speakers and corpora.
+    #[arg(long, default_value_t = 0.0)]
+    pub mixup: f64,
     /// Append prosodic statistics (pitch, loudness, voicing, rhythm, spectral tilt; see
     /// `valence_model::prosody`) to the pooled encoder states.
     #[arg(long)]
@@ -304,6 +310,7 @@ impl FeatureArgs {
         cfg.max_epochs = self.max_epochs;
         cfg.lr = self.lr;
         cfg.adversary = self.adversary;
+        cfg.mixup = self.mixup;
         cfg
     }
 }

@@ -37,6 +37,10 @@ pub struct TrainConfig {
     /// layer is pushed to carry no corpus identity (DANN, Ganin & Lempitsky 2015). Needs domain
     /// labels and an MLP head with a hidden layer.
     pub adversary: f64,
+    /// Mixup's Beta(a, a) parameter (0: none): each batch also trains on mixtures
+    /// `w x_i + (1 - w) x_j` of its rows with a shuffled copy, the loss mixed the same way
+    /// (Zhang et al. 2018); with an adversary its corpus loss is mixed too.
+    pub mixup: f64,
 }
 
 impl TrainConfig {
@@ -56,6 +60,7 @@ impl TrainConfig {
             class_weights: true,
             seed: 0,
             adversary: 0.0,
+            mixup: 0.0,
         }
     }
 }
@@ -207,6 +212,32 @@ fn reverse_gradient(x: &Tensor, lambda: f64) -> candle_core::Result<Tensor> {
     fixed.clone() + ((fixed - x)? * lambda)?
 }
 
+/// A draw from Gamma(shape, 1): Marsaglia and Tsang's method, boosted below shape 1.
+fn gamma_sample(shape: f64, rng: &mut SeededNormal) -> f64 {
+    if shape < 1.0 {
+        return gamma_sample(shape + 1.0, rng) * rng.uniform().powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let z = rng.sample() as f64;
+        let v = (1.0 + c * z).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        if rng.uniform().ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
+}
+
+/// A draw from Beta(a, a).
+fn beta_sample(a: f64, rng: &mut SeededNormal) -> f64 {
+    let x = gamma_sample(a, rng);
+    let y = gamma_sample(a, rng);
+    x / (x + y)
+}
+
 /// Cross-entropy with label smoothing and class weights, as PyTorch computes it.
 pub(crate) fn loss_fn(
     logits: &Tensor,
@@ -346,6 +377,8 @@ pub fn train(
     let total_steps = (steps_per_epoch * cfg.max_epochs).max(1);
     let warmup = ((total_steps as f64 * cfg.warmup_fraction).ceil() as usize).max(1);
     let mut rng = SeededNormal::new(cfg.seed.wrapping_add(99));
+    // Its own stream, so runs without mixup keep their shuffles.
+    let mut mix_rng = SeededNormal::new(cfg.seed.wrapping_add(7919));
     let mut order = train_idx.clone();
     let mut step = 0usize;
     let snapshot = |vm: &VarMap| -> Result<HashMap<String, Tensor>> {
@@ -365,12 +398,48 @@ pub fn train(
         for batch in order.chunks(cfg.batch_size) {
             opt.set_learning_rate(scheduled_lr(cfg.lr, step, warmup, total_steps));
             let xb = rows_tensor(x, batch, &scaler)?;
-            let yb: Vec<usize> = batch.iter().map(|&i| y[i]).collect();
+            // Mixup: rows mixed with a shuffled copy of the batch, weight `w` on the row itself.
+            let mix = if cfg.mixup > 0.0 && batch.len() > 1 {
+                let w = beta_sample(cfg.mixup, &mut mix_rng);
+                let w = w.max(1.0 - w);
+                let mut partner: Vec<usize> = (0..batch.len()).collect();
+                shuffle(&mut partner, &mut mix_rng);
+                Some((w, partner))
+            } else {
+                None
+            };
+            let xb = match &mix {
+                Some((w, partner)) => {
+                    let idx = Tensor::from_vec(
+                        partner.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+                        partner.len(),
+                        &Device::Cpu,
+                    )?;
+                    ((&xb * *w)? + (xb.index_select(&idx, 0)? * (1.0 - w))?)?
+                }
+                None => xb,
+            };
+            // The loss of `logits` against labels `of(row)`, mixed like the rows when mixing.
+            let mixed_loss = |logits: &Tensor,
+                              of: &dyn Fn(usize) -> usize,
+                              weights: &Tensor,
+                              smoothing: f64|
+             -> candle_core::Result<Tensor> {
+                let own: Vec<usize> = batch.iter().map(|&i| of(i)).collect();
+                let l = loss_fn(logits, &own, weights, smoothing)?;
+                match &mix {
+                    None => Ok(l),
+                    Some((w, partner)) => {
+                        let other: Vec<usize> = partner.iter().map(|&p| own[p]).collect();
+                        (l * *w)? + (loss_fn(logits, &other, weights, smoothing)? * (1.0 - w))?
+                    }
+                }
+            };
             // The epoch's loss reports the class loss; the adversary's term only adds gradient.
             let (loss, class_loss) = match &adversary {
                 None => {
                     let logits = head.forward(&xb, true)?;
-                    let l = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
+                    let l = mixed_loss(&logits, &|i| y[i], &weights, cfg.label_smoothing)?;
                     (l.clone(), l)
                 }
                 Some(adv) => {
@@ -382,10 +451,9 @@ pub fn train(
                     let lambda = cfg.adversary * (2.0 / (1.0 + (-10.0 * p).exp()) - 1.0);
                     let domain_logits =
                         candle_core::Module::forward(adv, &reverse_gradient(&hidden, lambda)?)?;
-                    let db: Vec<usize> = batch.iter().map(|&i| domains[i]).collect();
                     let ones = Tensor::ones(n_domains, DType::F32, &Device::Cpu)?;
-                    let class_loss = loss_fn(&logits, &yb, &weights, cfg.label_smoothing)?;
-                    let domain_loss = loss_fn(&domain_logits, &db, &ones, 0.0)?;
+                    let class_loss = mixed_loss(&logits, &|i| y[i], &weights, cfg.label_smoothing)?;
+                    let domain_loss = mixed_loss(&domain_logits, &|i| domains[i], &ones, 0.0)?;
                     ((&class_loss + domain_loss)?, class_loss)
                 }
             };
@@ -944,6 +1012,51 @@ mod tests {
         assert_ne!(both[1], both[0]);
         assert!(both[1].iter().all(|p| p.len() == 3));
         assert!(out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, &[&x[1..]]).is_err());
+    }
+
+    #[test]
+    fn beta_draws_have_the_distributions_moments() {
+        let mut rng = SeededNormal::new(3);
+        for a in [0.2, 0.4, 2.0] {
+            let draws: Vec<f64> = (0..20_000).map(|_| beta_sample(a, &mut rng)).collect();
+            assert!(draws.iter().all(|w| (0.0..=1.0).contains(w)));
+            let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+            let var = draws.iter().map(|w| (w - mean).powi(2)).sum::<f64>() / draws.len() as f64;
+            // Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)).
+            let want = 1.0 / (4.0 * (2.0 * a + 1.0));
+            assert!((mean - 0.5).abs() < 0.01, "a {a}: mean {mean}");
+            assert!(
+                (var - want).abs() < 0.05 * want,
+                "a {a}: variance {var}, want {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn mixup_trains_on_mixtures_and_still_learns() {
+        let (x, y, s) = toy_problem();
+        let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
+        let mut cfg = toy_recipe();
+        cfg.lr = 1e-2;
+        cfg.max_epochs = 30;
+        let plain = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        cfg.mixup = 0.4;
+        let mixed = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        assert!(mixed.best_val_macro_f1 > 0.9, "{}", mixed.best_val_macro_f1);
+        // Mixed labels cannot be fitted as closely as clean ones: the training loss stays higher.
+        let last = |t: &Trained| *t.train_loss.last().unwrap();
+        assert!(
+            last(&mixed) > last(&plain),
+            "{} vs {}",
+            last(&mixed),
+            last(&plain)
+        );
+        let again = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        assert_eq!(mixed.train_loss, again.train_loss, "same seed, same run");
+        // With an adversary, its corpus loss is mixed too.
+        cfg.adversary = 0.5;
+        let adv = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        assert!(adv.best_val_macro_f1 > 0.9, "{}", adv.best_val_macro_f1);
     }
 
     #[test]
