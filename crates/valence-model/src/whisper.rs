@@ -203,6 +203,9 @@ pub struct TensorLogMel {
     /// [n_mels, 2 * n_bins]
     filters: Tensor,
     n_mels: usize,
+    /// The frame-gathering indices of the last input length and that length: windows of a
+    /// stream all have one length, so they cross to the device once, not with every batch.
+    index: std::sync::Mutex<Option<(usize, Tensor)>>,
 }
 
 impl TensorLogMel {
@@ -218,7 +221,25 @@ impl TensorLogMel {
             basis,
             filters,
             n_mels,
+            index: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Indices into `n` samples of every frame's `N_FFT` values, frame after frame.
+    fn frame_index(&self, n: usize, device: &Device) -> Result<Tensor> {
+        let mut cached = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((len, index)) = &*cached
+            && *len == n
+        {
+            return Ok(index.clone());
+        }
+        let index: Vec<u32> = (0..LogMel::frames(n))
+            .flat_map(|f| (0..N_FFT).map(move |k| padded_index(f * HOP_LENGTH + k, n) as u32))
+            .collect();
+        let len = index.len();
+        let index = Tensor::from_vec(index, len, device)?;
+        *cached = Some((n, index.clone()));
+        Ok(index)
     }
 
     /// Log-mels of `samples` [batch, n] f32: [batch, n_mels, n / HOP_LENGTH] f32.
@@ -228,10 +249,7 @@ impl TensorLogMel {
         if frames == 0 {
             bail!("{n} samples make no log-mel frame (at least {HOP_LENGTH} needed)");
         }
-        let index: Vec<u32> = (0..frames)
-            .flat_map(|f| (0..N_FFT).map(move |k| padded_index(f * HOP_LENGTH + k, n) as u32))
-            .collect();
-        let index = Tensor::from_vec(index, frames * N_FFT, samples.device())?;
+        let index = self.frame_index(n, samples.device())?;
         let framed = samples
             .to_dtype(DType::F32)?
             .index_select(&index, 1)?
@@ -622,7 +640,8 @@ mod tests {
     fn tensor_log_mel_follows_the_fft_one() -> Result<()> {
         let cpu = LogMel::new(80);
         let tensor = TensorLogMel::new(80, &Device::Cpu)?;
-        for n in [48_000usize, 480, 330] {
+        // The last length again: the cached frame indices of another length were replaced.
+        for n in [48_000usize, 480, 330, 48_000] {
             let a: Vec<f32> = (0..n)
                 .map(|i| (i as f32 * 0.07).sin() * 0.3 + (i as f32 * 0.011).cos() * 0.05)
                 .collect();
