@@ -921,9 +921,7 @@ mod tests {
     fn a_domain_adversary_trains_and_leaves_no_trace_in_the_head() {
         let (x, y, s) = toy_problem();
         let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
-        let mut cfg = toy_recipe();
-        cfg.lr = 1e-2;
-        cfg.max_epochs = 30;
+        let mut cfg = toy_recipe_to_convergence();
         cfg.adversary = 0.5;
         let t = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
         assert!(
@@ -959,6 +957,14 @@ mod tests {
             head_activation: Default::default(),
             num_classes: 3,
         }))
+    }
+
+    /// [`toy_recipe`] at a learning rate and length that fit the toy problem.
+    fn toy_recipe_to_convergence() -> TrainConfig {
+        let mut cfg = toy_recipe();
+        cfg.lr = 1e-2;
+        cfg.max_epochs = 30;
+        cfg
     }
 
     #[test]
@@ -1036,9 +1042,7 @@ mod tests {
     fn mixup_trains_on_mixtures_and_still_learns() {
         let (x, y, s) = toy_problem();
         let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
-        let mut cfg = toy_recipe();
-        cfg.lr = 1e-2;
-        cfg.max_epochs = 30;
+        let mut cfg = toy_recipe_to_convergence();
         let plain = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
         cfg.mixup = 0.4;
         let mixed = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
@@ -1062,9 +1066,7 @@ mod tests {
     #[test]
     fn learns_a_separable_problem_reproducibly() {
         let (x, y, s) = toy_problem();
-        let mut cfg = toy_recipe();
-        cfg.lr = 1e-2;
-        cfg.max_epochs = 30;
+        let cfg = toy_recipe_to_convergence();
         let a = train(&x, &y, &s, &[], &cfg, |_, _, _| {}).unwrap();
         assert!(
             a.train_loss.last().unwrap() < &a.train_loss[0],
