@@ -85,9 +85,7 @@ pub struct LogMel {
 
 impl LogMel {
     pub fn new(n_mels: usize) -> Self {
-        let window = (0..N_FFT)
-            .map(|i| 0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos())
-            .collect();
+        let window = (0..N_FFT).map(hann).collect();
         let filters = slaney_mel_filters(n_mels, N_FFT, SAMPLE_RATE);
         let n_bins = N_FFT / 2 + 1;
         let support = filters
@@ -152,6 +150,11 @@ impl LogMel {
     }
 }
 
+/// The periodic Hann window of `N_FFT` values at `k`.
+fn hann(k: usize) -> f64 {
+    0.5 - 0.5 * (2.0 * std::f64::consts::PI * k as f64 / N_FFT as f64).cos()
+}
+
 /// The sample at position `i` of the centred STFT's input: `len` samples reflect-padded by
 /// `N_FFT / 2` on both sides (numpy "reflect": the edge sample is not repeated; short inputs
 /// reflect more than once).
@@ -180,7 +183,7 @@ pub fn windowed_dft_basis() -> Vec<f32> {
     let mut basis = vec![0f32; 2 * n_bins * N_FFT];
     for f in 0..n_bins {
         for k in 0..N_FFT {
-            let w = 0.5 - 0.5 * (2.0 * std::f64::consts::PI * k as f64 / N_FFT as f64).cos();
+            let w = hann(k);
             // Reduced modulo N_FFT first: the exact phase, not a large multiple of 2 pi.
             let phase = 2.0 * std::f64::consts::PI * (f * k % N_FFT) as f64 / N_FFT as f64;
             basis[f * N_FFT + k] = (w * phase.cos()) as f32;
