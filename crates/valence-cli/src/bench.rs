@@ -216,9 +216,16 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
     let threads = candle_core::utils::get_num_threads();
     let cpu = valence_model::runtime::CpuFeatures::detect();
     let int8 = valence_model::runtime::int8_kernel();
+    let f32_products = if valence_model::kernels::packed_f32::PackedF32::runs_here() {
+        format!(
+            "packed AVX2/FMA tiles up to {} weights, gemm crate above",
+            valence_model::kernels::packed_f32::PACK_LIMIT
+        )
+    } else {
+        "gemm crate".to_string()
+    };
     println!(
-        "CPU features: {}; f32 products: gemm crate (AVX2/FMA kernels where present); \
-         8-bit products: {}{}",
+        "CPU features: {}; f32 products: {f32_products}; 8-bit products: {}{}",
         cpu.describe(),
         int8.name(),
         match std::env::var(valence_model::runtime::INT8_KERNEL_VAR) {

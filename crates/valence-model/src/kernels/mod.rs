@@ -13,6 +13,7 @@ pub mod conv;
 pub mod dense;
 pub mod epilogue;
 pub mod int8;
+pub mod packed_f32;
 
 use candle_core::{CpuStorage, Layout};
 

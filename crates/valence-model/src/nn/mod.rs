@@ -12,6 +12,7 @@ use candle_nn::{Conv1d, LayerNorm, VarBuilder};
 
 pub use crate::kernels::activation::gelu_erf;
 use crate::kernels::int8::{Int8Kernel, Int8Product, PackedWeights};
+use crate::kernels::packed_f32::{PackedF32, PackedF32Product};
 use crate::kernels::{attention, dense};
 pub use conv::FrameConv1d;
 
@@ -31,6 +32,12 @@ pub enum Projection {
         bias: Tensor,
     },
     Int8(Int8Weights),
+    /// CPU f32 weights packed once for the AVX2/FMA tiles ([`PackedF32`]; weights up to
+    /// [`crate::kernels::packed_f32::PACK_LIMIT`] values, where they beat `gemm`).
+    PackedF32 {
+        weights: Arc<PackedF32>,
+        bias: Vec<f32>,
+    },
 }
 
 /// 8-bit weights of a projection or convolution, their f32 bias and the kernel that runs them.
@@ -99,6 +106,17 @@ impl Projection {
             Some(b) => b,
             None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device())?,
         };
+        let (n, k) = weight.dims2()?;
+        if weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && PackedF32::worth_packing(n, k)
+        {
+            let values = weight.flatten_all()?.to_vec1::<f32>()?;
+            return Ok(Self::PackedF32 {
+                weights: Arc::new(PackedF32::pack(&values, n, k)?),
+                bias: bias.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+            });
+        }
         Ok(Self::Dense {
             weight_t: crate::kernels::transposed(&weight)?,
             bias,
@@ -139,6 +157,18 @@ impl Projection {
                     .reshape(out_dims)?
             }
             Self::Int8(w) => return w.apply(x, gelu),
+            Self::PackedF32 { weights, bias } => {
+                let op = PackedF32Product {
+                    weights,
+                    bias,
+                    gelu,
+                };
+                return x
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&op)?
+                    .to_dtype(x.dtype());
+            }
         };
         if gelu { gelu_erf(&y) } else { Ok(y) }
     }
@@ -149,6 +179,12 @@ impl Projection {
             Self::Dense { weight_t, bias } if weight_t.device().is_cpu() => Ok(Self::Int8(
                 Int8Weights::new(&crate::kernels::transposed(weight_t)?, Some(bias), kernel)?,
             )),
+            Self::PackedF32 { weights, bias } => {
+                let cpu = candle_core::Device::Cpu;
+                let weight = Tensor::from_vec(weights.unpack(), (weights.n, weights.k), &cpu)?;
+                let bias = Tensor::from_slice(bias, weights.n, &cpu)?;
+                Ok(Self::Int8(Int8Weights::new(&weight, Some(&bias), kernel)?))
+            }
             _ => Ok(self.clone()),
         }
     }
@@ -409,6 +445,11 @@ mod tests {
         let b = Tensor::randn(0f32, 1., 7, &dev)?;
         for bias in [Some(b), None] {
             let proj = Projection::dense(w.clone(), bias.clone())?;
+            // Where the CPU has AVX2 and FMA this is the packed form; elsewhere `gemm`'s.
+            assert_eq!(
+                matches!(proj, Projection::PackedF32 { .. }),
+                PackedF32::runs_here()
+            );
             let linear = Linear::new(w.clone(), bias);
             for x in [
                 Tensor::randn(0f32, 1., (2, 45, 12), &dev)?,
@@ -422,6 +463,10 @@ mod tests {
                 assert!(max_abs(&(got - want.gelu_erf()?)?) < 1e-5);
             }
         }
+        // Weights beyond the packing limit stay with `gemm`.
+        let side = (crate::kernels::packed_f32::PACK_LIMIT as f64).sqrt() as usize + 1;
+        let large = Projection::dense(Tensor::zeros((side, side), DType::F32, &dev)?, None)?;
+        assert!(matches!(large, Projection::Dense { .. }));
         let half = Projection::dense(w.to_dtype(DType::F16)?, None)?;
         let x = Tensor::randn(0f32, 1., (1, 5, 12), &dev)?;
         let want = Linear::new(w.clone(), None).forward(&x)?.gelu_erf()?;
