@@ -45,17 +45,11 @@ impl CustomOp3 for DenseProduct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), s1, l1)?;
         let w = contiguous_f32(self.name(), s2, l2)?;
         let bias = contiguous_f32(self.name(), s3, l3)?;
         let (k, n) = l2.shape().dims2()?;
+        let x = projection_input(self.name(), s1, l1, (k, n), Some(bias))?;
         let dims = l1.dims();
-        if dims.last() != Some(&k) || bias.len() != n {
-            candle_core::bail!(
-                "projection of width {k} -> {n} applied to {dims:?} (bias {})",
-                bias.len()
-            );
-        }
         let m = x.len() / k;
         let mut dst = vec![0f32; m * n];
         // SAFETY: x is [m, k] and w [k, n], both contiguous row-major; dst is [m, n].
@@ -79,6 +73,26 @@ impl CustomOp3 for DenseProduct {
         }
         Ok(projection_output(dst, dims, n, Some(bias), self.gelu))
     }
+}
+
+/// The input of a projection of width `k` -> `n` as a candle op sees it: its contiguous f32
+/// values, once its last dimension is `k` and the bias (when there is one) has `n` values.
+pub(crate) fn projection_input<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    (k, n): (usize, usize),
+    bias: Option<&[f32]>,
+) -> candle_core::Result<&'a [f32]> {
+    let x = contiguous_f32(op, storage, layout)?;
+    let dims = layout.dims();
+    if dims.last() != Some(&k) || bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!(
+            "{op}: projection of width {k} -> {n} applied to {dims:?} (bias {:?})",
+            bias.map(<[f32]>::len)
+        );
+    }
+    Ok(x)
 }
 
 /// A projection's product `dst` [.., n] with the bias (and GELU) applied, shaped as the input

@@ -21,8 +21,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use super::dense::projection_output;
-use super::{SyncPtr, contiguous_f32};
+use super::SyncPtr;
+use super::dense::{projection_input, projection_output};
 
 /// Inputs per scale block. Whisper's and Wav2Vec2's widths (512, 768, 1024, 1536, 2048, 3072,
 /// 4096) are multiples; other widths end with a shorter block.
@@ -883,16 +883,18 @@ impl CustomOp1 for Int8Product<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), storage, layout)?;
         let (k, n) = (self.weights.k, self.weights.n);
-        let dims = layout.dims();
-        if dims.last() != Some(&k) || self.bias.is_some_and(|b| b.len() != n) {
-            candle_core::bail!("8-bit projection of width {k} -> {n} applied to {dims:?}");
-        }
+        let x = projection_input(self.name(), storage, layout, (k, n), self.bias)?;
         let m = x.len() / k;
         let q = quantize_rows(x, m, k);
         let dst = product(&q, self.weights, self.kernel);
-        Ok(projection_output(dst, dims, n, self.bias, self.gelu))
+        Ok(projection_output(
+            dst,
+            layout.dims(),
+            n,
+            self.bias,
+            self.gelu,
+        ))
     }
 }
 

@@ -7,8 +7,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 
-use super::dense::projection_output;
-use super::{SyncPtr, contiguous_f32};
+use super::SyncPtr;
+use super::dense::{projection_input, projection_output};
 
 const PANEL: usize = 16;
 /// The most weights a packed projection has: larger ones (xlsr's 1024 x 3072 and 4096 x 1024)
@@ -186,14 +186,16 @@ impl CustomOp1 for PackedF32Product<'_> {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(self.name(), storage, layout)?;
         let (k, n) = (self.weights.k, self.weights.n);
-        let dims = layout.dims();
-        if dims.last() != Some(&k) || self.bias.len() != n {
-            candle_core::bail!("packed projection of width {k} -> {n} applied to {dims:?}");
-        }
+        let x = projection_input(self.name(), storage, layout, (k, n), Some(self.bias))?;
         let dst = product(x, x.len() / k, self.weights);
-        Ok(projection_output(dst, dims, n, Some(self.bias), self.gelu))
+        Ok(projection_output(
+            dst,
+            layout.dims(),
+            n,
+            Some(self.bias),
+            self.gelu,
+        ))
     }
 }
 
