@@ -229,9 +229,11 @@ impl TensorLogMel {
     }
 
     /// Indices into `n` samples of every frame's `N_FFT` values, frame after frame.
+    /// The lock is held only to read or replace the cache, never while the indices are built
+    /// or copied to the device (two batches may then both build them: harmless).
     fn frame_index(&self, n: usize, device: &Device) -> Result<Tensor> {
-        let mut cached = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((len, index)) = &*cached
+        let lock = || self.index.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((len, index)) = &*lock()
             && *len == n
         {
             return Ok(index.clone());
@@ -241,7 +243,7 @@ impl TensorLogMel {
             .collect();
         let len = index.len();
         let index = Tensor::from_vec(index, len, device)?;
-        *cached = Some((n, index.clone()));
+        *lock() = Some((n, index.clone()));
         Ok(index)
     }
 
