@@ -85,14 +85,22 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         folds: usize,
         /// Standardise features per speaker (what a running per-stream normalisation approximates).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "corpus_norm")]
         speaker_norm: bool,
+        /// Standardise features per corpus, held-out corpora with their own statistics (what
+        /// a per-channel normalisation could reach at best).
+        #[arg(long)]
+        corpus_norm: bool,
         /// Also score every fold's model on its held-out clips sent through Opus over RTP at
         /// this bit rate (kbps), as a VoIP call delivers them.
         #[arg(long)]
         test_opus: Option<u32>,
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Write every clip's out-of-fold probabilities (grouped CV and leave-one-corpus-out)
+        /// to this CSV, for analyses the figures do not cover.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
     },
     /// Adapt the encoder: train the head alone and the head with low-rank adapters on the last
     /// encoder layer it reads (same clips, views and schedule), and compare them on held-out clips.
@@ -361,9 +369,18 @@ fn run() -> Result<()> {
             features,
             folds,
             speaker_norm,
+            corpus_norm,
             test_opus,
             json,
-        } => train::cv(&features, folds, speaker_norm, test_opus, json.as_deref()),
+            predictions,
+        } => train::cv(
+            &features,
+            folds,
+            train::GroupNorm::chosen(speaker_norm, corpus_norm),
+            test_opus,
+            json.as_deref(),
+            predictions.as_deref(),
+        ),
         Command::Adapt {
             features,
             adapt,

@@ -95,6 +95,9 @@ pub struct FeatureArgs {
     /// hidden layer is trained to carry no corpus identity (MLP heads).
     #[arg(long, default_value_t = 0.0)]
     pub adversary: f64,
+    /// What the adversary learns to tell apart: the corpus of a clip, or its speaker.
+    #[arg(long, value_enum, default_value_t = AdversaryOn::Corpus)]
+    pub adversary_on: AdversaryOn,
     /// Mixup between the rows of each batch (0: none): train on convex mixtures of two rows'
     /// features with the same mixture of their labels, the weight drawn from Beta(a, a) (the
     /// larger of w and 1 - w goes to the first row). Batches mix clips of different
@@ -107,13 +110,30 @@ pub struct FeatureArgs {
     pub prosody: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdversaryOn {
+    Corpus,
+    Speaker,
+}
+
 /// Each clip's corpus as a number (corpora in name order).
 pub fn corpus_domains(clips: &[Clip]) -> Vec<usize> {
-    let names: std::collections::BTreeSet<&str> = clips.iter().map(|c| c.corpus.as_str()).collect();
-    let names: Vec<&str> = names.into_iter().collect();
-    clips
-        .iter()
-        .map(|c| names.iter().position(|&n| n == c.corpus).unwrap_or(0))
+    numbered(clips.iter().map(|c| c.corpus.as_str()))
+}
+
+/// Each clip's speaker as a number (speakers in name order).
+pub fn speaker_domains(clips: &[Clip]) -> Vec<usize> {
+    numbered(clips.iter().map(|c| c.speaker.as_str()))
+}
+
+fn numbered<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Vec<usize> {
+    let sorted: Vec<&str> = names
+        .clone()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    names
+        .map(|n| sorted.binary_search(&n).unwrap_or(0))
         .collect()
 }
 
@@ -131,6 +151,14 @@ pub enum PoolingArg {
 }
 
 impl FeatureArgs {
+    /// The adversary's label of every clip.
+    pub fn adversary_domains(&self, clips: &[Clip]) -> Vec<usize> {
+        match self.adversary_on {
+            AdversaryOn::Corpus => corpus_domains(clips),
+            AdversaryOn::Speaker => speaker_domains(clips),
+        }
+    }
+
     pub fn spec(&self) -> FeatureSpec {
         FeatureSpec {
             source: FeatureSource::HiddenStates,
@@ -422,35 +450,60 @@ fn scheme_figures(
     (e, v)
 }
 
+/// Feature standardisation per group of clips, fitted on each group's own clips (views take
+/// their clip's group statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupNorm {
+    Speaker,
+    Corpus,
+}
+
+impl GroupNorm {
+    pub fn chosen(speaker: bool, corpus: bool) -> Option<Self> {
+        match (speaker, corpus) {
+            (true, _) => Some(Self::Speaker),
+            (_, true) => Some(Self::Corpus),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Speaker => "speaker",
+            Self::Corpus => "corpus",
+        }
+    }
+}
+
 pub fn cv(
     args: &FeatureArgs,
     folds: usize,
-    speaker_norm: bool,
+    group_norm: Option<GroupNorm>,
     test_opus: Option<u32>,
     json: Option<&Path>,
+    predictions: Option<&Path>,
 ) -> Result<()> {
     // Refused before any features are computed (views and coded clips take minutes).
-    if test_opus.is_some() && speaker_norm {
-        bail!("--speaker-norm and --test-opus do not combine");
-    }
-    if args.views > 0 && speaker_norm {
-        bail!("--speaker-norm and --views do not combine");
+    if test_opus.is_some() && group_norm.is_some() {
+        bail!("--speaker-norm/--corpus-norm and --test-opus do not combine");
     }
     let (clips, x, y) = args.load()?;
     let coded = test_opus.map(|k| args.load_coded(&clips, k)).transpose()?;
-    let extra = args.load_views(&clips)?;
+    let mut extra = args.load_views(&clips)?;
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
-    let x = if speaker_norm {
-        train::normalize_per_group(&x, &speakers)
-    } else {
-        x
+    let x = match group_norm {
+        Some(GroupNorm::Speaker) => {
+            train::normalize_per_group_with_extra(&x, &mut extra, &speakers)
+        }
+        Some(GroupNorm::Corpus) => train::normalize_per_group_with_extra(&x, &mut extra, &corpora),
+        None => x,
     };
     let cfg = args.train_config(x[0].len());
     let t0 = std::time::Instant::now();
     let expand = args.expander(&clips, &extra);
     let fold = train::speaker_folds(&speakers, folds, args.seed);
-    let domains = corpus_domains(&clips);
+    let domains = args.adversary_domains(&clips);
     let rows = train::ClipRows {
         x: &x,
         y: &y,
@@ -524,7 +577,7 @@ pub fn cv(
         "{}",
         serde_json::json!({
             "layers": args.layers, "combine": format!("{:?}", args.combine), "pooling": format!("{:?}", args.pooling),
-            "head": args.head, "ensemble": args.ensemble, "speaker_norm": speaker_norm,
+            "head": args.head, "ensemble": args.ensemble, "group_norm": group_norm.map(GroupNorm::name),
             "views": args.views, "view_opus": args.view_opus, "balance_corpora": args.balance_corpora,
             "grouped_cv_macro_f1": grouped.report.macro_f1, "grouped_cv_accuracy": grouped.report.accuracy,
             "loco_three_class_mean_macro_f1": loco_v["three_class_corpus_mean_macro_f1"],
@@ -536,13 +589,16 @@ pub fn cv(
             "opus_test_loco_three_class_mean_macro_f1": coded_v["leave_one_corpus_out"]["three_class_corpus_mean_macro_f1"],
         })
     );
+    if let Some(p) = predictions {
+        write_predictions(p, &clips, &y, &grouped_p, &loco_p)?;
+    }
     if let Some(p) = json {
         let v = serde_json::json!({
             "config": cfg,
             "features": args.spec(),
             "views": args.views, "view_window": args.view_window, "view_opus": args.view_opus,
             "balance_corpora": args.balance_corpora,
-            "speaker_norm": speaker_norm,
+            "group_norm": group_norm.map(GroupNorm::name),
             "temperature": temperature,
             "grouped_cv": grouped_v,
             "leave_one_corpus_out": loco_v,
@@ -550,6 +606,39 @@ pub fn cv(
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
+    Ok(())
+}
+
+/// One row per clip: who and what it is, then its out-of-fold probabilities under grouped CV
+/// and under leave-one-corpus-out.
+fn write_predictions(
+    path: &Path,
+    clips: &[Clip],
+    y: &[usize],
+    grouped: &[Vec<f32>],
+    loco: &[Vec<f32>],
+) -> Result<()> {
+    let mut w = csv::Writer::from_path(path)
+        .with_context(|| format!("cannot write predictions to {}", path.display()))?;
+    let mut header = vec!["path", "corpus", "language", "speaker", "valence"];
+    let prob_cols: Vec<String> = ["grouped", "loco"]
+        .iter()
+        .flat_map(|s| LABELS.iter().map(move |l| format!("{s}_{l}")))
+        .collect();
+    header.extend(prob_cols.iter().map(String::as_str));
+    w.write_record(&header)?;
+    for (i, c) in clips.iter().enumerate() {
+        let mut row = vec![
+            c.path.clone(),
+            c.corpus.clone(),
+            c.language.clone(),
+            c.speaker.clone(),
+            LABELS[y[i]].to_string(),
+        ];
+        row.extend(grouped[i].iter().chain(&loco[i]).map(|p| format!("{p:.6}")));
+        w.write_record(&row)?;
+    }
+    w.flush()?;
     Ok(())
 }
 
@@ -566,7 +655,7 @@ pub fn train_model(
     let extra = args.load_views(&clips)?;
     let rows = args.expander(&clips, &extra)(&(0..clips.len() + extra.x.len()).collect::<Vec<_>>());
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
-    let domains = corpus_domains(&clips);
+    let domains = args.adversary_domains(&clips);
     let (x, y, speakers, domains) = extra.gather(
         train::ClipRows {
             x: &x,
@@ -973,4 +1062,31 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adversary_labels_number_corpora_or_speakers_in_name_order() {
+        let clip = |corpus: &str, speaker: &str| Clip {
+            path: String::new(),
+            corpus: corpus.into(),
+            language: String::new(),
+            speaker: speaker.into(),
+            gender: String::new(),
+            emotion: String::new(),
+            valence: "neutral".into(),
+            duration_s: 1.0,
+        };
+        let clips = [
+            clip("b", "b2"),
+            clip("a", "a1"),
+            clip("b", "b1"),
+            clip("a", "a1"),
+        ];
+        assert_eq!(corpus_domains(&clips), [1, 0, 1, 0]);
+        assert_eq!(speaker_domains(&clips), [2, 0, 1, 0]);
+    }
 }

@@ -864,6 +864,17 @@ pub fn apply_temperature(trained: &mut Trained, t: f64) -> Result<()> {
 
 /// Per-speaker standardisation (what a running per-stream normalisation approximates).
 pub fn normalize_per_group(x: &[Vec<f32>], groups: &[String]) -> Vec<Vec<f32>> {
+    let mut extra = ExtraRows::default();
+    normalize_per_group_with_extra(x, &mut extra, groups)
+}
+
+/// [`normalize_per_group`], where extra rows (augmented views) are standardised with the
+/// statistics of their clip's group (fitted on the clips alone).
+pub fn normalize_per_group_with_extra(
+    x: &[Vec<f32>],
+    extra: &mut ExtraRows,
+    groups: &[String],
+) -> Vec<Vec<f32>> {
     let mut by: HashMap<&String, Vec<usize>> = HashMap::new();
     for (i, g) in groups.iter().enumerate() {
         by.entry(g).or_default().push(i);
@@ -875,6 +886,11 @@ pub fn normalize_per_group(x: &[Vec<f32>], groups: &[String]) -> Vec<Vec<f32>> {
             for &i in idx {
                 s.transform_vec(&mut out[i]);
             }
+            for (v, &c) in extra.x.iter_mut().zip(&extra.clip) {
+                if groups[c] == groups[idx[0]] {
+                    s.transform_vec(v);
+                }
+            }
         }
     }
     out
@@ -884,6 +900,32 @@ pub fn normalize_per_group(x: &[Vec<f32>], groups: &[String]) -> Vec<Vec<f32>> {
 mod tests {
     use super::*;
     use valence_model::head::MlpHeadConfig;
+
+    #[test]
+    fn group_normalisation_centres_each_group_and_views_follow_their_clip() {
+        // Two groups far apart; a view copies a clip of group b.
+        let x = vec![
+            vec![0.0, 1.0],
+            vec![2.0, 3.0],
+            vec![100.0, -5.0],
+            vec![104.0, -9.0],
+        ];
+        let groups: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
+        let mut extra = ExtraRows {
+            x: vec![x[3].clone()],
+            clip: vec![3],
+        };
+        let out = normalize_per_group_with_extra(&x, &mut extra, &groups);
+        for g in [[0, 1], [2, 3]] {
+            for d in 0..2 {
+                let mean = (out[g[0]][d] + out[g[1]][d]) / 2.0;
+                assert!(mean.abs() < 1e-5, "group {g:?} dim {d} mean {mean}");
+                assert!((out[g[0]][d] - out[g[1]][d]).abs() > 1.0);
+            }
+        }
+        assert_eq!(extra.x[0], out[3]);
+        assert_eq!(normalize_per_group(&x, &groups), out);
+    }
 
     #[test]
     fn folds_never_split_a_speaker() {
