@@ -729,7 +729,7 @@ pub fn train_model(
             .to_string_lossy()
             .into(),
     };
-    Manifest {
+    let mut manifest = Manifest {
         format_version: 1,
         name: format!(
             "valence-{}-{}",
@@ -748,7 +748,10 @@ pub fn train_model(
         },
         features: args.spec(),
         scaler: Some("scaler.safetensors".into()),
-        head: HeadSpec::Files { config: "head_config.json".into(), weights: "head.safetensors".into() },
+        head: HeadSpec::Files {
+            config: "head_config.json".into(),
+            weights: "head.safetensors".into(),
+        },
         dtype: "f32".into(),
         notes: Some(serde_json::json!({
             "trained_on": args.manifest.to_string_lossy(),
@@ -764,8 +767,19 @@ pub fn train_model(
             "validation_macro_f1": trained.best_val_macro_f1,
             "licence": "research and evaluation only: trained on corpora with non-commercial or unstated licences (see MODEL_CARD.md)",
         })),
+    };
+    // Only a non-default adversary target is recorded, so the shipped recipe still reproduces
+    // the shipped files byte for byte.
+    if args.adversary > 0.0
+        && args.adversary_on == AdversaryOn::Speaker
+        && let Some(notes) = manifest
+            .notes
+            .as_mut()
+            .and_then(serde_json::Value::as_object_mut)
+    {
+        notes.insert("adversary_on".into(), "speaker".into());
     }
-    .write(output)?;
+    manifest.write(output)?;
     eprintln!("model written to {}", output.display());
     Ok(())
 }

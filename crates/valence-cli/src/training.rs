@@ -916,11 +916,11 @@ mod tests {
             clip: vec![3],
         };
         let out = normalize_per_group_with_extra(&x, &mut extra, &groups);
-        for g in [[0, 1], [2, 3]] {
-            for d in 0..2 {
-                let mean = (out[g[0]][d] + out[g[1]][d]) / 2.0;
-                assert!(mean.abs() < 1e-5, "group {g:?} dim {d} mean {mean}");
-                assert!((out[g[0]][d] - out[g[1]][d]).abs() > 1.0);
+        for [a, b] in [[0, 1], [2, 3]] {
+            for (d, (u, v)) in out[a].iter().zip(&out[b]).enumerate() {
+                let mean = (u + v) / 2.0;
+                assert!(mean.abs() < 1e-5, "rows {a},{b} dim {d} mean {mean}");
+                assert!((u - v).abs() > 1.0);
             }
         }
         assert_eq!(extra.x[0], out[3]);
