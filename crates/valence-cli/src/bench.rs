@@ -301,6 +301,11 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
             p.candle,
             1.0 / p.candle
         );
+        // Where a window's time goes (each step timed on its own, so the sum exceeds the row).
+        print!(
+            "{}",
+            batch_breakdown("default model,", &m, &Device::Cpu, upto, 1, 31)?
+        );
         // What the inference service's batches cost per window (windows of one length).
         for batch in [1usize, 4, 8] {
             let xs: Vec<Vec<f32>> = (0..batch).map(|i| noise(48000 + i)).collect();

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use super::EncoderOutput;
 use super::weights::{TensorStore, read_checkpoint};
 use crate::nn::{
-    Conv1dLayer, FusedQkv, Marks, Projection, gelu_erf, layer_norm, no_marks, self_attention_marked,
+    Conv1dLayer, FusedQkv, Marks, Projection, layer_norm, no_marks, self_attention_marked,
 };
 
 pub const SAMPLE_RATE: usize = 16000;
@@ -428,8 +428,8 @@ impl WhisperEncoder {
                 },
             ))
         };
-        let conv1 = Conv1dLayer::Dense(conv(cfg.num_mel_bins, 1, vb.pp("conv1"))?);
-        let conv2 = Conv1dLayer::Dense(conv(d, 2, vb.pp("conv2"))?);
+        let conv1 = Conv1dLayer::packed_or_dense(conv(cfg.num_mel_bins, 1, vb.pp("conv1"))?)?;
+        let conv2 = Conv1dLayer::packed_or_dense(conv(d, 2, vb.pp("conv2"))?)?;
         let positions = vb.get((cfg.max_source_positions, d), "embed_positions.weight")?;
         let mut layers = Vec::with_capacity(cfg.encoder_layers);
         for i in 0..cfg.encoder_layers {
@@ -603,7 +603,8 @@ impl WhisperEncoder {
         upto: Option<usize>,
         marks: Marks,
     ) -> Result<EncoderOutput> {
-        let x = gelu_erf(&self.conv1.forward(mel)?)?;
+        // Frame-major out of conv1, read as such by conv2 (a view, no copy, on every path).
+        let x = self.conv1.forward_gelu_frames(mel)?.transpose(1, 2)?;
         marks("conv1 + GELU")?;
         let x = self.conv2.forward_gelu_frames(&x)?;
         marks("conv2 + GELU")?;

@@ -196,15 +196,17 @@ impl Module for Projection {
     }
 }
 
-/// A 1-D convolution that can run as im2col + an 8-bit product on the CPU (Whisper's second
-/// front-end convolution is 512 x 1536 per output frame: worth quantizing with the layers).
-/// Dense convolutions use candle's own op.
+/// A 1-D convolution that can run on the CPU as im2col + one of the projections' products:
+/// 8-bit (Whisper's second front-end convolution is 512 x 1536 per output frame: worth
+/// quantizing with the layers) or packed f32 (its first, 512 x 240, ran at a fifth of the
+/// packed tiles' rate through candle's convolution). Other convolutions use candle's own op.
 #[derive(Debug, Clone)]
 pub enum Conv1dLayer {
     Dense(Conv1d),
-    Quantized {
-        /// [out, in * kernel], rows in the dense weight's (in, kernel) order.
-        weight: Int8Weights,
+    Im2col {
+        /// A product of [out, in * kernel] weights, columns in the dense weight's (in, kernel)
+        /// order: [`Projection::Int8`] or [`Projection::PackedF32`].
+        projection: Projection,
         in_channels: usize,
         kernel: usize,
         stride: usize,
@@ -213,46 +215,93 @@ pub enum Conv1dLayer {
 }
 
 impl Conv1dLayer {
-    /// Quantizes when on the CPU, ungrouped and undilated, with at least 256 inputs per output
-    /// frame (Whisper's 80-mel first convolution, 240, is cheap and stays f32).
-    pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
-        let Self::Dense(conv) = self else {
-            return Ok(self.clone());
-        };
+    /// `conv` as im2col + packed f32 tiles where the CPU runs them (f32, ungrouped, undilated,
+    /// weights within [`crate::kernels::packed_f32::PACK_LIMIT`]), else candle's convolution.
+    pub fn packed_or_dense(conv: Conv1d) -> candle_core::Result<Self> {
         let cfg = conv.config();
         let (out, cin, k) = conv.weight().dims3()?;
-        if !conv.weight().device().is_cpu() || cfg.groups != 1 || cfg.dilation != 1 || cin * k < 256
+        if !conv.weight().device().is_cpu()
+            || conv.weight().dtype() != DType::F32
+            || cfg.groups != 1
+            || cfg.dilation != 1
+            || !PackedF32::worth_packing(out, cin * k)
         {
-            return Ok(self.clone());
+            return Ok(Self::Dense(conv));
         }
-        Ok(Self::Quantized {
-            weight: Int8Weights::new(&conv.weight().reshape((out, cin * k))?, conv.bias(), kernel)?,
+        Ok(Self::Im2col {
+            projection: Projection::dense(
+                conv.weight().reshape((out, cin * k))?,
+                conv.bias().cloned(),
+            )?,
             in_channels: cin,
             kernel: k,
             stride: cfg.stride,
             padding: cfg.padding,
         })
     }
-}
 
-impl Conv1dLayer {
+    /// Quantizes when on the CPU, ungrouped and undilated, with at least 256 inputs per output
+    /// frame (Whisper's 80-mel first convolution, 240, is cheap and stays f32).
+    pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
+        match self {
+            Self::Dense(conv) => {
+                let cfg = conv.config();
+                let (out, cin, k) = conv.weight().dims3()?;
+                if !conv.weight().device().is_cpu()
+                    || cfg.groups != 1
+                    || cfg.dilation != 1
+                    || cin * k < 256
+                {
+                    return Ok(self.clone());
+                }
+                Ok(Self::Im2col {
+                    projection: Projection::Int8(Int8Weights::new(
+                        &conv.weight().reshape((out, cin * k))?,
+                        conv.bias(),
+                        kernel,
+                    )?),
+                    in_channels: cin,
+                    kernel: k,
+                    stride: cfg.stride,
+                    padding: cfg.padding,
+                })
+            }
+            Self::Im2col {
+                projection,
+                in_channels,
+                kernel: k,
+                stride,
+                padding,
+            } if in_channels * k >= 256 => Ok(Self::Im2col {
+                projection: projection.quantize(kernel)?,
+                in_channels: *in_channels,
+                kernel: *k,
+                stride: *stride,
+                padding: *padding,
+            }),
+            Self::Im2col { .. } => Ok(self.clone()),
+        }
+    }
+
     /// `gelu(conv(x))` for `x` [batch, channels, time], returned frame-major, [batch, frames,
-    /// out]: what the Whisper front end feeds its layers. The 8-bit form produces frames
-    /// directly (GELU fused into its product), with no transposed copies.
+    /// out]: what the Whisper front end feeds its layers. The im2col forms produce frames
+    /// directly (GELU fused into their product), with no transposed copies; they read `x`
+    /// channel-major or, where it is a transposed view of frame-major storage (their own
+    /// output), frame-major.
     pub fn forward_gelu_frames(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(c) => gelu_erf(&c.forward(x)?)?.transpose(1, 2),
-            Self::Quantized { weight, .. } => {
+            Self::Im2col { projection, .. } => {
                 let dtype = x.dtype();
-                weight.apply(&self.im2col(x)?, true)?.to_dtype(dtype)
+                projection.forward_gelu(&self.im2col(x)?)?.to_dtype(dtype)
             }
         }
     }
 
-    /// The 8-bit form's input as rows of (batch, output frame) holding
+    /// The im2col forms' input as rows of (batch, output frame) holding
     /// x[c, frame * stride + j - padding] at c * kernel + j (zero outside the input).
     fn im2col(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let Self::Quantized {
+        let Self::Im2col {
             in_channels,
             kernel,
             stride,
@@ -271,19 +320,36 @@ impl Conv1dLayer {
             candle_core::bail!("conv input of {t} frames is shorter than its kernel");
         }
         let t_out = (padded - kernel) / stride + 1;
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        // Frame-major storage (x a transposed view of [b, t, cin]) is read as it lies.
+        let frame_major = !x.is_contiguous() && x.transpose(1, 2)?.is_contiguous();
+        let xs = if frame_major {
+            x.transpose(1, 2)?
+        } else {
+            x.clone()
+        }
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+        let at = |c: usize, pos: usize| {
+            if frame_major {
+                pos * cin + c
+            } else {
+                c * t + pos
+            }
+        };
         let width = cin * kernel;
         let mut cols = vec![0f32; b * t_out * width];
         for bi in 0..b {
             let xb = &xs[bi * cin * t..(bi + 1) * cin * t];
             for f in 0..t_out {
                 let row = &mut cols[(bi * t_out + f) * width..][..width];
-                for c in 0..cin {
-                    for j in 0..*kernel {
-                        let pos = (f * stride + j) as isize - *padding as isize;
-                        if pos >= 0 && (pos as usize) < t {
-                            row[c * kernel + j] = xb[c * t + pos as usize];
-                        }
+                for j in 0..*kernel {
+                    let pos = (f * stride + j) as isize - *padding as isize;
+                    if pos < 0 || pos as usize >= t {
+                        continue;
+                    }
+                    for c in 0..cin {
+                        row[c * kernel + j] = xb[at(c, pos as usize)];
                     }
                 }
             }
@@ -296,8 +362,8 @@ impl Module for Conv1dLayer {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::Dense(c) => c.forward(x),
-            Self::Quantized { weight, .. } => weight
-                .apply(&self.im2col(x)?, false)?
+            Self::Im2col { projection, .. } => projection
+                .forward(&self.im2col(x)?)?
                 .transpose(1, 2)?
                 .to_dtype(x.dtype()),
         }
@@ -511,6 +577,60 @@ mod tests {
     }
 
     #[test]
+    fn packed_conv_equals_the_dense_one_on_either_input_layout() {
+        if !PackedF32::runs_here() {
+            eprintln!("skipped: this CPU has no AVX2/FMA packed kernel");
+            return;
+        }
+        let dev = Device::Cpu;
+        let w = Tensor::rand(-0.1f32, 0.1, (40, 24, 3), &dev).unwrap();
+        let b = Tensor::rand(-1f32, 1., 40, &dev).unwrap();
+        let cfg = candle_nn::Conv1dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let dense = Conv1dLayer::Dense(Conv1d::new(w.clone(), Some(b.clone()), cfg));
+        let packed = Conv1dLayer::packed_or_dense(Conv1d::new(w, Some(b), cfg)).unwrap();
+        assert!(matches!(
+            packed,
+            Conv1dLayer::Im2col {
+                projection: Projection::PackedF32 { .. },
+                ..
+            }
+        ));
+        let x = Tensor::rand(-1f32, 1., (2, 24, 17), &dev).unwrap();
+        // The same input stored frame-major and viewed channel-major.
+        let x_frames = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let x_view = x_frames.transpose(1, 2).unwrap();
+        let want = dense.forward(&x).unwrap();
+        let scale = max_abs(&want);
+        for input in [&x, &x_view] {
+            let got = packed.forward(input).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_abs(&(&got - &want).unwrap()) < 1e-5 * scale);
+            let frames = packed.forward_gelu_frames(input).unwrap();
+            let want_frames = dense.forward_gelu_frames(&x).unwrap();
+            assert_eq!(frames.dims(), want_frames.dims());
+            assert!(max_abs(&(&frames - &want_frames).unwrap()) < 1e-5 * scale);
+        }
+        // Fewer than 256 inputs per frame (Whisper's conv1: 240) stay f32 in a quantized model.
+        let q = packed.quantize(Int8Kernel::detect(None)).unwrap();
+        assert!(matches!(
+            q,
+            Conv1dLayer::Im2col {
+                projection: Projection::PackedF32 { .. },
+                ..
+            }
+        ));
+        assert!(
+            packed
+                .forward(&Tensor::ones((1, 23, 17), DType::F32, &dev).unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
     fn quantized_conv_follows_the_dense_one() {
         let dev = Device::Cpu;
         let w = Tensor::rand(-0.1f32, 0.1, (32, 128, 2), &dev).unwrap();
@@ -523,7 +643,13 @@ mod tests {
         };
         let dense = Conv1dLayer::Dense(Conv1d::new(w, Some(b), cfg));
         let q = dense.quantize(Int8Kernel::detect(None)).unwrap();
-        assert!(matches!(q, Conv1dLayer::Quantized { .. }));
+        assert!(matches!(
+            q,
+            Conv1dLayer::Im2col {
+                projection: Projection::Int8(_),
+                ..
+            }
+        ));
         let (yd, yq) = (dense.forward(&x).unwrap(), q.forward(&x).unwrap());
         assert_eq!(yd.dims(), yq.dims());
         let rel = max_abs(&(&yd - &yq).unwrap()) / max_abs(&yd);
