@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use crate::nn::layer_norm;
+use candle_nn::layer_norm;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -10,12 +10,12 @@ use std::path::Path;
 use crate::kernels::int8::Int8Kernel;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1dConfig, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{Conv1dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use super::EncoderOutput;
 use super::weights::{TensorStore, normalize_names, read_checkpoint};
-use crate::nn::{FrameConv1d, FusedQkv, Projection, gelu_erf, layer_norm, self_attention};
+use crate::nn::{FrameConv1d, FusedQkv, Norm, Projection, gelu_erf, layer_norm, self_attention};
 
 fn default_eps() -> f64 {
     1e-5
@@ -196,9 +196,9 @@ impl FeedForward {
 
 struct EncoderLayer {
     attention: Attention,
-    layer_norm: LayerNorm,
+    layer_norm: Norm,
     feed_forward: FeedForward,
-    final_layer_norm: LayerNorm,
+    final_layer_norm: Norm,
     pre_norm: bool,
 }
 
@@ -224,11 +224,11 @@ pub struct Wav2Vec2Model {
     pub config: Wav2Vec2Config,
     pub preprocessor: Wav2Vec2Preprocessor,
     convs: Vec<FeatureConv>,
-    projection_norm: LayerNorm,
+    projection_norm: Norm,
     projection: Projection,
     pos_conv: FrameConv1d,
     pos_conv_drop_last: bool,
-    encoder_norm: LayerNorm,
+    encoder_norm: Norm,
     layers: Vec<EncoderLayer>,
     device: Device,
     dtype: DType,

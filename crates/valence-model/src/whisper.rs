@@ -12,14 +12,14 @@ use std::sync::Arc;
 use crate::kernels::int8::Int8Kernel;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv1d, Conv1dConfig, LayerNorm, VarBuilder};
+use candle_nn::{Conv1d, Conv1dConfig, VarBuilder};
 use rustfft::{FftPlanner, num_complex::Complex};
 use serde::Deserialize;
 
 use super::EncoderOutput;
 use super::weights::{TensorStore, read_checkpoint};
 use crate::nn::{
-    Conv1dLayer, FusedQkv, Marks, Projection, layer_norm, no_marks, self_attention_marked,
+    Conv1dLayer, FusedQkv, Marks, Norm, Projection, layer_norm, no_marks, self_attention_marked,
 };
 
 pub const SAMPLE_RATE: usize = 16000;
@@ -322,10 +322,10 @@ pub fn slaney_mel_filters(n_mels: usize, n_fft: usize, sr: usize) -> Vec<f64> {
 }
 
 struct EncoderLayer {
-    attn_norm: LayerNorm,
+    attn_norm: Norm,
     qkv: FusedQkv,
     out: Projection,
-    ffn_norm: LayerNorm,
+    ffn_norm: Norm,
     fc1: Projection,
     fc2: Projection,
     heads: usize,
@@ -367,7 +367,7 @@ pub struct WhisperEncoder {
     conv2: Conv1dLayer,
     positions: Tensor,
     layers: Vec<EncoderLayer>,
-    final_norm: LayerNorm,
+    final_norm: Norm,
     device: Device,
     dtype: DType,
 }

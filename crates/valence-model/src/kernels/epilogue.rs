@@ -1,6 +1,8 @@
 //! What follows a product, row by row while each block of rows is in cache: bias, layer norm,
 //! erf GELU. Twin: the same steps in f64, one row at a time.
 
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+
 use super::activation::gelu_erf_chunk;
 use super::{avx2_dispatch, par_pieces_mut};
 
@@ -33,6 +35,46 @@ pub(crate) fn row_epilogue(dst: &mut [f32], width: usize, e: &RowEpilogue) {
             gelu_erf_chunk(rows);
         }
     });
+}
+
+/// A layer norm over the last dimension as a candle op on contiguous f32 CPU tensors: rows on
+/// candle's pool, vectorised (candle's own runs a scalar loop on one thread: 1 ms of a 3 s
+/// Whisper window's six norms, at 2.2 ns per value).
+pub struct LayerNormOp<'a>(pub &'a RowNorm);
+
+impl CustomOp1 for LayerNormOp<'_> {
+    fn name(&self) -> &'static str {
+        "row-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{} needs f32 input", self.name());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{} needs contiguous input", self.name());
+        };
+        let width = layout.dims().last().copied().unwrap_or(0);
+        if width != self.0.weight.len() {
+            candle_core::bail!(
+                "{}: rows of {width} values for a norm of {}",
+                self.name(),
+                self.0.weight.len()
+            );
+        }
+        let mut dst = data[start..end].to_vec();
+        let e = RowEpilogue {
+            bias: None,
+            norm: Some(self.0),
+            gelu: false,
+        };
+        row_epilogue(&mut dst, width, &e);
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
 }
 
 avx2_dispatch!(fn bias_and_norm(rows: &mut [f32], width: usize, e: &RowEpilogue) => bias_and_norm_generic);

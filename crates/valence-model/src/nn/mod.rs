@@ -11,6 +11,7 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv1d, LayerNorm, VarBuilder};
 
 pub use crate::kernels::activation::gelu_erf;
+use crate::kernels::epilogue::{LayerNormOp, RowNorm};
 use crate::kernels::int8::{Int8Kernel, Int8Product, PackedWeights};
 use crate::kernels::packed_f32::{PackedF32, PackedF32Product};
 use crate::kernels::{attention, dense};
@@ -18,8 +19,46 @@ pub use conv::FrameConv1d;
 
 /// A layer norm of width `size` from HF/PyTorch's `weight` and `bias` (the one loader the
 /// encoders and the head share; a training `VarBuilder` starts it at weight 1, bias 0).
-pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<LayerNorm> {
-    candle_nn::layer_norm(size, eps, vb)
+pub fn layer_norm(size: usize, eps: f64, vb: VarBuilder) -> candle_core::Result<Norm> {
+    Norm::new(candle_nn::layer_norm(size, eps, vb)?)
+}
+
+/// A layer norm that runs f32 rows on the CPU with [`LayerNormOp`] (candle's op elsewhere), for
+/// inference: it copies the weights at load and has no backward pass (heads that train use
+/// candle's `LayerNorm`).
+#[derive(Debug, Clone)]
+pub struct Norm {
+    candle: LayerNorm,
+    cpu: Option<RowNorm>,
+}
+
+impl Norm {
+    pub fn new(candle: LayerNorm) -> candle_core::Result<Self> {
+        let cpu = match (candle.weight(), candle.bias()) {
+            (w, Some(b))
+                if candle.remove_mean() && w.device().is_cpu() && w.dtype() == DType::F32 =>
+            {
+                Some(RowNorm {
+                    weight: w.to_vec1()?,
+                    bias: b.to_dtype(DType::F32)?.to_vec1()?,
+                    eps: candle.eps() as f32,
+                })
+            }
+            _ => None,
+        };
+        Ok(Self { candle, cpu })
+    }
+}
+
+impl Module for Norm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.cpu {
+            Some(norm) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                x.contiguous()?.apply_op1_no_bwd(&LayerNormOp(norm))
+            }
+            _ => self.candle.forward(x),
+        }
+    }
 }
 
 /// A linear projection `x W^T + b` with dense or (on the CPU) 8-bit weights.
@@ -572,6 +611,39 @@ mod tests {
         assert_eq!(half.dtype(), DType::F16);
         assert!(
             q.forward(&Tensor::ones((3, 299), DType::F32, &dev).unwrap())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn cpu_norm_matches_candle_layer_norm() {
+        let dev = Device::Cpu;
+        let w = Tensor::rand(0.5f32, 1.5, 37, &dev).unwrap();
+        let b = Tensor::rand(-1f32, 1., 37, &dev).unwrap();
+        let candle = LayerNorm::new(w, b, 1e-5);
+        let norm = Norm::new(candle.clone()).unwrap();
+        assert!(norm.cpu.is_some());
+        // 3-D, and a strided (transposed) input, which is made contiguous first.
+        let x = (Tensor::randn(0f32, 3., (2, 41, 37), &dev).unwrap() + 5.0).unwrap();
+        let xt = Tensor::randn(0f32, 1., (2, 37, 41), &dev)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        for x in [&x, &xt] {
+            let want = candle.forward(x).unwrap();
+            let got = norm.forward(x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            assert!(max_abs(&(&got - &want).unwrap()) < 1e-5);
+        }
+        // Half-precision weights (a GPU model's) keep candle's op.
+        let half = LayerNorm::new(
+            Tensor::ones(37, DType::F16, &dev).unwrap(),
+            Tensor::zeros(37, DType::F16, &dev).unwrap(),
+            1e-5,
+        );
+        assert!(Norm::new(half).unwrap().cpu.is_none());
+        assert!(
+            norm.forward(&Tensor::ones((2, 36), DType::F32, &dev).unwrap())
                 .is_err()
         );
     }
