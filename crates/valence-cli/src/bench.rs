@@ -396,6 +396,14 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
         .transpose()?;
     if let Some(t) = &torch {
         println!("PyTorch quantized engine: {}", t.info["engine"]);
+        // Measured in session 12: with the cap, fbgemm's xlsr qkv ran at 221 GMAC/s on two
+        // cores, above what any AVX2 sequence reaches there.
+        if best == Int8Kernel::Avx2 && Int8Kernel::Avx512Vnni.runs_here() {
+            println!(
+                "  (fbgemm picks its kernels from the CPU itself: the AVX2 cap does not reach \
+                 PyTorch's int8 rows, which run VNNI on this CPU)"
+            );
+        }
     }
     let kernels: Vec<Int8Kernel> = [
         Int8Kernel::Avx2,
