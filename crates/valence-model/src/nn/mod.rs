@@ -257,53 +257,22 @@ impl Conv1dLayer {
     /// `conv` as im2col + packed f32 tiles where the CPU runs them (f32, ungrouped, undilated,
     /// weights within [`crate::kernels::packed_f32::PACK_LIMIT`]), else candle's convolution.
     pub fn packed_or_dense(conv: Conv1d) -> candle_core::Result<Self> {
-        let cfg = conv.config();
         let (out, cin, k) = conv.weight().dims3()?;
-        if !conv.weight().device().is_cpu()
-            || conv.weight().dtype() != DType::F32
-            || cfg.groups != 1
-            || cfg.dilation != 1
-            || !PackedF32::worth_packing(out, cin * k)
+        if Self::im2col_applies(&conv)
+            && conv.weight().dtype() == DType::F32
+            && PackedF32::worth_packing(out, cin * k)
         {
-            return Ok(Self::Dense(conv));
+            return Self::as_im2col(&conv);
         }
-        Ok(Self::Im2col {
-            projection: Projection::dense(
-                conv.weight().reshape((out, cin * k))?,
-                conv.bias().cloned(),
-            )?,
-            in_channels: cin,
-            kernel: k,
-            stride: cfg.stride,
-            padding: cfg.padding,
-        })
+        Ok(Self::Dense(conv))
     }
 
     /// Quantizes when on the CPU, ungrouped and undilated, with at least 256 inputs per output
     /// frame (Whisper's 80-mel first convolution, 240, is cheap and stays f32).
     pub fn quantize(&self, kernel: Int8Kernel) -> candle_core::Result<Self> {
         match self {
-            Self::Dense(conv) => {
-                let cfg = conv.config();
-                let (out, cin, k) = conv.weight().dims3()?;
-                if !conv.weight().device().is_cpu()
-                    || cfg.groups != 1
-                    || cfg.dilation != 1
-                    || cin * k < 256
-                {
-                    return Ok(self.clone());
-                }
-                Ok(Self::Im2col {
-                    projection: Projection::Int8(Int8Weights::new(
-                        &conv.weight().reshape((out, cin * k))?,
-                        conv.bias(),
-                        kernel,
-                    )?),
-                    in_channels: cin,
-                    kernel: k,
-                    stride: cfg.stride,
-                    padding: cfg.padding,
-                })
+            Self::Dense(conv) if Self::im2col_applies(conv) && Self::inputs(conv)? >= 256 => {
+                Self::as_im2col(conv)?.quantize(kernel)
             }
             Self::Im2col {
                 projection,
@@ -318,8 +287,36 @@ impl Conv1dLayer {
                 stride: *stride,
                 padding: *padding,
             }),
-            Self::Im2col { .. } => Ok(self.clone()),
+            _ => Ok(self.clone()),
         }
+    }
+
+    /// Inputs per output frame.
+    fn inputs(conv: &Conv1d) -> candle_core::Result<usize> {
+        let (_, cin, k) = conv.weight().dims3()?;
+        Ok(cin * k)
+    }
+
+    /// Where the im2col forms can stand in for candle's convolution.
+    fn im2col_applies(conv: &Conv1d) -> bool {
+        let cfg = conv.config();
+        conv.weight().device().is_cpu() && cfg.groups == 1 && cfg.dilation == 1
+    }
+
+    /// `conv` as im2col + a projection of its weight as [out, in * kernel].
+    fn as_im2col(conv: &Conv1d) -> candle_core::Result<Self> {
+        let cfg = conv.config();
+        let (out, cin, k) = conv.weight().dims3()?;
+        Ok(Self::Im2col {
+            projection: Projection::dense(
+                conv.weight().reshape((out, cin * k))?,
+                conv.bias().cloned(),
+            )?,
+            in_channels: cin,
+            kernel: k,
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
     }
 
     /// `gelu(conv(x))` for `x` [batch, channels, time], returned frame-major, [batch, frames,
