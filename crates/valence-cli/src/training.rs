@@ -875,22 +875,27 @@ pub fn normalize_per_group_with_extra(
     extra: &mut ExtraRows,
     groups: &[String],
 ) -> Vec<Vec<f32>> {
-    let mut by: HashMap<&String, Vec<usize>> = HashMap::new();
+    let mut members: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, g) in groups.iter().enumerate() {
-        by.entry(g).or_default().push(i);
+        members.entry(g).or_default().push(i);
     }
+    // One scaler per group, fitted on its clips; clips and views then look theirs up.
+    let scalers: HashMap<&str, StandardScaler> = members
+        .into_iter()
+        .filter_map(|(g, idx)| {
+            let rows: Vec<Vec<f32>> = idx.iter().map(|&i| x[i].clone()).collect();
+            StandardScaler::fit(&rows).ok().map(|s| (g, s))
+        })
+        .collect();
     let mut out = x.to_vec();
-    for idx in by.values() {
-        let rows: Vec<Vec<f32>> = idx.iter().map(|&i| x[i].clone()).collect();
-        if let Ok(s) = StandardScaler::fit(&rows) {
-            for &i in idx {
-                s.transform_vec(&mut out[i]);
-            }
-            for (v, &c) in extra.x.iter_mut().zip(&extra.clip) {
-                if groups[c] == groups[idx[0]] {
-                    s.transform_vec(v);
-                }
-            }
+    for (row, g) in out.iter_mut().zip(groups) {
+        if let Some(s) = scalers.get(g.as_str()) {
+            s.transform_vec(row);
+        }
+    }
+    for (v, &c) in extra.x.iter_mut().zip(&extra.clip) {
+        if let Some(s) = scalers.get(groups[c].as_str()) {
+            s.transform_vec(v);
         }
     }
     out

@@ -366,13 +366,8 @@ impl Conv1dLayer {
         .to_dtype(DType::F32)?
         .flatten_all()?
         .to_vec1::<f32>()?;
-        let at = |c: usize, pos: usize| {
-            if frame_major {
-                pos * cin + c
-            } else {
-                c * t + pos
-            }
-        };
+        // Strides of a channel and of a frame in `xs`.
+        let (c_stride, pos_stride) = if frame_major { (1, cin) } else { (t, 1) };
         let width = cin * kernel;
         let mut cols = vec![0f32; b * t_out * width];
         for bi in 0..b {
@@ -385,7 +380,7 @@ impl Conv1dLayer {
                         continue;
                     }
                     for c in 0..cin {
-                        row[c * kernel + j] = xb[at(c, pos as usize)];
+                        row[c * kernel + j] = xb[c * c_stride + pos as usize * pos_stride];
                     }
                 }
             }
