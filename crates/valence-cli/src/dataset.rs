@@ -29,6 +29,23 @@ pub struct Clip {
     pub duration_s: f64,
 }
 
+/// Each clip's emotion category (the manifest's `emotion`) as a number, categories in name order.
+pub fn emotion_labels(clips: &[Clip]) -> Vec<usize> {
+    numbered(clips.iter().map(|c| c.emotion.as_str()))
+}
+
+/// Each name as its index among the distinct names in sorted order.
+pub fn numbered<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Vec<usize> {
+    let sorted: Vec<&str> = names
+        .clone()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    names
+        .map(|n| sorted.binary_search(&n).unwrap_or(0))
+        .collect()
+}
+
 impl Clip {
     /// Index into [`LABELS`], or None for `unmapped` (and anything else unknown).
     pub fn label(&self) -> Option<usize> {

@@ -104,6 +104,11 @@ pub struct FeatureArgs {
     /// speakers and corpora.
     #[arg(long, default_value_t = 0.0)]
     pub mixup: f64,
+    /// Weight of an auxiliary emotion classifier on the head's hidden layer (0: none): it also
+    /// learns each clip's emotion category (the manifest's `emotion`: angry, sad, calm, ...),
+    /// and is dropped after training.
+    #[arg(long, default_value_t = 0.0)]
+    pub aux_emotion: f64,
     /// Append prosodic statistics (pitch, loudness, voicing, rhythm, spectral tilt; see
     /// `valence_model::prosody`) to the pooled encoder states.
     #[arg(long)]
@@ -118,23 +123,12 @@ pub enum AdversaryOn {
 
 /// Each clip's corpus as a number (corpora in name order).
 pub fn corpus_domains(clips: &[Clip]) -> Vec<usize> {
-    numbered(clips.iter().map(|c| c.corpus.as_str()))
+    dataset::numbered(clips.iter().map(|c| c.corpus.as_str()))
 }
 
 /// Each clip's speaker as a number (speakers in name order).
 pub fn speaker_domains(clips: &[Clip]) -> Vec<usize> {
-    numbered(clips.iter().map(|c| c.speaker.as_str()))
-}
-
-fn numbered<'a>(names: impl Iterator<Item = &'a str> + Clone) -> Vec<usize> {
-    let sorted: Vec<&str> = names
-        .clone()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    names
-        .map(|n| sorted.binary_search(&n).unwrap_or(0))
-        .collect()
+    dataset::numbered(clips.iter().map(|c| c.speaker.as_str()))
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -339,6 +333,7 @@ impl FeatureArgs {
         cfg.lr = self.lr;
         cfg.adversary = self.adversary;
         cfg.mixup = self.mixup;
+        cfg.aux_emotion = self.aux_emotion;
         cfg
     }
 }
@@ -504,11 +499,13 @@ pub fn cv(
     let expand = args.expander(&clips, &extra);
     let fold = train::speaker_folds(&speakers, folds, args.seed);
     let domains = args.adversary_domains(&clips);
+    let emotions = dataset::emotion_labels(&clips);
     let rows = train::ClipRows {
         x: &x,
         y: &y,
         speakers: &speakers,
         domains: &domains,
+        emotions: &emotions,
     };
     // Every fold's model predicts its held-out clips as recorded and, with --test-opus, coded.
     let versions: Vec<&[Vec<f32>]> = std::iter::once(x.as_slice())
@@ -656,18 +653,20 @@ pub fn train_model(
     let rows = args.expander(&clips, &extra)(&(0..clips.len() + extra.x.len()).collect::<Vec<_>>());
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let domains = args.adversary_domains(&clips);
-    let (x, y, speakers, domains) = extra.gather(
+    let emotions = dataset::emotion_labels(&clips);
+    let rows = extra.gather(
         train::ClipRows {
             x: &x,
             y: &y,
             speakers: &speakers,
             domains: &domains,
+            emotions: &emotions,
         },
         &rows,
     );
     eprintln!(
         "training on {} rows ({} clips, {} augmented views{})",
-        x.len(),
+        rows.x.len(),
         clips.len(),
         extra.x.len(),
         if args.balance_corpora {
@@ -676,17 +675,17 @@ pub fn train_model(
             ""
         }
     );
-    let cfg = args.train_config(x[0].len());
+    let cfg = args.train_config(rows.x[0].len());
     let members = args.ensemble.max(1);
     let bar = indicatif::ProgressBar::new((cfg.max_epochs * members) as u64).with_style(
         indicatif::ProgressStyle::with_template("training {pos}/{len} epochs [{bar:30}] {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut trained = train::train_ensemble(
-        &x,
-        &y,
-        &speakers,
-        &domains,
+        &rows.x,
+        &rows.y,
+        &rows.speakers,
+        rows.side(),
         &cfg,
         members,
         |m, e, loss, f1| {

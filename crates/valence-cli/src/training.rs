@@ -41,6 +41,26 @@ pub struct TrainConfig {
     /// `w x_i + (1 - w) x_j` of its rows with a shuffled copy, the loss mixed the same way
     /// (Zhang et al. 2018); with an adversary its corpus loss is mixed too.
     pub mixup: f64,
+    /// Weight of an auxiliary emotion classifier (0: none): a linear classifier of the head's
+    /// hidden layer also predicts each row's emotion category (angry, sad, calm, ...), so the
+    /// hidden layer keeps what tells the emotions inside one valence class apart (angry and sad
+    /// are both negative and sound opposite). Dropped after training; needs emotion labels and
+    /// an MLP head with a hidden layer. Left out of the recorded recipe when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub aux_emotion: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// Per-row labels of training objectives beside the valence class.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SideLabels<'a> {
+    /// Each row's domain (its corpus or speaker), for a domain adversary.
+    pub domains: &'a [usize],
+    /// Each row's emotion category, for the auxiliary emotion classifier.
+    pub emotions: &'a [usize],
 }
 
 impl TrainConfig {
@@ -61,6 +81,7 @@ impl TrainConfig {
             seed: 0,
             adversary: 0.0,
             mixup: 0.0,
+            aux_emotion: 0.0,
         }
     }
 }
@@ -320,15 +341,19 @@ pub fn train(
     x: &[Vec<f32>],
     y: &[usize],
     speakers: &[String],
-    domains: &[usize],
+    side: SideLabels,
     cfg: &TrainConfig,
     mut progress: impl FnMut(usize, f64, f64),
 ) -> Result<Trained> {
     if x.is_empty() || x.len() != y.len() || y.len() != speakers.len() {
         bail!("training needs as many labels and speakers as rows (and at least one row)");
     }
+    let domains = side.domains;
     if cfg.adversary > 0.0 && domains.len() != x.len() {
         bail!("a domain adversary needs one domain label per row");
+    }
+    if cfg.aux_emotion > 0.0 && side.emotions.len() != x.len() {
+        bail!("an auxiliary emotion classifier needs one emotion label per row");
     }
     let k = cfg.head.num_classes();
     let (train_idx, val_idx) = speaker_split(speakers, cfg.val_fraction, cfg.seed);
@@ -369,6 +394,22 @@ pub fn train(
     } else {
         None
     };
+    let n_emotions = side.emotions.iter().max().map_or(0, |m| m + 1);
+    let emotion_head = if cfg.aux_emotion > 0.0 {
+        let HeadConfig::Mlp(mlp) = &cfg.head else {
+            bail!("an auxiliary emotion classifier needs an MLP head");
+        };
+        let Some(&width) = mlp.hidden.last() else {
+            bail!("an auxiliary emotion classifier needs an MLP head with a hidden layer");
+        };
+        Some(candle_nn::linear(
+            width,
+            n_emotions,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("emotion_aux"),
+        )?)
+    } else {
+        None
+    };
     init_vars(&varmap, cfg.seed)?;
     seed_dropout(cfg.seed.wrapping_add(17));
     let vars = varmap.all_vars();
@@ -384,7 +425,8 @@ pub fn train(
     let snapshot = |vm: &VarMap| -> Result<HashMap<String, Tensor>> {
         let d = vm.data().lock().unwrap_or_else(|e| e.into_inner());
         d.iter()
-            .filter(|(n, _)| !n.starts_with("adversary."))
+            // Side objectives' layers are training-only.
+            .filter(|(n, _)| !n.starts_with("adversary.") && !n.starts_with("emotion_aux."))
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
             .collect()
     };
@@ -435,28 +477,38 @@ pub fn train(
                     }
                 }
             };
-            // The epoch's loss reports the class loss; the adversary's term only adds gradient.
-            let (loss, class_loss) = match &adversary {
-                None => {
-                    let logits = head.forward(&xb, true)?;
-                    let l = mixed_loss(&logits, &|i| y[i], &weights, cfg.label_smoothing)?;
-                    (l.clone(), l)
-                }
-                Some(adv) => {
-                    let (hidden, logits) = head
-                        .forward_with_hidden(&xb, true)
-                        .context("a domain adversary needs an MLP head")??;
-                    // DANN's schedule: the reversal strength grows from 0 to `adversary`.
-                    let p = step as f64 / total_steps as f64;
-                    let lambda = cfg.adversary * (2.0 / (1.0 + (-10.0 * p).exp()) - 1.0);
-                    let domain_logits =
-                        candle_core::Module::forward(adv, &reverse_gradient(&hidden, lambda)?)?;
-                    let ones = Tensor::ones(n_domains, DType::F32, &Device::Cpu)?;
-                    let class_loss = mixed_loss(&logits, &|i| y[i], &weights, cfg.label_smoothing)?;
-                    let domain_loss = mixed_loss(&domain_logits, &|i| domains[i], &ones, 0.0)?;
-                    ((&class_loss + domain_loss)?, class_loss)
-                }
+            // The epoch's loss reports the class loss; the side objectives only add gradient.
+            let (hidden, logits) = if adversary.is_some() || emotion_head.is_some() {
+                let (h, l) = head
+                    .forward_with_hidden(&xb, true)
+                    .context("side objectives need an MLP head with a hidden layer")??;
+                (Some(h), l)
+            } else {
+                (None, head.forward(&xb, true)?)
             };
+            let class_loss = mixed_loss(&logits, &|i| y[i], &weights, cfg.label_smoothing)?;
+            let mut loss = class_loss.clone();
+            if let (Some(adv), Some(hidden)) = (&adversary, &hidden) {
+                // DANN's schedule: the reversal strength grows from 0 to `adversary`.
+                let p = step as f64 / total_steps as f64;
+                let lambda = cfg.adversary * (2.0 / (1.0 + (-10.0 * p).exp()) - 1.0);
+                let domain_logits =
+                    candle_core::Module::forward(adv, &reverse_gradient(hidden, lambda)?)?;
+                let ones = Tensor::ones(n_domains, DType::F32, &Device::Cpu)?;
+                let domain_loss = mixed_loss(&domain_logits, &|i| domains[i], &ones, 0.0)?;
+                loss = (loss + domain_loss)?;
+            }
+            if let (Some(aux), Some(hidden)) = (&emotion_head, &hidden) {
+                let emotion_logits = candle_core::Module::forward(aux, hidden)?;
+                let ones = Tensor::ones(n_emotions, DType::F32, &Device::Cpu)?;
+                let emotion_loss = mixed_loss(
+                    &emotion_logits,
+                    &|i| side.emotions[i],
+                    &ones,
+                    cfg.label_smoothing,
+                )?;
+                loss = (loss + (emotion_loss * cfg.aux_emotion)?)?;
+            }
             let mut grads = loss.backward()?;
             clip_gradients(&mut grads, &vars, cfg.clip_norm)?;
             opt.step(&grads)?;
@@ -513,13 +565,13 @@ pub fn train_ensemble(
     x: &[Vec<f32>],
     y: &[usize],
     speakers: &[String],
-    domains: &[usize],
+    side: SideLabels,
     cfg: &TrainConfig,
     members: usize,
     mut progress: impl FnMut(usize, usize, f64, f64),
 ) -> Result<Trained> {
     if members <= 1 {
-        return train(x, y, speakers, domains, cfg, |e, l, f| progress(0, e, l, f));
+        return train(x, y, speakers, side, cfg, |e, l, f| progress(0, e, l, f));
     }
     let HeadConfig::Mlp(mlp) = &cfg.head else {
         bail!("ensembles are supported for MLP and linear heads");
@@ -531,7 +583,7 @@ pub fn train_ensemble(
     for m in 0..members {
         let mut c = cfg.clone();
         c.seed = cfg.seed.wrapping_add(m as u64);
-        runs.push(train(x, y, speakers, domains, &c, |e, l, f| {
+        runs.push(train(x, y, speakers, side, &c, |e, l, f| {
             progress(m, e, l, f)
         })?);
     }
@@ -681,10 +733,27 @@ pub struct ClipRows<'a> {
     pub speakers: &'a [String],
     /// Each clip's domain (its corpus), for a domain adversary.
     pub domains: &'a [usize],
+    /// Each clip's emotion category, for an auxiliary emotion classifier.
+    pub emotions: &'a [usize],
 }
 
-/// Training rows: features, labels, speakers and domains.
-pub type Rows = (Vec<Vec<f32>>, Vec<usize>, Vec<String>, Vec<usize>);
+/// Training rows.
+pub struct Rows {
+    pub x: Vec<Vec<f32>>,
+    pub y: Vec<usize>,
+    pub speakers: Vec<String>,
+    pub domains: Vec<usize>,
+    pub emotions: Vec<usize>,
+}
+
+impl Rows {
+    pub fn side(&self) -> SideLabels<'_> {
+        SideLabels {
+            domains: &self.domains,
+            emotions: &self.emotions,
+        }
+    }
+}
 
 /// Extra training rows tied to clips (augmented views): row `i` belongs to clip `clip[i]` and
 /// trains only the folds that do not hold that clip out.
@@ -723,11 +792,19 @@ impl ExtraRows {
             .iter()
             .map(|&r| clips.speakers[self.clip_of(r, n)].clone())
             .collect();
-        let d = rows
-            .iter()
-            .map(|&r| clips.domains.get(self.clip_of(r, n)).copied().unwrap_or(0))
-            .collect();
-        (x, y, s, d)
+        // Clip labels a run does not use are empty; rows then get 0.
+        let per_clip = |labels: &[usize]| -> Vec<usize> {
+            rows.iter()
+                .map(|&r| labels.get(self.clip_of(r, n)).copied().unwrap_or(0))
+                .collect()
+        };
+        Rows {
+            x,
+            y,
+            speakers: s,
+            domains: per_clip(clips.domains),
+            emotions: per_clip(clips.emotions),
+        }
     }
 }
 
@@ -782,8 +859,16 @@ pub fn out_of_fold_probs_on(
                 .map(|e| x.len() + e),
         );
         let rows = expand(&rows);
-        let (xs, ys, ss, ds) = extra.gather(clips, &rows);
-        let t = train_ensemble(&xs, &ys, &ss, &ds, cfg, members, |_, _, _, _| {})?;
+        let r = extra.gather(clips, &rows);
+        let t = train_ensemble(
+            &r.x,
+            &r.y,
+            &r.speakers,
+            r.side(),
+            cfg,
+            members,
+            |_, _, _, _| {},
+        )?;
         for (version, probs) in tests.iter().zip(probs.iter_mut()) {
             for (i, p) in test_idx.iter().zip(t.predict(version, &test_idx)?) {
                 probs[*i] = p;
@@ -808,6 +893,7 @@ pub fn out_of_fold(
             y,
             speakers,
             domains: &[],
+            emotions: &[],
         },
         fold,
         &ExtraRows::default(),
@@ -970,14 +1056,60 @@ mod tests {
         let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
         let mut cfg = toy_recipe_to_convergence();
         cfg.adversary = 0.5;
-        let t = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        let t = train(&x, &y, &s, adversarial(&domains), &cfg, |_, _, _| {}).unwrap();
         assert!(
             t.tensors.keys().all(|k| k.starts_with("classifier.")),
             "{:?}",
             t.tensors.keys()
         );
         assert!(t.best_val_macro_f1 > 0.9, "{}", t.best_val_macro_f1);
-        assert!(train(&x, &y, &s, &[], &cfg, |_, _, _| {}).is_err());
+        assert!(train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).is_err());
+    }
+
+    #[test]
+    fn an_auxiliary_emotion_classifier_shapes_the_head_and_is_dropped() {
+        let (x, y, s) = toy_problem();
+        // Two emotions per class, told apart by a feature the class does not use.
+        let emotions: Vec<usize> = x
+            .iter()
+            .zip(&y)
+            .map(|(r, &c)| 2 * c + usize::from(r[7] > 0.0))
+            .collect();
+        let side = SideLabels {
+            domains: &[],
+            emotions: &emotions,
+        };
+        let mut cfg = toy_recipe_to_convergence();
+        let plain = train(&x, &y, &s, side, &cfg, |_, _, _| {}).unwrap();
+        cfg.aux_emotion = 0.5;
+        let aux = train(&x, &y, &s, side, &cfg, |_, _, _| {}).unwrap();
+        assert!(
+            aux.tensors.keys().all(|k| k.starts_with("classifier.")),
+            "{:?}",
+            aux.tensors.keys()
+        );
+        assert!(aux.best_val_macro_f1 > 0.9, "{}", aux.best_val_macro_f1);
+        let w = |t: &Trained| t.tensors["classifier.0.weight"].flatten_all().unwrap();
+        let moved = (w(&aux) - w(&plain))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(moved.to_scalar::<f32>().unwrap() > 1e-3);
+        // Only recorded in the recipe when used.
+        assert!(serde_json::to_string(&cfg).unwrap().contains("aux_emotion"));
+        cfg.aux_emotion = 0.0;
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("aux_emotion"));
+        cfg.aux_emotion = 0.5;
+        assert!(train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).is_err());
+    }
+
+    fn adversarial(domains: &[usize]) -> SideLabels<'_> {
+        SideLabels {
+            domains,
+            emotions: &[],
+        }
     }
 
     fn toy_problem() -> (Vec<Vec<f32>>, Vec<usize>, Vec<String>) {
@@ -1019,7 +1151,8 @@ mod tests {
         let (x, y, s) = toy_problem();
         let mut cfg = toy_recipe();
         cfg.max_epochs = 5;
-        let merged = train_ensemble(&x, &y, &s, &[], &cfg, 3, |_, _, _, _| {}).unwrap();
+        let merged =
+            train_ensemble(&x, &y, &s, SideLabels::default(), &cfg, 3, |_, _, _, _| {}).unwrap();
         assert_eq!(merged.head_config.input_dim(), 8);
         let HeadConfig::Mlp(m) = &merged.head_config else {
             panic!("an MLP")
@@ -1031,7 +1164,7 @@ mod tests {
         for seed in 0..3 {
             let mut c = cfg.clone();
             c.seed = seed;
-            let one = train(&x, &y, &s, &[], &c, |_, _, _| {}).unwrap();
+            let one = train(&x, &y, &s, SideLabels::default(), &c, |_, _, _| {}).unwrap();
             sum = (sum + one.head().unwrap().forward(&rows, false).unwrap()).unwrap();
         }
         let want = (sum / 3.0).unwrap();
@@ -1052,6 +1185,7 @@ mod tests {
             y: &y,
             speakers: &s,
             domains: &[],
+            emotions: &[],
         };
         let none = ExtraRows::default();
         let same = |r: &[usize]| r.to_vec();
@@ -1090,9 +1224,9 @@ mod tests {
         let (x, y, s) = toy_problem();
         let domains: Vec<usize> = (0..x.len()).map(|i| i % 2).collect();
         let mut cfg = toy_recipe_to_convergence();
-        let plain = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        let plain = train(&x, &y, &s, adversarial(&domains), &cfg, |_, _, _| {}).unwrap();
         cfg.mixup = 0.4;
-        let mixed = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        let mixed = train(&x, &y, &s, adversarial(&domains), &cfg, |_, _, _| {}).unwrap();
         assert!(mixed.best_val_macro_f1 > 0.9, "{}", mixed.best_val_macro_f1);
         // Mixed labels cannot be fitted as closely as clean ones: the training loss stays higher.
         let last = |t: &Trained| *t.train_loss.last().unwrap();
@@ -1102,11 +1236,11 @@ mod tests {
             last(&mixed),
             last(&plain)
         );
-        let again = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        let again = train(&x, &y, &s, adversarial(&domains), &cfg, |_, _, _| {}).unwrap();
         assert_eq!(mixed.train_loss, again.train_loss, "same seed, same run");
         // With an adversary, its corpus loss is mixed too.
         cfg.adversary = 0.5;
-        let adv = train(&x, &y, &s, &domains, &cfg, |_, _, _| {}).unwrap();
+        let adv = train(&x, &y, &s, adversarial(&domains), &cfg, |_, _, _| {}).unwrap();
         assert!(adv.best_val_macro_f1 > 0.9, "{}", adv.best_val_macro_f1);
     }
 
@@ -1114,13 +1248,13 @@ mod tests {
     fn learns_a_separable_problem_reproducibly() {
         let (x, y, s) = toy_problem();
         let cfg = toy_recipe_to_convergence();
-        let a = train(&x, &y, &s, &[], &cfg, |_, _, _| {}).unwrap();
+        let a = train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).unwrap();
         assert!(
             a.train_loss.last().unwrap() < &a.train_loss[0],
             "loss must go down"
         );
         assert!(a.best_val_macro_f1 > 0.9, "{}", a.best_val_macro_f1);
-        let b = train(&x, &y, &s, &[], &cfg, |_, _, _| {}).unwrap();
+        let b = train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).unwrap();
         assert_eq!(a.train_loss, b.train_loss, "same seed, same run");
     }
 }

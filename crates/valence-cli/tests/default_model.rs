@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use common::{expectations_file, fixtures, max_abs_diff, read_wav_i16, rms, shared_data};
 use valence_cli::dataset::{self, Clip};
-use valence_cli::training::{TrainConfig, train};
+use valence_cli::training::{SideLabels, TrainConfig, train};
 use valence_model::head::{HeadConfig, MlpHeadConfig, head_from_tensors};
 use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
 use valence_model::registry;
@@ -168,7 +168,8 @@ fn shipped_model_predictions_match_recorded_expectations() {
     );
 }
 
-/// With prosodic statistics appended and a corpus adversary (gradient reversal) on.
+/// With prosodic statistics appended, a corpus adversary (gradient reversal) and an auxiliary
+/// emotion classifier on.
 #[test]
 fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
     let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
@@ -201,9 +202,16 @@ fn training_a_head_on_a_few_shared_clips_lowers_the_loss_and_round_trips() {
         .map(|c| corpora.iter().position(|o| o == c).unwrap())
         .collect();
     assert!(domains.iter().any(|&d| d != domains[0]), "one corpus only");
+    // And an auxiliary classifier of the clips' emotion categories.
+    let emotions = dataset::emotion_labels(&clips);
     let mut cfg = quick_recipe(x[0].len());
     cfg.adversary = 0.3;
-    let t = train(&x, &y, &speakers, &domains, &cfg, |_, _, _| {}).unwrap();
+    cfg.aux_emotion = 0.5;
+    let side = SideLabels {
+        domains: &domains,
+        emotions: &emotions,
+    };
+    let t = train(&x, &y, &speakers, side, &cfg, |_, _, _| {}).unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
         "loss {:?}",
@@ -295,7 +303,15 @@ fn augmented_views_of_shared_clips_train_a_head() {
         .map(|r| clips[r / 2].speaker.clone())
         .collect();
     let cfg = quick_recipe(xv[0].len());
-    let mut t = train(&xv, &y, &speakers, &[], &cfg, |_, _, _| {}).unwrap();
+    let mut t = train(
+        &xv,
+        &y,
+        &speakers,
+        SideLabels::default(),
+        &cfg,
+        |_, _, _| {},
+    )
+    .unwrap();
     assert!(
         t.train_loss.last().unwrap() < &t.train_loss[0],
         "loss {:?}",
