@@ -500,6 +500,89 @@ pub fn view_features(
     table_from(mean, std, voiced, spec.upto)
 }
 
+/// Pooled hidden states 0..=`upto` of every clip's element windows ([`element_windows`]: 3 s at
+/// a 1 s hop, silent ones left out), and each window's clip. Clips under 1 s have none.
+pub fn window_features(
+    clips: &[Clip],
+    root: &Path,
+    encoder_dir: &Path,
+    quantize: Option<Int8Kernel>,
+    upto: usize,
+    cache_dir: &Path,
+    device: &Device,
+) -> Result<(FeatureTable, Vec<usize>)> {
+    let key = cache_key(encoder_dir, quantize, clips, root)?;
+    let file = cache_dir.join(format!(
+        "{key}-windows-3s-hop1s-above{}dB-upto{upto}.safetensors",
+        -WINDOW_SILENCE_DBFS
+    ));
+    if file.is_file() {
+        let t = candle_core::safetensors::load(&file, &Device::Cpu)?;
+        if let (Some(mean), Some(std), Some(voiced), Some(clip)) = (
+            t.get("mean"),
+            t.get("std"),
+            t.get("voiced_mean"),
+            t.get("clip"),
+        ) {
+            let clip: Vec<usize> = clip
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|c| c as usize)
+                .collect();
+            if clip.iter().all(|&c| c < clips.len()) && clip.len() == mean.dim(0)? {
+                return Ok((
+                    table_from(mean.clone(), std.clone(), voiced.clone(), upto)?,
+                    clip,
+                ));
+            }
+        }
+    }
+    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    if let Some(q) = quantize {
+        encoder.quantize(q)?;
+    }
+    let mut windows = Vec::new();
+    let mut clip_of = Vec::new();
+    for (i, c) in clips.iter().enumerate() {
+        let samples = crate::decode::decode_to_16k_mono(&root.join(&c.path))?;
+        for w in element_windows(&samples, WINDOW_SILENCE_DBFS) {
+            windows.push(w);
+            clip_of.push(i);
+        }
+    }
+    if windows.is_empty() {
+        bail!("no clip is long enough for one element window (1 s)");
+    }
+    let (mean, std, voiced) = encode_pooled(
+        &encoder,
+        upto,
+        windows.into_iter().map(Ok),
+        "element windows",
+    )?;
+    let clip = Tensor::from_vec(
+        clip_of.iter().map(|&c| c as u32).collect::<Vec<_>>(),
+        clip_of.len(),
+        &Device::Cpu,
+    )?;
+    std::fs::create_dir_all(cache_dir)?;
+    let tmp = file.with_extension("partial");
+    candle_core::safetensors::save(
+        &HashMap::from([
+            ("mean".to_string(), mean.clone()),
+            ("std".to_string(), std.clone()),
+            ("voiced_mean".to_string(), voiced.clone()),
+            ("clip".to_string(), clip),
+        ]),
+        &tmp,
+    )?;
+    std::fs::rename(&tmp, &file)?;
+    Ok((table_from(mean, std, voiced, upto)?, clip_of))
+}
+
+/// Windows quieter than this (dBFS RMS) are silence to the element's default `silence-threshold`
+/// and get no classification.
+pub const WINDOW_SILENCE_DBFS: f64 = -60.0;
+
 fn table_from(mean: Tensor, std: Tensor, voiced_mean: Tensor, upto: usize) -> Result<FeatureTable> {
     let last_mean = mean.narrow(1, upto, 1)?.squeeze(1)?;
     Ok(FeatureTable {

@@ -95,6 +95,10 @@ enum Command {
         /// this bit rate (kbps), as a VoIP call delivers them.
         #[arg(long)]
         test_opus: Option<u32>,
+        /// Also score each held-out clip as the element hears it: its 3 s windows at a 1 s hop,
+        /// silent ones left out, probabilities averaged (clips under 1 s whole).
+        #[arg(long)]
+        per_window: bool,
         #[arg(long)]
         json: Option<PathBuf>,
         /// Write every clip's out-of-fold probabilities (grouped CV and leave-one-corpus-out)
@@ -371,6 +375,7 @@ fn run() -> Result<()> {
             speaker_norm,
             corpus_norm,
             test_opus,
+            per_window,
             json,
             predictions,
         } => train::cv(
@@ -378,6 +383,7 @@ fn run() -> Result<()> {
             folds,
             train::GroupNorm::chosen(speaker_norm, corpus_norm),
             test_opus,
+            per_window,
             json.as_deref(),
             predictions.as_deref(),
         ),

@@ -278,6 +278,28 @@ impl FeatureArgs {
         })
     }
 
+    /// The element's windows of every clip (3 s at a 1 s hop, silent ones left out), pooled as
+    /// the clips are, each tied to its clip: what `--per-window` scores.
+    pub fn load_windows(&self, clips: &[Clip]) -> Result<train::ExtraRows> {
+        let spec = self.spec();
+        if spec.source != FeatureSource::HiddenStates {
+            bail!("element windows pool hidden states only");
+        }
+        let (table, clip) = dataset::window_features(
+            clips,
+            &self.clip_root(),
+            &self.encoder,
+            self.quantize_kernel()?,
+            spec.layers.iter().max().copied().unwrap_or(0),
+            &self.cache_dir(),
+            &Device::Cpu,
+        )?;
+        Ok(train::ExtraRows {
+            x: table.select(&spec)?,
+            clip,
+        })
+    }
+
     /// Row expansion for training: corpus balancing when asked for. Row ids below
     /// `clips.len()` are clips, the rest extra rows of `extra`.
     pub fn expander<'a>(
@@ -475,6 +497,7 @@ pub fn cv(
     folds: usize,
     group_norm: Option<GroupNorm>,
     test_opus: Option<u32>,
+    per_window: bool,
     json: Option<&Path>,
     predictions: Option<&Path>,
 ) -> Result<()> {
@@ -482,8 +505,19 @@ pub fn cv(
     if test_opus.is_some() && group_norm.is_some() {
         bail!("--speaker-norm/--corpus-norm and --test-opus do not combine");
     }
+    if per_window && group_norm.is_some() {
+        bail!("--speaker-norm/--corpus-norm and --per-window do not combine");
+    }
+    if per_window && args.prosody {
+        bail!("element windows carry no prosodic features yet (--prosody with --per-window)");
+    }
     let (clips, x, y) = args.load()?;
     let coded = test_opus.map(|k| args.load_coded(&clips, k)).transpose()?;
+    let windows = if per_window {
+        args.load_windows(&clips)?
+    } else {
+        train::ExtraRows::default()
+    };
     let mut extra = args.load_views(&clips)?;
     let speakers: Vec<String> = clips.iter().map(|c| c.speaker.clone()).collect();
     let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
@@ -511,8 +545,13 @@ pub fn cv(
     let versions: Vec<&[Vec<f32>]> = std::iter::once(x.as_slice())
         .chain(coded.as_deref())
         .collect();
+    let held_out = train::HeldOut {
+        versions: &versions,
+        windows: &windows,
+    };
     let mut grouped_all =
-        train::out_of_fold_probs_on(rows, &fold, &extra, &expand, &cfg, args.ensemble, &versions)?;
+        train::out_of_fold_probs_on(rows, &fold, &extra, &expand, &cfg, args.ensemble, held_out)?;
+    let grouped_windows = per_window.then(|| grouped_all.pop()).flatten();
     let grouped_p = grouped_all.remove(0);
     // Temperature fitted on the grouped-CV predictions (held-out speakers); LOCO then shows
     // how it transfers to corpora the fit never saw.
@@ -541,8 +580,9 @@ pub fn cv(
         &expand,
         &cfg,
         args.ensemble,
-        &versions,
+        held_out,
     )?;
+    let loco_windows = per_window.then(|| loco_all.pop()).flatten();
     let loco_p = loco_all.remove(0);
     let (loco, loco_v) = scheme_figures("leave-one-corpus-out", &loco_p, &clips, &y, temperature);
     let coded_v = match (test_opus, grouped_all.pop(), loco_all.pop()) {
@@ -566,6 +606,23 @@ pub fn cv(
         }
         _ => serde_json::Value::Null,
     };
+    let windows_v = match (grouped_windows, loco_windows) {
+        (Some(g), Some(l)) => {
+            let what = "each held-out clip as the element hears it (3 s windows at a 1 s hop, \
+                        silent ones left out, probabilities averaged; clips under 1 s whole)";
+            let (_, gv) =
+                scheme_figures(&format!("grouped CV, {what}"), &g, &clips, &y, temperature);
+            let (_, lv) = scheme_figures(
+                &format!("leave-one-corpus-out, {what}"),
+                &l,
+                &clips,
+                &y,
+                temperature,
+            );
+            serde_json::json!({"windows": windows.x.len(), "grouped_cv": gv, "leave_one_corpus_out": lv})
+        }
+        _ => serde_json::Value::Null,
+    };
     eprintln!(
         "temperature {temperature:.3} (fitted on grouped CV); {:.0} s",
         t0.elapsed().as_secs_f64()
@@ -584,6 +641,8 @@ pub fn cv(
             "grouped_ece15": grouped_v["ece15_at_temperature"], "loco_ece15": loco_v["ece15_at_temperature"],
             "opus_test_grouped_macro_f1": coded_v["grouped_cv"]["macro_f1"],
             "opus_test_loco_three_class_mean_macro_f1": coded_v["leave_one_corpus_out"]["three_class_corpus_mean_macro_f1"],
+            "per_window_grouped_macro_f1": windows_v["grouped_cv"]["macro_f1"],
+            "per_window_loco_three_class_mean_macro_f1": windows_v["leave_one_corpus_out"]["three_class_corpus_mean_macro_f1"],
         })
     );
     if let Some(p) = predictions {
@@ -600,6 +659,7 @@ pub fn cv(
             "grouped_cv": grouped_v,
             "leave_one_corpus_out": loco_v,
             "opus_test": coded_v,
+            "per_window": windows_v,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
     }
@@ -810,7 +870,7 @@ pub fn eval(
         let p = m.classify(&samples).with_context(|| c.path.clone())?;
         pred.push(p.best().0);
         if per_window {
-            let windows = dataset::element_windows(&samples, -60.0);
+            let windows = dataset::element_windows(&samples, dataset::WINDOW_SILENCE_DBFS);
             if windows.is_empty() {
                 no_window += 1;
                 pred_windows.push(p.best().0);

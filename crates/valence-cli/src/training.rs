@@ -820,13 +820,28 @@ pub fn out_of_fold_probs(
     members: usize,
 ) -> Result<Vec<Vec<f32>>> {
     let x = clips.x;
-    let mut probs = out_of_fold_probs_on(clips, fold, extra, expand, cfg, members, &[x])?;
+    let held_out = HeldOut {
+        versions: &[x],
+        windows: &ExtraRows::default(),
+    };
+    let mut probs = out_of_fold_probs_on(clips, fold, extra, expand, cfg, members, held_out)?;
     Ok(probs.remove(0))
 }
 
-/// [`out_of_fold_probs`] on several versions of the clips' features (`tests[t][clip]`, e.g.
-/// the clips as recorded and after a codec): each fold's model, trained once on `clips`,
-/// predicts its held-out clips in every version.
+/// What each fold's model predicts of its held-out clips.
+#[derive(Debug, Clone, Copy)]
+pub struct HeldOut<'a> {
+    /// Versions of the clips' features (`versions[v][clip]`, e.g. the clips as recorded and
+    /// after a codec).
+    pub versions: &'a [&'a [Vec<f32>]],
+    /// Rows tied to clips (e.g. the element's windows of each clip), possibly none.
+    pub windows: &'a ExtraRows,
+}
+
+/// [`out_of_fold_probs`] on several versions of the clips' features: each fold's model,
+/// trained once on `clips`, predicts its held-out clips in every version. With windows, one more
+/// version follows: each clip's mean probabilities over its windows, or its first version's
+/// where it has none.
 pub fn out_of_fold_probs_on(
     clips: ClipRows,
     fold: &[usize],
@@ -834,8 +849,9 @@ pub fn out_of_fold_probs_on(
     expand: impl Fn(&[usize]) -> Vec<usize>,
     cfg: &TrainConfig,
     members: usize,
-    tests: &[&[Vec<f32>]],
+    held_out: HeldOut,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
+    let (tests, windows) = (held_out.versions, held_out.windows);
     let x = clips.x;
     if let Some(bad) = tests.iter().find(|t| t.len() != x.len()) {
         bail!(
@@ -844,8 +860,13 @@ pub fn out_of_fold_probs_on(
             x.len()
         );
     }
+    if windows.clip.len() != windows.x.len() || windows.clip.iter().any(|&c| c >= x.len()) {
+        bail!("window rows must each name one of the {} clips", x.len());
+    }
     let n_folds = fold.iter().max().map(|m| m + 1).unwrap_or(0);
     let mut probs = vec![vec![Vec::new(); x.len()]; tests.len()];
+    let mut window_sums = vec![Vec::<f32>::new(); x.len()];
+    let mut window_counts = vec![0usize; x.len()];
     for f in 0..n_folds {
         let test_idx: Vec<usize> = (0..x.len()).filter(|&i| fold[i] == f).collect();
         if test_idx.is_empty() {
@@ -874,6 +895,33 @@ pub fn out_of_fold_probs_on(
                 probs[*i] = p;
             }
         }
+        let held_out: Vec<usize> = (0..windows.x.len())
+            .filter(|&w| fold[windows.clip[w]] == f)
+            .collect();
+        if !held_out.is_empty() {
+            for (w, p) in held_out.iter().zip(t.predict(&windows.x, &held_out)?) {
+                let c = windows.clip[*w];
+                let sum = &mut window_sums[c];
+                if sum.is_empty() {
+                    *sum = p;
+                } else {
+                    sum.iter_mut().zip(&p).for_each(|(a, b)| *a += b);
+                }
+                window_counts[c] += 1;
+            }
+        }
+    }
+    if !windows.x.is_empty() {
+        let per_clip = window_sums
+            .into_iter()
+            .zip(&window_counts)
+            .enumerate()
+            .map(|(c, (sum, &n))| match n {
+                0 => probs.first().map(|p| p[c].clone()).unwrap_or_default(),
+                n => sum.into_iter().map(|v| v / n as f32).collect(),
+            })
+            .collect();
+        probs.push(per_clip);
     }
     Ok(probs)
 }
@@ -1189,8 +1237,19 @@ mod tests {
         };
         let none = ExtraRows::default();
         let same = |r: &[usize]| r.to_vec();
-        let both =
-            out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, &[&x, &blurred]).unwrap();
+        fn held_out<'a>(versions: &'a [&'a [Vec<f32>]], windows: &'a ExtraRows) -> HeldOut<'a> {
+            HeldOut { versions, windows }
+        }
+        let both = out_of_fold_probs_on(
+            rows,
+            &fold,
+            &none,
+            same,
+            &cfg,
+            1,
+            held_out(&[&x, &blurred], &none),
+        )
+        .unwrap();
         let alone = out_of_fold_probs(rows, &fold, &none, same, &cfg, 1).unwrap();
         assert_eq!(
             both[0], alone,
@@ -1198,7 +1257,47 @@ mod tests {
         );
         assert_ne!(both[1], both[0]);
         assert!(both[1].iter().all(|p| p.len() == 3));
-        assert!(out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, &[&x[1..]]).is_err());
+        assert!(
+            out_of_fold_probs_on(
+                rows,
+                &fold,
+                &none,
+                same,
+                &cfg,
+                1,
+                held_out(&[&x[1..]], &none)
+            )
+            .is_err()
+        );
+        // Windows: even clips twice as themselves, clip 0 once more blurred, odd clips none.
+        let mut windows = ExtraRows::default();
+        for c in (0..x.len()).step_by(2) {
+            for _ in 0..2 {
+                windows.x.push(x[c].clone());
+                windows.clip.push(c);
+            }
+        }
+        windows.x.push(blurred[0].clone());
+        windows.clip.push(0);
+        let with_windows =
+            out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, held_out(&[&x], &windows))
+                .unwrap();
+        assert_eq!(with_windows.len(), 2);
+        assert_eq!(with_windows[0], both[0]);
+        // (Predicted in other batches than the clips, so equal up to rounding.)
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| (p - q).abs() < 1e-6);
+        for c in 1..x.len() {
+            assert!(close(&with_windows[1][c], &both[0][c]), "clip {c}");
+        }
+        for k in 0..3 {
+            let want = (2.0 * both[0][0][k] + both[1][0][k]) / 3.0;
+            assert!((with_windows[1][0][k] - want).abs() < 1e-6);
+        }
+        windows.clip[0] = x.len();
+        assert!(
+            out_of_fold_probs_on(rows, &fold, &none, same, &cfg, 1, held_out(&[&x], &windows))
+                .is_err()
+        );
     }
 
     #[test]

@@ -400,3 +400,66 @@ fn quick_recipe(input_dim: usize) -> TrainConfig {
     cfg.lr = 1e-3;
     cfg
 }
+
+/// `valence cv --per-window` scores the element's windows of each clip: a clip under 1 s has
+/// none, one under 3 s is a single window (the whole clip, so the clip's own features), a
+/// longer one has its windows at a 1 s hop; the cache gives back the same rows.
+#[test]
+fn element_window_features_are_the_clips_windows() {
+    let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
+        return;
+    };
+    let all = dataset::read_manifest(&data.join("manifest.csv")).unwrap();
+    let pick = |ok: &dyn Fn(f64) -> bool| {
+        all.iter()
+            .find(|c| c.label().is_some() && ok(c.duration_s))
+            .cloned()
+            .expect("a clip of that length")
+    };
+    let clips = vec![
+        pick(&|d| d < 0.9),
+        pick(&|d| (1.5..2.8).contains(&d)),
+        pick(&|d| d > 5.0),
+    ];
+    let cache = std::env::temp_dir().join(format!("valence-window-test-{}", std::process::id()));
+    let whole = dataset::features(&clips, &data, &enc, None, &cache, &Device::Cpu).unwrap();
+    let (table, clip) =
+        dataset::window_features(&clips, &data, &enc, None, 3, &cache, &Device::Cpu).unwrap();
+    let long = valence_cli::decode::decode_to_16k_mono(&data.join(&clips[2].path)).unwrap();
+    let long_windows = dataset::element_windows(&long, dataset::WINDOW_SILENCE_DBFS).len();
+    // (At least windows at 0 and 1 s; a silent one is left out, as the element does.)
+    assert!(
+        long_windows >= 2,
+        "{long_windows} windows in {} s",
+        clips[2].duration_s
+    );
+    let mut want = vec![1];
+    want.extend(std::iter::repeat_n(2, long_windows));
+    assert_eq!(clip, want);
+    let spec = FeatureSpec {
+        source: FeatureSource::HiddenStates,
+        layers: vec![2, 3],
+        combine: Combine::Concat,
+        pooling: Pooling::VoicedMean,
+        prosody: false,
+    };
+    let (rows, clip_rows) = (table.select(&spec).unwrap(), whole.select(&spec).unwrap());
+    let diff = rows[0]
+        .iter()
+        .zip(&clip_rows[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff < 1e-5,
+        "the short clip's window differs from it by {diff}"
+    );
+    assert!(
+        rows[1..].iter().all(|r| r != &rows[0]),
+        "the long clip's windows are other audio"
+    );
+    let (again, clip_again) =
+        dataset::window_features(&clips, &data, &enc, None, 3, &cache, &Device::Cpu).unwrap();
+    assert_eq!(clip_again, clip);
+    assert_eq!(again.select(&spec).unwrap(), rows);
+    std::fs::remove_dir_all(&cache).ok();
+}
