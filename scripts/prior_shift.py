@@ -15,17 +15,7 @@ import sys
 
 import numpy as np
 
-LABELS = ["negative", "neutral", "positive"]
-
-
-def macro_f1(y, p):
-    f = []
-    for k in range(3):
-        tp = ((y == k) & (p == k)).sum()
-        fp = ((y != k) & (p == k)).sum()
-        fn = ((y == k) & (p != k)).sum()
-        f.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f))
+from neutral_bias import LABELS, macro_f1
 
 
 def adapt_priors(p, trained_prior, iterations=100):

@@ -286,15 +286,15 @@ fn features_through(
         last_mean: Tensor::stack(&lasts, 0)?,
         voiced_mean: Tensor::stack(&voiced, 0)?,
     };
-    std::fs::create_dir_all(cache_dir)?;
-    let mut m = HashMap::new();
-    m.insert("mean".to_string(), table.mean.clone());
-    m.insert("std".to_string(), table.std.clone());
-    m.insert("last_mean".to_string(), table.last_mean.clone());
-    m.insert("voiced_mean".to_string(), table.voiced_mean.clone());
-    let tmp = file.with_extension("partial");
-    candle_core::safetensors::save(&m, &tmp)?;
-    std::fs::rename(&tmp, &file)?;
+    save_cached(
+        &file,
+        [
+            ("mean", table.mean.clone()),
+            ("std", table.std.clone()),
+            ("last_mean", table.last_mean.clone()),
+            ("voiced_mean", table.voiced_mean.clone()),
+        ],
+    )?;
     Ok(table)
 }
 
@@ -327,10 +327,7 @@ pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result
     }
     bar.finish_and_clear();
     let t = Tensor::from_vec(rows, (clips.len(), dim), &Device::Cpu)?;
-    std::fs::create_dir_all(cache_dir)?;
-    let tmp = file.with_extension("partial");
-    candle_core::safetensors::save(&HashMap::from([("prosody".to_string(), t.clone())]), &tmp)?;
-    std::fs::rename(&tmp, &file)?;
+    save_cached(&file, [("prosody", t.clone())])?;
     Ok(t.to_vec2::<f32>()?)
 }
 
@@ -486,17 +483,14 @@ pub fn view_features(
         augmented_view(clips, &audio, c, v, spec, |_| true)
     });
     let (mean, std, voiced) = encode_pooled(&encoder, spec.upto, jobs, "augmented views")?;
-    std::fs::create_dir_all(cache_dir)?;
-    let tmp = file.with_extension("partial");
-    candle_core::safetensors::save(
-        &HashMap::from([
-            ("mean".to_string(), mean.clone()),
-            ("std".to_string(), std.clone()),
-            ("voiced_mean".to_string(), voiced.clone()),
-        ]),
-        &tmp,
+    save_cached(
+        &file,
+        [
+            ("mean", mean.clone()),
+            ("std", std.clone()),
+            ("voiced_mean", voiced.clone()),
+        ],
     )?;
-    std::fs::rename(&tmp, &file)?;
     table_from(mean, std, voiced, spec.upto)
 }
 
@@ -564,24 +558,37 @@ pub fn window_features(
         clip_of.len(),
         &Device::Cpu,
     )?;
-    std::fs::create_dir_all(cache_dir)?;
-    let tmp = file.with_extension("partial");
-    candle_core::safetensors::save(
-        &HashMap::from([
-            ("mean".to_string(), mean.clone()),
-            ("std".to_string(), std.clone()),
-            ("voiced_mean".to_string(), voiced.clone()),
-            ("clip".to_string(), clip),
-        ]),
-        &tmp,
+    save_cached(
+        &file,
+        [
+            ("mean", mean.clone()),
+            ("std", std.clone()),
+            ("voiced_mean", voiced.clone()),
+            ("clip", clip),
+        ],
     )?;
-    std::fs::rename(&tmp, &file)?;
     Ok((table_from(mean, std, voiced, upto)?, clip_of))
 }
 
 /// Windows quieter than this (dBFS RMS) are silence to the element's default `silence-threshold`
 /// and get no classification.
 pub const WINDOW_SILENCE_DBFS: f64 = -60.0;
+
+/// Writes cached tensors to `file` whole or not at all (a `.partial` file renamed into place),
+/// so an interrupted run never leaves a cache that reads as complete.
+fn save_cached<const N: usize>(file: &Path, tensors: [(&str, Tensor); N]) -> Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("partial");
+    let named: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| (name.to_string(), t))
+        .collect();
+    candle_core::safetensors::save(&named, &tmp)?;
+    std::fs::rename(&tmp, file)?;
+    Ok(())
+}
 
 fn table_from(mean: Tensor, std: Tensor, voiced_mean: Tensor, upto: usize) -> Result<FeatureTable> {
     let last_mean = mean.narrow(1, upto, 1)?.squeeze(1)?;

@@ -39,6 +39,26 @@ const W_MAX: f32 = ((1 << (WEIGHT_BITS - 1)) - 1) as f32;
 /// Rows a task works through before its panels' weights are read again (activations of this
 /// many rows stay in L2 while the panels stream past).
 const ROW_CHUNK: usize = 120;
+/// Weights larger than this (xlsr's projections, 1-4 MB) do not stay in L2 from one row chunk
+/// to the next, so their products take as few chunks as [`CHUNK_ACTIVATION_BYTES`] allows and
+/// stream the weights from memory once per chunk. Smaller ones (Whisper's) keep 120-row chunks,
+/// whose smaller tasks share out better between the threads.
+const CACHED_WEIGHT_BYTES: usize = 2 << 20;
+/// The activations of one large-weight row chunk (half an L2 of the CPUs measured).
+const CHUNK_ACTIVATION_BYTES: usize = 1 << 20;
+/// Row chunks are whole tiles of every kernel (4, 6 or 8 rows).
+const CHUNK_TILE: usize = 24;
+
+/// Rows per chunk of a product of `m` rows of `row_bytes` activations with `weight_bytes` of
+/// weights.
+fn row_chunk(m: usize, row_bytes: usize, weight_bytes: usize) -> usize {
+    if weight_bytes <= CACHED_WEIGHT_BYTES {
+        return ROW_CHUNK;
+    }
+    let most = (CHUNK_ACTIVATION_BYTES / row_bytes.max(1)).max(CHUNK_TILE);
+    let chunks = m.div_ceil(most).max(1);
+    m.div_ceil(chunks).div_ceil(CHUNK_TILE) * CHUNK_TILE
+}
 
 /// Which 8-bit kernel runs, chosen once per CPU ([`Int8Kernel::detect`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -382,7 +402,8 @@ unsafe fn matmul_into(x: &QuantizedRows, w: &PackedWeights, dst: *mut f32, kerne
         Int8Kernel::Plain
     };
     assert_eq!(x.k4, w.k4, "activations and weights differ in width");
-    let row_chunks = x.m.div_ceil(ROW_CHUNK);
+    let row_chunk = row_chunk(x.m, x.k4, w.data.len());
+    let row_chunks = x.m.div_ceil(row_chunk);
     let out = SyncPtr(dst);
     // AVX-512 has registers for two panels at once: each broadcast of activations then
     // feeds twice the products (the loads, not the multiplies, limit one panel).
@@ -395,7 +416,7 @@ unsafe fn matmul_into(x: &QuantizedRows, w: &PackedWeights, dst: *mut f32, kerne
     let run = |tasks: std::ops::Range<usize>| {
         for task in tasks {
             let (chunk, g) = (task / groups, task % groups);
-            let rows = chunk * ROW_CHUNK..((chunk + 1) * ROW_CHUNK).min(x.m);
+            let rows = chunk * row_chunk..((chunk + 1) * row_chunk).min(x.m);
             let first = g * group;
             // SAFETY: each task writes the columns of its own panels in its own rows of `dst`,
             // which lives until `execute_chunked` returns; the kernel matches this CPU.
@@ -931,6 +952,22 @@ mod tests {
 
     /// Every kernel this CPU runs equals the twin exactly, on odd sizes (tails of rows, panels,
     /// quads and blocks), rows with outliers, all-zero rows and NaN.
+    #[test]
+    fn large_weights_take_few_row_chunks_in_whole_tiles() {
+        // Whisper's products (at most 1 MB of weights) keep 120-row chunks.
+        assert_eq!(row_chunk(150, 512, 1536 * 512), ROW_CHUNK);
+        assert_eq!(row_chunk(1200, 2048, 512 * 2048), ROW_CHUNK);
+        // xlsr's at 10 s: one chunk of 1024-input rows, two of 4096-input rows.
+        assert_eq!(row_chunk(499, 1024, 3072 * 1024), 504);
+        assert_eq!(row_chunk(499, 4096, 1024 * 4096), 264);
+        for (m, k) in [(1usize, 1024usize), (530, 4096), (3000, 1024), (7, 1 << 22)] {
+            let chunk = row_chunk(m, k, 4096 * 1024);
+            assert_eq!(chunk % CHUNK_TILE, 0, "({m}, {k}): {chunk}");
+            let most = (CHUNK_ACTIVATION_BYTES / k).max(CHUNK_TILE);
+            assert_eq!(m.div_ceil(chunk), m.div_ceil(most), "({m}, {k}): {chunk}");
+        }
+    }
+
     #[test]
     fn every_kernel_equals_the_plain_twin() {
         for (m, n, k) in [
