@@ -336,6 +336,28 @@ fn argmax(p: &[f32]) -> usize {
     valence_model::argmax(p).0
 }
 
+/// A training-only linear classifier of `classes` on the MLP head's hidden layer, its variables
+/// under `prefix` in `varmap` (`what` names it in errors).
+fn side_classifier(
+    cfg: &TrainConfig,
+    what: &str,
+    classes: usize,
+    varmap: &VarMap,
+    prefix: &str,
+) -> Result<candle_nn::Linear> {
+    let HeadConfig::Mlp(mlp) = &cfg.head else {
+        bail!("{what} needs an MLP head");
+    };
+    let Some(&width) = mlp.hidden.last() else {
+        bail!("{what} needs an MLP head with a hidden layer");
+    };
+    Ok(candle_nn::linear(
+        width,
+        classes,
+        VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu).pp(prefix),
+    )?)
+}
+
 /// Trains a head on rows `x` with labels `y`; `speakers` picks the validation split.
 pub fn train(
     x: &[Vec<f32>],
@@ -380,32 +402,24 @@ pub fn train(
         let seen: BTreeSet<usize> = train_idx.iter().map(|&i| domains[i]).collect();
         seen.len() > 1
     } {
-        let HeadConfig::Mlp(mlp) = &cfg.head else {
-            bail!("a domain adversary needs an MLP head");
-        };
-        let Some(&width) = mlp.hidden.last() else {
-            bail!("a domain adversary needs an MLP head with a hidden layer");
-        };
-        Some(candle_nn::linear(
-            width,
+        Some(side_classifier(
+            cfg,
+            "a domain adversary",
             n_domains,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("adversary"),
+            &varmap,
+            "adversary",
         )?)
     } else {
         None
     };
     let n_emotions = side.emotions.iter().max().map_or(0, |m| m + 1);
     let emotion_head = if cfg.aux_emotion > 0.0 {
-        let HeadConfig::Mlp(mlp) = &cfg.head else {
-            bail!("an auxiliary emotion classifier needs an MLP head");
-        };
-        let Some(&width) = mlp.hidden.last() else {
-            bail!("an auxiliary emotion classifier needs an MLP head with a hidden layer");
-        };
-        Some(candle_nn::linear(
-            width,
+        Some(side_classifier(
+            cfg,
+            "an auxiliary emotion classifier",
             n_emotions,
-            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("emotion_aux"),
+            &varmap,
+            "emotion_aux",
         )?)
     } else {
         None
