@@ -246,10 +246,7 @@ fn features_through(
             }
         }
     }
-    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
-    if let Some(q) = quantize {
-        encoder.quantize(q)?; // CPU only (a no-op elsewhere)
-    }
+    let encoder = load_encoder(encoder_dir, quantize, device)?;
     let bar = indicatif::ProgressBar::new(clips.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("encoding {pos}/{len} clips [{bar:30}] {eta}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -469,10 +466,7 @@ pub fn view_features(
             return table_from(mean.clone(), std.clone(), voiced.clone(), spec.upto);
         }
     }
-    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
-    if let Some(q) = quantize {
-        encoder.quantize(q)?;
-    }
+    let encoder = load_encoder(encoder_dir, quantize, device)?;
     let audio = clips
         .iter()
         .map(|c| crate::decode::decode_to_16k_mono(&root.join(&c.path)))
@@ -531,10 +525,7 @@ pub fn window_features(
             }
         }
     }
-    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
-    if let Some(q) = quantize {
-        encoder.quantize(q)?;
-    }
+    let encoder = load_encoder(encoder_dir, quantize, device)?;
     let mut windows = Vec::new();
     let mut clip_of = Vec::new();
     for (i, c) in clips.iter().enumerate() {
@@ -573,6 +564,20 @@ pub fn window_features(
 /// Windows quieter than this (dBFS RMS) are silence to the element's default `silence-threshold`
 /// and get no classification.
 pub const WINDOW_SILENCE_DBFS: f64 = -60.0;
+
+/// The encoder in f32, its projections re-stored in 8 bits when `quantize` names a kernel
+/// (CPU only; a no-op elsewhere), as a manifest's `encoder.quantize` runs it.
+fn load_encoder(
+    encoder_dir: &Path,
+    quantize: Option<Int8Kernel>,
+    device: &Device,
+) -> Result<Encoder> {
+    let mut encoder = Encoder::load_dir(encoder_dir, None, DType::F32, device)?;
+    if let Some(q) = quantize {
+        encoder.quantize(q)?;
+    }
+    Ok(encoder)
+}
 
 /// Writes cached tensors to `file` whole or not at all (a `.partial` file renamed into place),
 /// so an interrupted run never leaves a cache that reads as complete.
