@@ -19,8 +19,6 @@ pub fn register_meta() {
 }
 
 fn plugin_init(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
-    // Before any element can run candle: the same CPU pool setting as the CLI.
-    valence_model::runtime::configure_cpu_pool();
     register_meta();
     valenceclassify::register(plugin)
 }

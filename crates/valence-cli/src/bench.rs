@@ -324,6 +324,19 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
                 1.0 / t
             );
         }
+        // A lone live stream: one window a second, each after the CPU sat idle (the pool's
+        // workers parked, the cores maybe halted), unlike the back-to-back rows above.
+        let mut times = Vec::new();
+        for _ in 0..7 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let t0 = Instant::now();
+            m.classify(&x)?;
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        println!(
+            "default model, one 3 s window after 1 s idle (a lone live stream), median of 7: {:.4} s",
+            median(times)
+        );
         // End to end, as `valence classify` runs: decodebin, resampling, windows, messages.
         std::fs::create_dir_all(work)?;
         let wav = work.join("bench-60s-48k.wav");

@@ -263,8 +263,6 @@ enum ImportCommand {
 }
 
 fn main() {
-    // First thing: no other thread exists yet.
-    model::runtime::configure_cpu_pool();
     if let Err(e) = run() {
         eprintln!("error: {e:#}");
         std::process::exit(1);

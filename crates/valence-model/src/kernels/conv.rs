@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::epilogue::{RowEpilogue, RowNorm, row_epilogue};
 use super::int8::{self, Int8Kernel, PackedWeights};
-use super::{MatRef, contiguous_f32, gemm_f32, gemm_parallelism};
+use super::{MatRef, contiguous_f32, par_gemm_f32};
 
 /// A convolution's weights packed for [`frame_conv`], and what follows it per output frame.
 #[derive(Debug, Clone)]
@@ -157,7 +157,6 @@ impl CustomOp1 for WindowProduct {
         // Zeroed by the allocator (fresh pages for large sizes): the first touch happens in the
         // threads of the product, and the bias comes with the per-frame pass below.
         let mut dst = vec![0f32; batch * frames_out * out];
-        let parallelism = gemm_parallelism();
         match &p.int8 {
             Some((packed, kernel)) => {
                 let mut part = vec![0f32; if p.groups > 1 { frames_out * out_g } else { 0 }];
@@ -189,7 +188,7 @@ impl CustomOp1 for WindowProduct {
                         // dst_g[r * out .. r * out + out_g], the last ending inside `dst`. Rows of lhs
                         // overlap, which is fine: the product only reads them.
                         unsafe {
-                            gemm_f32(
+                            par_gemm_f32(
                                 (frames_out, out_g, k * in_g),
                                 dst_g.as_mut_ptr(),
                                 out,
@@ -203,7 +202,6 @@ impl CustomOp1 for WindowProduct {
                                     row_stride: out_g,
                                     col_stride: 1,
                                 },
-                                parallelism,
                             );
                         }
                     }

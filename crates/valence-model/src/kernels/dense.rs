@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 
 use super::epilogue::{RowEpilogue, row_epilogue};
-use super::{MatRef, contiguous_f32, gemm_f32, gemm_parallelism};
+use super::{MatRef, contiguous_f32, par_gemm_f32};
 
 /// Whether [`dense`] runs for these operands (f32 on the CPU).
 pub fn supported(x: &Tensor, weight_t: &Tensor) -> bool {
@@ -54,7 +54,7 @@ impl CustomOp3 for DenseProduct {
         let mut dst = vec![0f32; m * n];
         // SAFETY: x is [m, k] and w [k, n], both contiguous row-major; dst is [m, n].
         unsafe {
-            gemm_f32(
+            par_gemm_f32(
                 (m, n, k),
                 dst.as_mut_ptr(),
                 n,
@@ -68,7 +68,6 @@ impl CustomOp3 for DenseProduct {
                     row_stride: n,
                     col_stride: 1,
                 },
-                gemm_parallelism(),
             );
         }
         Ok(projection_output(dst, dims, n, Some(bias), self.gelu))

@@ -88,6 +88,24 @@ pub(crate) struct MatRef {
     pub(crate) row_stride: usize,
     pub(crate) col_stride: usize,
 }
+// SAFETY: products only read through a MatRef, from buffers their callers keep alive until the
+// product (and every pool thread it uses) is done.
+unsafe impl Send for MatRef {}
+unsafe impl Sync for MatRef {}
+
+impl MatRef {
+    /// The same matrix without its first `column` columns.
+    ///
+    /// # Safety
+    /// `column` must be at most the matrix's width.
+    unsafe fn skip_columns(self, column: usize) -> Self {
+        Self {
+            // SAFETY: inside the matrix by the caller's promise.
+            ptr: unsafe { self.ptr.add(column * self.col_stride) },
+            ..self
+        }
+    }
+}
 
 /// `dst = lhs rhs` for an m x k `lhs`, a k x n `rhs` and an m x n `dst` whose rows are
 /// `dst_row_stride` apart (columns adjacent), through `gemm`, candle's CPU matmul engine, which
@@ -130,12 +148,69 @@ pub(crate) unsafe fn gemm_f32(
     }
 }
 
-/// How the CPU products split across threads: like candle's own matmul.
-pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
+/// Products smaller than this many multiply-adds run on the calling thread: waking a second
+/// thread costs more than it saves.
+const PAR_GEMM_MIN_MACS: usize = 1 << 20;
+/// Column blocks of [`par_gemm_f32`] are whole multiples of this (gemm's widest f32 tile).
+const PAR_GEMM_COLUMN_ALIGN: usize = 16;
+
+/// [`gemm_f32`] split across candle's CPU pool, each worker computing whole column blocks with
+/// a single-threaded `gemm`, rather than through `gemm`'s own rayon threads. Every other CPU
+/// kernel here runs on that pool, whose workers spin for a while after each operation before
+/// they park; a product on a second pool competed with them for the cores (on 2 cores that
+/// once cost Whisper f32 a third of its speed), and parking sooner instead made every window
+/// after an idle moment wake the other core many times over (2.6x slower on a KVM guest).
+/// Columns, not rows: each worker packs only its part of `rhs` (the weights, usually the
+/// larger operand).
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub(crate) unsafe fn par_gemm_f32(
+    (m, n, k): (usize, usize, usize),
+    dst: *mut f32,
+    dst_row_stride: usize,
+    lhs: MatRef,
+    rhs: MatRef,
+) {
+    let threads = candle_core::utils::get_num_threads();
+    if threads <= 1 || m * n * k < PAR_GEMM_MIN_MACS || n < 2 * PAR_GEMM_COLUMN_ALIGN {
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            gemm_f32(
+                (m, n, k),
+                dst,
+                dst_row_stride,
+                lhs,
+                rhs,
+                gemm::Parallelism::None,
+            )
+        };
+        return;
     }
+    // Two blocks per thread, so a thread slowed by something else hands its second one over.
+    let block = n
+        .div_ceil(2 * threads)
+        .next_multiple_of(PAR_GEMM_COLUMN_ALIGN);
+    let dst = SyncPtr(dst);
+    candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(block), |blocks| {
+        for b in blocks {
+            let (c0, c1) = (b * block, ((b + 1) * block).min(n));
+            // SAFETY: column block [c0, c1) of the caller's product: rhs columns from c0 and
+            // dst columns from c0 lie inside what the caller vouched for; the pool hands each
+            // block to one worker and returns when all are done, so the dst parts written are
+            // disjoint and live.
+            unsafe {
+                gemm_f32(
+                    (m, c1 - c0, k),
+                    dst.get().add(c0),
+                    dst_row_stride,
+                    lhs,
+                    rhs.skip_columns(c0),
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+    });
 }
 
 /// `src` [rows, cols] row-major transposed into [cols, rows], in cache-sized tiles.
@@ -234,44 +309,37 @@ mod tests {
         }
     }
 
-    /// `gemm_f32` against a triple loop, with transposed and overlapping-row operands.
+    /// `par_gemm_f32` against a triple loop, with transposed and overlapping-row operands: a
+    /// product small enough for one thread, and one split into column blocks (the last short).
     #[test]
     fn gemm_matches_naive_product() {
-        let (m, n, k) = (13, 7, 9);
-        let a: Vec<f32> = (0..m * k + 40)
-            .map(|i| ((i * 37) % 17) as f32 - 8.0)
-            .collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 11) % 13) as f32 - 6.0).collect();
-        // lhs rows overlap (stride 3 < k), rhs read transposed (b as [n, k]).
-        let lhs = MatRef {
-            ptr: a.as_ptr(),
-            row_stride: 3,
-            col_stride: 1,
-        };
-        let rhs = MatRef {
-            ptr: b.as_ptr(),
-            row_stride: 1,
-            col_stride: k,
-        };
-        let mut dst = vec![0f32; m * (n + 2)];
-        // SAFETY: lhs reads up to a[(m-1)*3 + k-1] < a.len(); rhs up to b[(n-1)*k + k-1]; dst
-        // rows are n + 2 apart.
-        unsafe {
-            gemm_f32(
-                (m, n, k),
-                dst.as_mut_ptr(),
-                n + 2,
-                lhs,
-                rhs,
-                gemm_parallelism(),
-            );
-        }
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|p| a[i * 3 + p] * b[j * k + p]).sum();
-                assert_eq!(dst[i * (n + 2) + j], want, "({i}, {j})");
+        for (m, n, k) in [(13, 7, 9), (40, 100, 300)] {
+            let a: Vec<f32> = (0..m * 3 + k)
+                .map(|i| ((i * 37) % 17) as f32 - 8.0)
+                .collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 11) % 13) as f32 - 6.0).collect();
+            // lhs rows overlap (stride 3 < k), rhs read transposed (b as [n, k]).
+            let lhs = MatRef {
+                ptr: a.as_ptr(),
+                row_stride: 3,
+                col_stride: 1,
+            };
+            let rhs = MatRef {
+                ptr: b.as_ptr(),
+                row_stride: 1,
+                col_stride: k,
+            };
+            let mut dst = vec![0f32; m * (n + 2)];
+            // SAFETY: lhs reads up to a[(m-1)*3 + k-1] < a.len(); rhs up to b[(n-1)*k + k-1];
+            // dst rows are n + 2 apart.
+            unsafe { par_gemm_f32((m, n, k), dst.as_mut_ptr(), n + 2, lhs, rhs) };
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| a[i * 3 + p] * b[j * k + p]).sum();
+                    assert_eq!(dst[i * (n + 2) + j], want, "{m}x{n}x{k} ({i}, {j})");
+                }
+                assert_eq!(dst[i * (n + 2) + n], 0.0, "padding column written");
             }
-            assert_eq!(dst[i * (n + 2) + n], 0.0, "padding column written");
         }
     }
 }
