@@ -5,6 +5,7 @@
     python bench/torch_reference.py whisper ENCODER_DIR         # the imported Whisper base encoder
     python bench/torch_reference.py whisper-upto-4 ENCODER_DIR  # its first 4 layers only
     python bench/torch_reference.py products -                  # single products "f32:M:K:N", "int8:M:K:N"
+    python bench/torch_reference.py xlsr-onnx-int8 OUT_DIR      # the saved xlsr model in ONNX Runtime, int8 MatMuls
 
 A worker: it builds the model, prints one JSON line ({"ready": true, ...}), then for every line
 it reads on stdin naming an input ("10s", "3s") runs the model once on it and prints
@@ -42,7 +43,9 @@ def batched_inputs(shape_for_seconds):
     return get
 
 
-def xlsr(out_dir):
+def xlsr_model(out_dir):
+    """A random xlsr-53-sized Wav2Vec2 in f32 on the CPU: saved to OUT_DIR for candle the first
+    time, read back from there afterwards (so every engine runs the same weights)."""
     from transformers import Wav2Vec2Config, Wav2Vec2Model
     cfg = Wav2Vec2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                          feat_extract_norm="layer", do_stable_layer_norm=True, conv_bias=True,
@@ -50,7 +53,6 @@ def xlsr(out_dir):
                          num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16, hidden_act="gelu",
                          feat_extract_activation="gelu")
     model = Wav2Vec2Model(cfg).eval()
-    params = sum(p.numel() for p in model.parameters())
     if not os.path.exists(os.path.join(out_dir, "model.safetensors")):
         model.save_pretrained(out_dir, safe_serialization=True)
         with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
@@ -58,9 +60,50 @@ def xlsr(out_dir):
     else:
         from safetensors.torch import load_file
         model.load_state_dict(load_file(os.path.join(out_dir, "model.safetensors")), strict=False)
+    return model
+
+
+def xlsr(out_dir):
+    model = xlsr_model(out_dir)
+    params = sum(p.numel() for p in model.parameters())
     model = model.to(DEVICE, DTYPE)
     inputs = batched_inputs(lambda secs: (16000 * secs,))
     return (lambda key: model(inputs(key))), {"params": params}
+
+
+def xlsr_onnx_int8(out_dir):
+    """The model `xlsr` saved, exported to ONNX and quantized the way ONNX Runtime's own tool
+    does it for a CPU (dynamic: int8 weights per tensor, MatMuls only, activations quantized per
+    call), run by ONNX Runtime's CPU provider on BENCH_THREADS threads. The files stay in
+    OUT_DIR beside the weights they were made from."""
+    import warnings
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    warnings.filterwarnings("ignore")
+    f32_path, int8_path = os.path.join(out_dir, "xlsr.onnx"), os.path.join(out_dir, "xlsr-int8.onnx")
+    if not os.path.exists(int8_path):
+        model = xlsr_model(out_dir)
+        with torch.inference_mode():
+            torch.onnx.export(model, (torch.randn(1, 16000),), f32_path, input_names=["samples"],
+                              output_names=["hidden"], dynamic_axes={"samples": {0: "batch", 1: "time"}},
+                              opset_version=17, dynamo=False)
+        quantize_dynamic(f32_path, int8_path, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        os.remove(f32_path)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(int8_path, opts, providers=["CPUExecutionProvider"])
+    cache = {}
+
+    def run(key):
+        if key not in cache:
+            secs, _, batch = key.partition("@")
+            shape = (int(batch or 1), 16000 * int(secs.rstrip("s")))
+            cache[key] = np.random.RandomState(0).randn(*shape).astype(np.float32)
+        return session.run(None, {"samples": cache[key]})
+
+    return run, {"onnxruntime": ort.__version__}
 
 
 def whisper(enc_dir, upto=None):
@@ -117,6 +160,8 @@ def main():
     what, path = sys.argv[1], sys.argv[2]
     if what == "xlsr":
         run, info = xlsr(path)
+    elif what == "xlsr-onnx-int8":
+        run, info = xlsr_onnx_int8(path)
     elif what.startswith("whisper-upto-"):  # only the layers a head reads, as candle runs it
         run, info = whisper(path, int(what[len("whisper-upto-"):]))
     elif what == "whisper":

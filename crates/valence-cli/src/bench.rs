@@ -196,10 +196,15 @@ fn write_wav_f32(path: &Path, samples: &[f32], rate: u32) -> Result<()> {
 }
 
 fn row(name: &str, audio_s: f64, p: &Paired) {
+    row_beside(name, audio_s, p, "PyTorch");
+}
+
+/// [`row`] with the reference engine named `other`.
+fn row_beside(name: &str, audio_s: f64, p: &Paired, other: &str) {
     let candle = p.candle;
     match (p.torch, p.ratio) {
         (Some(t), Some(r)) => println!(
-            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)  PyTorch {t:>7.3} s  candle/PyTorch {r:>5.2}",
+            "{name:<38} {audio_s:>3.0} s audio  candle {candle:>7.3} s ({:>6.1}x real time)  {other} {t:>7.3} s  candle/{other} {r:>5.2}",
             audio_s / candle
         ),
         _ => println!(
@@ -391,6 +396,37 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
                 };
                 row(&name, secs as f64, &p);
             }
+        }
+        drop(torch);
+        // The issue's other yardstick for the 8-bit path: ONNX Runtime's dynamic int8 MatMuls
+        // on the same weights (the first run exports and quantizes them, ~2 min).
+        match TorchWorker::start(python, "xlsr-onnx-int8", work) {
+            Ok(mut ort) => {
+                println!("ONNX Runtime {} (CPU provider)", ort.info["onnxruntime"]);
+                if std::env::var(AVX2_ONLY_MARK).is_ok() {
+                    println!(
+                        "  (ONNX Runtime picks its kernels from the CPU itself: the AVX2 cap does \
+                         not reach it)"
+                    );
+                }
+                for secs in [10usize, 3] {
+                    let x = noise(16000 * secs);
+                    let key = format!("{secs}s");
+                    let rounds = if secs == 10 { 5 } else { 9 };
+                    let p = paired(
+                        rounds,
+                        || m.encode(&x).map(|_| ()),
+                        Some((&mut ort, &key)),
+                    )?;
+                    row_beside(
+                        &format!("  int8 beside ONNX Runtime int8 ({secs} s)"),
+                        secs as f64,
+                        &p,
+                        "ONNX RT",
+                    );
+                }
+            }
+            Err(e) => println!("ONNX Runtime rows skipped: {e:#}"),
         }
     }
     Ok(())
