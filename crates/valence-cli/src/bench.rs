@@ -381,14 +381,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
                 m.quantize(int8)?;
             }
             for secs in [10usize, 3] {
-                let x = noise(16000 * secs);
-                let key = format!("{secs}s");
-                let rounds = if secs == 10 { 5 } else { 9 };
-                let p = paired(
-                    rounds,
-                    || m.encode(&x).map(|_| ()),
-                    Some((&mut torch, &key)),
-                )?;
+                let p = xlsr_paired(&m, &mut torch, secs)?;
                 let name = if quantized {
                     format!("  same, int8 projections ({secs} s)")
                 } else {
@@ -410,14 +403,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
                     );
                 }
                 for secs in [10usize, 3] {
-                    let x = noise(16000 * secs);
-                    let key = format!("{secs}s");
-                    let rounds = if secs == 10 { 5 } else { 9 };
-                    let p = paired(
-                        rounds,
-                        || m.encode(&x).map(|_| ()),
-                        Some((&mut ort, &key)),
-                    )?;
+                    let p = xlsr_paired(&m, &mut ort, secs)?;
                     row_beside(
                         &format!("  int8 beside ONNX Runtime int8 ({secs} s)"),
                         secs as f64,
@@ -430,6 +416,18 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
         }
     }
     Ok(())
+}
+
+/// candle's xlsr-sized encoder beside a worker's run of the same length of audio (5 rounds of
+/// 10 s, 9 of 3 s).
+fn xlsr_paired(m: &Wav2Vec2Model, worker: &mut TorchWorker, secs: usize) -> Result<Paired> {
+    let x = noise(16000 * secs);
+    let rounds = if secs == 10 { 5 } else { 9 };
+    paired(
+        rounds,
+        || m.encode(&x).map(|_| ()),
+        Some((worker, &format!("{secs}s"))),
+    )
 }
 
 /// The encoders' projections one by one: candle's f32 product (the model's fused dense op) and
