@@ -80,7 +80,6 @@ impl CustomOp1 for FusedAttention {
                             row_stride: 1,
                             col_stride: w3,
                         },
-                        gemm::Parallelism::None,
                     );
                 }
                 for row in scores.chunks_exact_mut(t) {
@@ -101,7 +100,6 @@ impl CustomOp1 for FusedAttention {
                             row_stride: w3,
                             col_stride: 1,
                         },
-                        gemm::Parallelism::None,
                     );
                 }
             }

@@ -108,8 +108,8 @@ impl MatRef {
 }
 
 /// `dst = lhs rhs` for an m x k `lhs`, a k x n `rhs` and an m x n `dst` whose rows are
-/// `dst_row_stride` apart (columns adjacent), through `gemm`, candle's CPU matmul engine, which
-/// takes any strides (rows may overlap: operands are only read).
+/// `dst_row_stride` apart (columns adjacent), on this thread, through `gemm`, candle's CPU matmul
+/// engine, which takes any strides (rows may overlap: operands are only read).
 ///
 /// # Safety
 /// Every element the shapes and strides address must lie in live buffers, and `dst` must not
@@ -120,7 +120,6 @@ pub(crate) unsafe fn gemm_f32(
     dst_row_stride: usize,
     lhs: MatRef,
     rhs: MatRef,
-    parallelism: gemm::Parallelism,
 ) {
     // SAFETY: forwarded to the caller.
     unsafe {
@@ -143,7 +142,8 @@ pub(crate) unsafe fn gemm_f32(
             false,
             false,
             false,
-            parallelism,
+            // One thread: callers that split a product do so on candle's pool.
+            gemm::Parallelism::None,
         )
     }
 }
@@ -175,16 +175,7 @@ pub(crate) unsafe fn par_gemm_f32(
     let threads = candle_core::utils::get_num_threads();
     if threads <= 1 || m * n * k < PAR_GEMM_MIN_MACS || n < 2 * PAR_GEMM_COLUMN_ALIGN {
         // SAFETY: forwarded to the caller.
-        unsafe {
-            gemm_f32(
-                (m, n, k),
-                dst,
-                dst_row_stride,
-                lhs,
-                rhs,
-                gemm::Parallelism::None,
-            )
-        };
+        unsafe { gemm_f32((m, n, k), dst, dst_row_stride, lhs, rhs) };
         return;
     }
     // Two blocks per thread, so a thread slowed by something else hands its second one over.
@@ -206,7 +197,6 @@ pub(crate) unsafe fn par_gemm_f32(
                     dst_row_stride,
                     lhs,
                     rhs.skip_columns(c0),
-                    gemm::Parallelism::None,
                 );
             }
         }
