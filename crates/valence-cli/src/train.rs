@@ -990,6 +990,21 @@ pub struct AdaptArgs {
 
 /// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
 /// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
+/// The head trainer's options that adapt's own training loop (`adapt::fit`) does not have, as
+/// given: adapt refuses them rather than report arms that silently went without.
+fn flags_adapt_ignores(args: &FeatureArgs) -> Vec<&'static str> {
+    [
+        (args.adversary > 0.0, "--adversary"),
+        (args.mixup > 0.0, "--mixup"),
+        (args.aux_emotion > 0.0, "--aux-emotion"),
+        (args.ensemble > 1, "--ensemble"),
+        (args.balance_corpora, "--balance-corpora"),
+    ]
+    .into_iter()
+    .filter_map(|(given, flag)| given.then_some(flag))
+    .collect()
+}
+
 pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) -> Result<()> {
     use valence_cli::adapt::{AdaptedLayer, Window, fit, prepare};
     let spec = args.spec();
@@ -998,6 +1013,14 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
     }
     if spec.layers.len() > 1 && spec.combine != Combine::Concat {
         bail!("adapt joins layers with --combine concat");
+    }
+    let unsupported = flags_adapt_ignores(args);
+    if !unsupported.is_empty() {
+        bail!(
+            "adapt trains its arms without {}: leave {} out",
+            unsupported.join(", "),
+            if unsupported.len() == 1 { "it" } else { "them" }
+        );
     }
     let top = *spec.layers.iter().max().context("no layers")?;
     if top == 0 {
@@ -1161,5 +1184,31 @@ mod tests {
         ];
         assert_eq!(corpus_domains(&clips), [1, 0, 1, 0]);
         assert_eq!(speaker_domains(&clips), [2, 0, 1, 0]);
+    }
+
+    #[test]
+    fn adapt_names_the_trainer_options_it_would_ignore() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            features: FeatureArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let base = ["valence", "--manifest", "m.csv", "--encoder", "enc"];
+            <Cli as clap::Parser>::try_parse_from(base.iter().chain(extra)).unwrap()
+        };
+        assert!(flags_adapt_ignores(&parse(&["--views", "2", "--seed", "3"]).features).is_empty());
+        let given = parse(&[
+            "--aux-emotion",
+            "0.5",
+            "--adversary",
+            "0.3",
+            "--ensemble",
+            "5",
+        ]);
+        assert_eq!(
+            flags_adapt_ignores(&given.features),
+            ["--adversary", "--aux-emotion", "--ensemble"]
+        );
     }
 }
