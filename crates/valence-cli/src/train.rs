@@ -988,8 +988,6 @@ pub struct AdaptArgs {
     pub batch_size: usize,
 }
 
-/// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
-/// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
 /// The head trainer's options that adapt's own training loop (`adapt::fit`) does not have, as
 /// given: adapt refuses them rather than report arms that silently went without.
 fn flags_adapt_ignores(args: &FeatureArgs) -> Vec<&'static str> {
@@ -1005,6 +1003,8 @@ fn flags_adapt_ignores(args: &FeatureArgs) -> Vec<&'static str> {
     .collect()
 }
 
+/// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
+/// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
 pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) -> Result<()> {
     use valence_cli::adapt::{AdaptedLayer, Window, fit, prepare};
     let spec = args.spec();

@@ -950,8 +950,6 @@ mod tests {
         .collect()
     }
 
-    /// Every kernel this CPU runs equals the twin exactly, on odd sizes (tails of rows, panels,
-    /// quads and blocks), rows with outliers, all-zero rows and NaN.
     #[test]
     fn large_weights_take_few_row_chunks_in_whole_tiles() {
         // Whisper's products (at most 1 MB of weights) keep 120-row chunks.
@@ -968,6 +966,8 @@ mod tests {
         }
     }
 
+    /// Every kernel this CPU runs equals the twin exactly, on odd sizes (tails of rows, panels,
+    /// quads and blocks), rows with outliers, all-zero rows and NaN.
     #[test]
     fn every_kernel_equals_the_plain_twin() {
         for (m, n, k) in [
