@@ -342,6 +342,86 @@ fn discont_restarts_windows_without_smearing_across_the_gap() {
     );
 }
 
+/// Pushes `secs` of 16 kHz mono audio in 20 ms buffers whose timestamps run `rate` times as
+/// fast as the samples, with up to `jitter_ms` of jitter either way (a fixed pattern).
+fn push_drifting(h: &mut Harness, secs: f64, rate: f64, jitter_ms: i64) {
+    let per = 320;
+    let total = (16000.0 * secs) as usize;
+    let pattern = [0, 1, -1, 1, 0, -1, 1, 1, -1, -1];
+    for (k, i) in (0..total).step_by(per).enumerate() {
+        let ideal = i as f64 * 1e9 / 16000.0 * rate;
+        let pts = (ideal as i64 + 100_000_000 + pattern[k % 10] * jitter_ms * 1_000_000) as u64;
+        let b = f32_buffer(&signal(16000, 1, 0.02, i), Some(pts), 20_000_000);
+        assert_eq!(h.push(b), Ok(gst::FlowSuccess::Ok));
+    }
+}
+
+/// Senders whose clocks run 8 % fast or slow, with ±15 ms of jitter (RTP senders, jitter
+/// buffers): every window comes out, at the times the stream's timestamps give.
+#[test]
+fn drifting_and_jittery_timestamps_give_every_window() {
+    for rate in [1.08, 0.92] {
+        let (mut h, bus) = harness(
+            "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+            &[],
+        );
+        push_drifting(&mut h, 12.0, rate, 15);
+        h.push_event(gst::event::Eos::new());
+        let times: Vec<(u64, u64)> = valence_messages(&bus).iter().map(ts).collect();
+        assert_eq!(times.len(), 10, "rate {rate}: {times:?}");
+        for (i, (pts, dur)) in times.iter().enumerate() {
+            assert_eq!(*dur, 3_000_000_000);
+            let want = 100_000_000.0 + i as f64 * 1e9 * rate;
+            assert!(
+                (*pts as f64 - want).abs() <= 35_000_000.0,
+                "rate {rate}: window {i} at {pts}, timestamps say {want}"
+            );
+        }
+    }
+}
+
+/// A real 500 ms gap still restarts the windows where it began: at once with a DISCONT flag,
+/// and after `discont-wait` without one (the held audio goes to the new windows).
+#[test]
+fn a_real_gap_restarts_windows_with_or_without_the_flag() {
+    for flagged in [true, false] {
+        let (mut h, bus) = harness(
+            "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+            &[],
+        );
+        push_audio(&mut h, 16000, 1, 4.0, 0);
+        let mut first = true;
+        for k in 0..40u64 {
+            let pts = 4_500_000_000 + k * 100_000_000;
+            let mut b = f32_buffer(&signal(16000, 1, 0.1, 0), Some(pts), 100_000_000);
+            if first && flagged {
+                b.get_mut().unwrap().set_flags(gst::BufferFlags::DISCONT);
+            }
+            first = false;
+            h.push(b).unwrap();
+        }
+        h.push_event(gst::event::Eos::new());
+        let times: Vec<(u64, u64)> = valence_messages(&bus).iter().map(ts).collect();
+        let after: Vec<u64> = times
+            .iter()
+            .map(|t| t.0)
+            .filter(|&t| t >= 4_000_000_000)
+            .collect();
+        assert_eq!(after.first(), Some(&4_500_000_000), "{times:?}");
+        assert!(
+            times
+                .iter()
+                .all(|&(t, d)| t + d <= 4_000_000_000 || t >= 4_500_000_000),
+            "no window spans the gap: {times:?}"
+        );
+        assert_eq!(
+            after.len(),
+            2,
+            "4 s after the gap: windows at 4.5, 5.5 s: {times:?}"
+        );
+    }
+}
+
 #[test]
 fn rate_and_channel_change_mid_stream_keeps_windows_going() {
     let (mut h, bus) = harness(

@@ -1,6 +1,7 @@
 //! Seeded stream fuzzing: `appsrc ! valenceclassify ! appsink`, live and not, fed hostile
 //! streams: NaN/Inf/huge/denormal samples, empty and odd-sized buffers, missing, backwards and
-//! jumping PTS, DISCONT flags, GAP events, caps changes (format, rate, channels), flush storms
+//! jumping PTS, timestamps that drift from the sample count (up to 8 % fast or slow) with
+//! jitter (up to ±15 ms), DISCONT flags, GAP events, caps changes (format, rate, channels), flush storms
 //! from another thread, EOS in the middle of a window. Every case must reach EOS without a
 //! panic or a hang, and without a flush every byte of audio must come out unchanged.
 //!
@@ -166,6 +167,10 @@ fn run_case(seed: u64, live: bool) -> Outcome {
     let mut offset = 0;
     let steps = 10 + rng.below(50);
     let storm_case = rng.chance(0.3);
+    // Timestamps of a sender whose clock runs fast or slow, with jitter: (drift, jitter ns).
+    let drift = [1.0, 1.0, 0.92, 1.08, 0.97][rng.below(5)];
+    let jitter_ns = [0u64, 5_000_000, 15_000_000][rng.below(3)];
+    let mut drifted_ns: f64 = 0.0;
     std::thread::scope(|scope| {
         for _ in 0..steps {
             match rng.below(20) {
@@ -217,16 +222,19 @@ fn run_case(seed: u64, live: bool) -> Outcome {
                     let mut buf = gst::Buffer::from_mut_slice(data);
                     {
                         let b = buf.get_mut().unwrap();
+                        let jitter = rng.below(2 * jitter_ns as usize + 1) as u64;
+                        let stamped = (pts_ns as f64 + drifted_ns) as u64 + jitter;
+                        let stamped = stamped.saturating_sub(jitter_ns);
                         match rng.below(10) {
                             0 => {} // no PTS
                             1 => b.set_pts(gst::ClockTime::from_nseconds(
-                                pts_ns.saturating_sub(2_000_000_000),
+                                stamped.saturating_sub(2_000_000_000),
                             )),
                             2 => {
                                 pts_ns += 5_000_000_000; // a jump forward
                                 b.set_pts(gst::ClockTime::from_nseconds(pts_ns));
                             }
-                            _ => b.set_pts(gst::ClockTime::from_nseconds(pts_ns)),
+                            _ => b.set_pts(gst::ClockTime::from_nseconds(stamped)),
                         }
                         b.set_duration(gst::ClockTime::from_nseconds(dur));
                         if rng.chance(0.05) {
@@ -234,6 +242,7 @@ fn run_case(seed: u64, live: bool) -> Outcome {
                         }
                     }
                     pts_ns += dur;
+                    drifted_ns += dur as f64 * (drift - 1.0);
                     let _ = src.push_buffer(buf);
                 }
             }
