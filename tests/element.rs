@@ -718,7 +718,7 @@ fn sixteen_pipelines_share_one_loaded_model() {
     init();
     let dir = std::env::temp_dir().join(format!("valence-shared-{}", std::process::id()));
     valence_model::synthetic::write_tiny_model(&dir, 5).unwrap();
-    let before = valence_model::registry::load_count(&dir);
+    let before = valence_model::serving::registry::load_count(&dir);
     let pipelines: Vec<gst::Pipeline> = (0..16)
         .map(|i| {
             gst::parse::launch(&format!(
@@ -755,7 +755,7 @@ fn sixteen_pipelines_share_one_loaded_model() {
         }
     }
     assert_eq!(
-        valence_model::registry::load_count(&dir) - before,
+        valence_model::serving::registry::load_count(&dir) - before,
         1,
         "one load for 16 pipelines"
     );
@@ -971,7 +971,8 @@ fn hostile_model_directories_fail_cleanly_at_start() {
 
     let d = fresh("nan");
     let scaler =
-        valence_model::scaler::StandardScaler::load(&d.join("scaler.safetensors")).unwrap();
+        valence_model::classifier::scaler::StandardScaler::load(&d.join("scaler.safetensors"))
+            .unwrap();
     let mut mean = scaler.mean.clone();
     mean[0] = f32::NAN;
     let t = std::collections::HashMap::from([

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
 use gst::prelude::*;
-use valence_model::synthetic::SeededNormal;
+use valence_model::rng::SeededNormal;
 
 static INIT: Once = Once::new();
 

@@ -1,6 +1,6 @@
 //! Element implementation. Audio passes through in place; analysis happens on a 16 kHz mono
 //! copy that is cut into windows and sent to the model's inference service
-//! ([`valence_model::service`]), which batches the windows of every element sharing the model.
+//! ([`valence_model::serving::service`]), which batches the windows of every element sharing the model.
 //!
 //! Non-live streams: the streaming thread submits each buffer's finished windows and waits for
 //! their results (holding no lock), so every window is classified, in order, and results ride on

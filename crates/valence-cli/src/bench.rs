@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-use valence_model::registry;
-use valence_model::runtime::Int8Kernel;
-use valence_model::wav2vec2::Wav2Vec2Model;
-use valence_model::whisper::WhisperEncoder;
+use valence_model::encoders::wav2vec2::Wav2Vec2Model;
+use valence_model::encoders::whisper::WhisperEncoder;
+use valence_model::serving::registry;
+use valence_model::serving::runtime::Int8Kernel;
 
 /// Set in the environment of a bench run restarted by [`rerun_avx2_only`].
 pub const AVX2_ONLY_MARK: &str = "VALENCE_BENCH_AVX2_ONLY";
@@ -24,7 +24,7 @@ pub fn rerun_avx2_only() -> Result<()> {
     let status = Command::new(std::env::current_exe()?)
         .args(std::env::args_os().skip(1))
         .env(AVX2_ONLY_MARK, "1")
-        .env(valence_model::runtime::INT8_KERNEL_VAR, "avx2")
+        .env(valence_model::serving::runtime::INT8_KERNEL_VAR, "avx2")
         .env("ATEN_CPU_CAPABILITY", "avx2")
         .env("ONEDNN_MAX_CPU_ISA", "AVX2")
         .env("DNNL_MAX_CPU_ISA", "AVX2")
@@ -168,7 +168,7 @@ fn paired<F: FnMut() -> Result<()>>(
 }
 
 fn noise(n: usize) -> Vec<f32> {
-    let mut r = valence_model::synthetic::SeededNormal::new(1);
+    let mut r = valence_model::rng::SeededNormal::new(1);
     (0..n).map(|_| r.sample() * 0.1).collect()
 }
 
@@ -219,8 +219,8 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
         return gpu(python, work, device);
     }
     let threads = candle_core::utils::get_num_threads();
-    let cpu = valence_model::runtime::CpuFeatures::detect();
-    let int8 = valence_model::runtime::int8_kernel();
+    let cpu = valence_model::serving::runtime::CpuFeatures::detect();
+    let int8 = valence_model::serving::runtime::int8_kernel();
     let f32_products = if valence_model::kernels::packed_f32::PackedF32::runs_here() {
         format!(
             "packed AVX2/FMA tiles up to {} weights, gemm crate above",
@@ -233,8 +233,11 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
         "CPU features: {}; f32 products: {f32_products}; 8-bit products: {}{}",
         cpu.describe(),
         int8.name(),
-        match std::env::var(valence_model::runtime::INT8_KERNEL_VAR) {
-            Ok(v) if !v.is_empty() => format!(" ({}={v})", valence_model::runtime::INT8_KERNEL_VAR),
+        match std::env::var(valence_model::serving::runtime::INT8_KERNEL_VAR) {
+            Ok(v) if !v.is_empty() => format!(
+                " ({}={v})",
+                valence_model::serving::runtime::INT8_KERNEL_VAR
+            ),
             _ => String::new(),
         }
     );
@@ -443,7 +446,7 @@ fn products(python: Option<&str>, best: Int8Kernel) -> Result<()> {
         .transpose()?;
     if let Some(t) = &torch {
         println!("PyTorch quantized engine: {}", t.info["engine"]);
-        // Measured in session 12: with the cap, fbgemm's xlsr qkv ran at 221 GMAC/s on two
+        // Measured on an AVX-512 VNNI CPU: with the cap, fbgemm's xlsr qkv ran at 221 GMAC/s on two
         // cores, above what any AVX2 sequence reaches there.
         if best == Int8Kernel::Avx2 && Int8Kernel::Avx512Vnni.runs_here() {
             println!(
@@ -643,7 +646,7 @@ pub fn default_work_dir() -> PathBuf {
 /// several pitches and levels (voiced, so voiced-frame pooling has frames to read), some under
 /// noise, and plain noise.
 fn device_check_windows(count: usize, samples: usize) -> Vec<Vec<f32>> {
-    let mut r = valence_model::synthetic::SeededNormal::new(7);
+    let mut r = valence_model::rng::SeededNormal::new(7);
     (0..count)
         .map(|i| {
             let f0 = 90.0 + 23.0 * i as f32;
@@ -704,7 +707,7 @@ fn gpu(python: Option<&str>, work: &Path, device_spec: &str) -> Result<()> {
         "GPU check: default model {} on {}; CPU features here: {}",
         dir.display(),
         valence_model::device_name(&device),
-        valence_model::runtime::CpuFeatures::detect().describe()
+        valence_model::serving::runtime::CpuFeatures::detect().describe()
     );
 
     // 1. Same windows on every path; batched and one by one on the GPU.
@@ -852,7 +855,7 @@ fn batch_breakdown(
     };
     let xs = device_check_windows(batch, 48_000);
     let xs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-    let frames = valence_model::whisper::LogMel::frames(48_000);
+    let frames = valence_model::encoders::whisper::LogMel::frames(48_000);
     let n_mels = w.config.num_mel_bins;
     let (mut cpu_mel, mut device_mel, mut whole) = (Vec::new(), Vec::new(), Vec::new());
     let mut steps: Vec<(&'static str, Vec<f64>)> = Vec::new();

@@ -1,23 +1,11 @@
 //! `valence classify`: files through a real pipeline (decodebin → valenceclassify).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use gst::prelude::*;
 
-/// One window's result as the CLI prints it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Row {
-    pub file: String,
-    pub start: f64,
-    pub end: f64,
-    pub label: String,
-    pub confidence: f64,
-    pub negative: f64,
-    pub neutral: f64,
-    pub positive: f64,
-}
+use crate::row::{Row, row_from_structure, write_rows};
 
 pub struct Options {
     pub model: String,
@@ -60,7 +48,7 @@ pub fn classify_file(path: &Path, opts: &Options, mut on_row: impl FnMut(Row)) -
     pipeline.add_many([&src, &decode, &convert, &classify, &sink])?;
     src.link(&decode)?;
     gst::Element::link_many([&convert, &classify, &sink])?;
-    valence_cli::decode::link_audio_pads(&decode, &convert);
+    valence_train::decode::link_audio_pads(&decode, &convert);
 
     let progress = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} s ({eta})")
@@ -125,47 +113,6 @@ fn first_error(bus: &gst::Bus) -> Option<anyhow::Error> {
         }
     }
     None
-}
-
-pub fn row_from_structure(file: &str, s: &gst::StructureRef) -> Result<Row> {
-    let ts: u64 = s.get("timestamp")?;
-    let dur: u64 = s.get("duration")?;
-    Ok(Row {
-        file: file.to_string(),
-        start: ts as f64 / 1e9,
-        end: (ts + dur) as f64 / 1e9,
-        label: s.get("label")?,
-        confidence: s.get("confidence")?,
-        negative: s.get("negative").unwrap_or(0.0),
-        neutral: s.get("neutral").unwrap_or(0.0),
-        positive: s.get("positive").unwrap_or(0.0),
-    })
-}
-
-pub fn write_rows(out: &mut dyn Write, rows: &[Row], csv: bool, header: bool) -> Result<()> {
-    for (i, r) in rows.iter().enumerate() {
-        if csv {
-            if header && i == 0 {
-                writeln!(
-                    out,
-                    "file,start,end,label,confidence,negative,neutral,positive"
-                )?;
-            }
-            let file = if r.file.contains([',', '"']) {
-                format!("\"{}\"", r.file.replace('"', "\"\""))
-            } else {
-                r.file.clone()
-            };
-            writeln!(
-                out,
-                "{file},{:.3},{:.3},{},{:.4},{:.4},{:.4},{:.4}",
-                r.start, r.end, r.label, r.confidence, r.negative, r.neutral, r.positive
-            )?;
-        } else {
-            writeln!(out, "{}", serde_json::to_string(r)?)?;
-        }
-    }
-    Ok(())
 }
 
 pub fn run(files: &[PathBuf], opts: &Options, csv: bool, plot: Option<&Path>) -> Result<()> {

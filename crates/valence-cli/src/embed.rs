@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use valence_model::{Encoder, ValenceModel, manifest::MANIFEST_FILE};
 
 pub fn run(model: &Path, input: &Path, output: &Path, device: &Device) -> Result<()> {
-    let samples = valence_cli::decode::decode_to_16k_mono(input)?;
+    let samples = valence_train::decode::decode_to_16k_mono(input)?;
     let mut tensors = HashMap::new();
     let out = if model.join(MANIFEST_FILE).is_file() {
         let m = ValenceModel::load(model, device)?;

@@ -1,14 +1,6 @@
-//! The library side of the `valence` tool: decoding files, the labelled dataset and its cached
-//! features, training augmentations (with Opus/RTP round trips), training of heads, evaluation metrics, and the export of models
-//! for Triton Inference Server. The subcommands themselves are in the
-//! binary (`main.rs`).
+//! The library side of the `valence` tool: the export of models for Triton Inference Server
+//! and a local Triton server for tests and benchmarks. The subcommands themselves are in the
+//! binary (`main.rs`); training and its research tools are the `valence-train` crate.
 
-pub mod adapt;
-pub mod augment;
-pub mod codec;
-pub mod dataset;
-pub mod decode;
 pub mod export;
-pub mod metrics;
-pub mod training;
 pub mod triton_serve;

@@ -8,13 +8,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod classify;
 mod embed;
+mod eval;
 mod plot;
+mod row;
 mod setup;
 mod streams;
-mod train;
 mod triton_bench;
 
 use valence_model as model;
+use valence_train::commands as train;
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +42,7 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Model directory or installed model name.
-        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        #[arg(long, default_value = model::serving::registry::DEFAULT_MODEL)]
         model: String,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
@@ -137,7 +139,7 @@ enum Command {
         manifest: PathBuf,
         #[arg(long)]
         root: Option<PathBuf>,
-        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        #[arg(long, default_value = model::serving::registry::DEFAULT_MODEL)]
         model: String,
         #[arg(long, default_value = "auto")]
         device: String,
@@ -213,7 +215,7 @@ enum ExportCommand {
     /// REPO/NAME/1/model.onnx (16 kHz mono samples in, label probabilities out).
     Triton {
         /// Model directory or installed model name.
-        #[arg(long, default_value = model::registry::DEFAULT_MODEL)]
+        #[arg(long, default_value = model::serving::registry::DEFAULT_MODEL)]
         model: String,
         /// The model repository to write into.
         #[arg(short, long)]
@@ -306,9 +308,9 @@ fn run() -> Result<()> {
         } => embed::run(&model, &input, &output, &model::parse_device(&device)?),
         Command::Import(ImportCommand::WhisperCt2 { parts, output }) => {
             let refs: Vec<&std::path::Path> = parts.iter().map(|p| p.as_path()).collect();
-            let ct2 = model::ct2::Ct2Model::read(&refs)?;
+            let ct2 = model::encoders::ct2::Ct2Model::read(&refs)?;
             let (cfg, tensors) = ct2.whisper_encoder()?;
-            model::ct2::write_whisper_encoder_dir(&output, &cfg, &tensors)?;
+            model::encoders::ct2::write_whisper_encoder_dir(&output, &cfg, &tensors)?;
             eprintln!(
                 "Whisper encoder ({} layers, width {}) written to {}",
                 cfg.encoder_layers,
@@ -324,7 +326,7 @@ fn run() -> Result<()> {
             max_batch_size,
             max_queue_delay_us,
         }) => {
-            let dir = model::registry::resolve_model(&spec)?;
+            let dir = model::serving::registry::resolve_model(&spec)?;
             valence_cli::export::export_triton(
                 &dir,
                 &output,
@@ -404,7 +406,7 @@ fn run() -> Result<()> {
             json,
             plot,
             per_window,
-        } => train::eval(
+        } => eval::eval(
             &manifest,
             root.as_deref(),
             &model,

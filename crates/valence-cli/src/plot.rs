@@ -7,7 +7,7 @@ use std::sync::Once;
 use anyhow::{Result, bail};
 use plotters::prelude::*;
 
-use crate::classify::Row;
+use crate::row::Row;
 
 const FONT_PATHS: &[&str] = &[
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",

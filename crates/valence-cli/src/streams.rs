@@ -317,7 +317,7 @@ pub fn run_child(
 /// binary with `--sharing K`), so memory and CPU figures do not carry over from earlier rows:
 /// an allocator keeps what a previous configuration freed.
 pub fn run(model: &str, device: &str, live: bool, streams: &[usize], seconds: f64) -> Result<()> {
-    let dir = valence_model::registry::resolve_model(model)?;
+    let dir = valence_model::serving::registry::resolve_model(model)?;
     let model = dir.to_string_lossy().to_string();
     println!(
         "{} streams, 48 kHz mono pink noise, model {} on {device}, 3 s window / 1 s hop, {} s {}, \
@@ -330,7 +330,7 @@ pub fn run(model: &str, device: &str, live: bool, streams: &[usize], seconds: f6
         } else {
             "of audio per stream"
         },
-        valence_model::runtime::CpuFeatures::detect().describe()
+        valence_model::serving::runtime::CpuFeatures::detect().describe()
     );
     let sharings = sharings_for(device);
     let mut alone: Vec<Option<f64>> = vec![None; sharings.len()];

@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use valence_cli::export::{TritonBatching, export_triton};
 use valence_cli::triton_serve::{LocalTriton, free_port};
-use valence_model::registry;
+use valence_model::serving::registry;
 use valence_triton::{ServerStatistics, Timeouts, TritonModel, TritonUrl, is_remote};
 
 use crate::streams::{self, Figures};
@@ -59,7 +59,7 @@ pub fn run(model: &str, python: Option<&str>, counts: &[usize], seconds: f64) ->
             " (PyTriton on loopback, ONNX Runtime on this machine's CPU)"
         },
         local.display(),
-        valence_model::runtime::CpuFeatures::detect().describe()
+        valence_model::serving::runtime::CpuFeatures::detect().describe()
     );
     for live in [false, true] {
         println!(

@@ -3,8 +3,8 @@
 //! skip with a message. CI runs the setup first, so there they always run.
 //!
 //! Re-record the expectations after retraining the head, or after changing the rounding of an
-//! f32 step the 8-bit encoder feeds on (its 7-bit activations then round differently: session
-//! 12's conv1 and layer-norm kernels moved these clips' probabilities by up to 0.015, no label):
+//! f32 step the 8-bit encoder feeds on (its 7-bit activations then round differently: the packed
+//! conv1 and pooled layer-norm kernels moved these clips' probabilities by up to 0.015, no label):
 //! `VALENCE_RECORD_EXPECTATIONS=1 cargo test --release --test default_model`
 
 mod common;
@@ -13,11 +13,11 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::{expectations_file, fixtures, max_abs_diff, read_wav_i16, rms, shared_data};
-use valence_cli::dataset::{self, Clip};
-use valence_cli::training::{SideLabels, TrainConfig, train};
-use valence_model::head::{HeadConfig, MlpHeadConfig, head_from_tensors};
+use valence_model::classifier::head::{HeadConfig, MlpHeadConfig, head_from_tensors};
 use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
-use valence_model::registry;
+use valence_model::serving::registry;
+use valence_train::dataset::{self, Clip};
+use valence_train::training::{SideLabels, TrainConfig, train};
 
 fn encoder_dir() -> Option<PathBuf> {
     let d = registry::cache_dir().join("encoders/whisper-base");
@@ -37,7 +37,8 @@ fn init() {
 fn whisper_base_import_matches_ctranslate2() {
     let Some(dir) = encoder_dir() else { return };
     let enc =
-        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        valence_model::encoders::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap();
     let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
     let out = enc.encode(&audio).unwrap();
     let r = candle_core::safetensors::load(
@@ -68,11 +69,13 @@ fn whisper_base_import_matches_ctranslate2() {
 fn int8_whisper_base_stays_close_to_f32() {
     let Some(dir) = encoder_dir() else { return };
     let dense =
-        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        valence_model::encoders::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap();
     let mut quantized =
-        valence_model::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+        valence_model::encoders::whisper::WhisperEncoder::load_dir(&dir, DType::F32, &Device::Cpu)
+            .unwrap();
     quantized
-        .quantize(valence_model::runtime::int8_kernel())
+        .quantize(valence_model::serving::runtime::int8_kernel())
         .unwrap();
     let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
     let (a, b) = (
@@ -125,7 +128,7 @@ fn shipped_model_predictions_match_recorded_expectations() {
     let clips = some_clips(&data, 3);
     let mut got = Vec::new();
     for c in &clips {
-        let samples = valence_cli::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
+        let samples = valence_train::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
         let p = model.classify(&samples).unwrap();
         got.push(serde_json::json!({
             "path": c.path, "valence": c.valence,
@@ -319,10 +322,10 @@ fn augmented_views_of_shared_clips_train_a_head() {
     );
     let idx: Vec<usize> = (0..xc.len()).collect();
     let before = t.predict(&xc, &idx).unwrap();
-    valence_cli::training::apply_temperature(&mut t, 2.0).unwrap();
+    valence_train::training::apply_temperature(&mut t, 2.0).unwrap();
     let after = t.predict(&xc, &idx).unwrap();
     for (b, a) in before.iter().zip(&after) {
-        let want = valence_cli::metrics::with_temperature(b, 2.0);
+        let want = valence_train::metrics::with_temperature(b, 2.0);
         assert!(max_row_diff(&want, a) < 1e-5, "{want:?} vs {a:?}");
     }
     let _ = std::fs::remove_dir_all(&cache);
@@ -333,21 +336,21 @@ fn augmented_views_of_shared_clips_train_a_head() {
 /// head, lower the loss, and the adapted layer then gives other features than the imported one.
 #[test]
 fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
-    use valence_cli::adapt::{AdaptConfig, AdaptedLayer, fit, prepare};
+    use valence_train::adapt::{AdaptConfig, AdaptedLayer, fit, prepare};
     let (Some(enc), Some(data)) = (encoder_dir(), shared_data()) else {
         return;
     };
     let clips = some_clips(&data, 4);
     let encoder = valence_model::Encoder::load_dir(&enc, None, DType::F32, &Device::Cpu).unwrap();
     // Every view through Opus over RTP as well, so CI runs the codec on real clips.
-    let aug = valence_cli::augment::Augmenter {
+    let aug = valence_train::augment::Augmenter {
         window: 48_000,
         opus: 1.0,
     };
     let mut windows = Vec::new();
     for (i, c) in clips.iter().enumerate() {
-        let audio = valence_cli::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
-        let mut rng = valence_model::synthetic::SeededNormal::new(i as u64);
+        let audio = valence_train::decode::decode_to_16k_mono(&data.join(&c.path)).unwrap();
+        let mut rng = valence_model::rng::SeededNormal::new(i as u64);
         let view = aug.view(&audio, &[], &mut rng).unwrap().0;
         for samples in [audio, view] {
             windows.push(prepare(&encoder, &samples, 2, &[2], c.label().unwrap()).unwrap());
@@ -365,11 +368,11 @@ fn adapting_the_encoder_on_shared_clips_lowers_the_loss() {
     };
     let idx: Vec<usize> = (0..windows.len()).collect();
     let layer = AdaptedLayer::load(&enc, 2, 8, 16.0, 1).unwrap();
-    let before = valence_cli::adapt::features(&layer, &windows, &idx).unwrap();
+    let before = valence_train::adapt::features(&layer, &windows, &idx).unwrap();
     let fitted = fit(layer, &windows, &idx, &cfg, |_, _| {}).unwrap();
     let loss = &fitted.train_loss;
     assert!(loss.last().unwrap() < &loss[0], "loss {loss:?}");
-    let after = valence_cli::adapt::features(&fitted.layer, &windows, &idx).unwrap();
+    let after = valence_train::adapt::features(&fitted.layer, &windows, &idx).unwrap();
     let moved = before
         .iter()
         .zip(&after)
@@ -425,7 +428,7 @@ fn element_window_features_are_the_clips_windows() {
     let whole = dataset::features(&clips, &data, &enc, None, &cache, &Device::Cpu).unwrap();
     let (table, clip) =
         dataset::window_features(&clips, &data, &enc, None, 3, &cache, &Device::Cpu).unwrap();
-    let long = valence_cli::decode::decode_to_16k_mono(&data.join(&clips[2].path)).unwrap();
+    let long = valence_train::decode::decode_to_16k_mono(&data.join(&clips[2].path)).unwrap();
     let long_windows = dataset::element_windows(&long, dataset::WINDOW_SILENCE_DBFS).len();
     // (At least windows at 0 and 1 s; a silent one is left out, as the element does.)
     assert!(

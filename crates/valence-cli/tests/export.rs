@@ -12,11 +12,13 @@ use std::process::Command;
 use candle_core::Device;
 use common::{fixtures, read_wav_i16, shared_data};
 use valence_cli::export::{TritonBatching, export_triton, model_to_onnx};
-use valence_model::head::{Activation, HeadConfig, MlpHeadConfig};
+use valence_model::ValenceModel;
+use valence_model::classifier::head::{Activation, HeadConfig, MlpHeadConfig};
+use valence_model::classifier::scaler::StandardScaler;
 use valence_model::manifest::{Combine, FeatureSource, Manifest, Pooling};
-use valence_model::scaler::StandardScaler;
-use valence_model::synthetic::{SeededNormal, random_head_tensors, write_tiny_model};
-use valence_model::{ValenceModel, registry};
+use valence_model::rng::SeededNormal;
+use valence_model::serving::registry;
+use valence_model::synthetic::{random_head_tensors, write_tiny_model};
 
 /// What the difference in any probability may be.
 const TOLERANCE: f32 = 1e-3;
@@ -245,9 +247,9 @@ fn exported_default_model_matches_candle_on_real_speech() {
     let model = load_f32(&installed);
     let mut clips = vec![read_wav_i16(&fixtures().join("speechlike.wav"))];
     if let Some(data) = shared_data() {
-        let manifest = valence_cli::dataset::read_manifest(&data.join("manifest.csv")).unwrap();
+        let manifest = valence_train::dataset::read_manifest(&data.join("manifest.csv")).unwrap();
         for clip in manifest.iter().step_by(manifest.len() / 6).take(6) {
-            clips.push(valence_cli::decode::decode_to_16k_mono(&data.join(&clip.path)).unwrap());
+            clips.push(valence_train::decode::decode_to_16k_mono(&data.join(&clip.path)).unwrap());
         }
     }
     let mut worst = 0f32;

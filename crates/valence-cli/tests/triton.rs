@@ -20,7 +20,7 @@ use gst::prelude::*;
 use valence_cli::export::{TritonBatching, export_triton};
 use valence_cli::triton_serve::{LocalTriton, free_port};
 use valence_model::manifest::{Combine, FeatureSource, Manifest, Pooling};
-use valence_model::registry;
+use valence_model::serving::registry;
 use valence_triton::{Timeouts, TritonModel, TritonUrl};
 
 fn python() -> Option<String> {
@@ -118,7 +118,7 @@ fn probabilities(msgs: &[gst::Structure]) -> Vec<Vec<f64>> {
 fn file_sources() -> Vec<String> {
     match shared_data() {
         Some(data) => {
-            let clips = valence_cli::dataset::read_manifest(&data.join("manifest.csv")).unwrap();
+            let clips = valence_train::dataset::read_manifest(&data.join("manifest.csv")).unwrap();
             let mut corpora = std::collections::BTreeSet::new();
             clips
                 .iter()
@@ -345,7 +345,7 @@ fn triton_server_end_to_end() {
         .unwrap();
     pipeline.set_state(gst::State::Playing).unwrap();
     server.kill();
-    let mut rng = valence_model::synthetic::SeededNormal::new(5);
+    let mut rng = valence_model::rng::SeededNormal::new(5);
     for i in 0..10u64 {
         let samples: Vec<u8> = (0..8000)
             .flat_map(|_| (0.1 * rng.sample()).to_le_bytes())

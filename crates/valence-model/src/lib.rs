@@ -1,28 +1,22 @@
 //! Valence models, independent of GStreamer: encoders (Wav2Vec2, Whisper), pooling, scaler and
 //! classifier head, described by a model directory's `valence.json` manifest; the stream
-//! resampler and windower ([`audio`]); a registry that shares loaded models ([`registry`]).
+//! resampler and windower ([`audio`]); a registry that shares loaded models and a batching service per model ([`serving`]).
 //!
 //! Layers: [`kernels`] holds the low-level CPU kernels (each with a plain twin in its tests),
 //! [`nn`] the model blocks that call them, and the encoder, head and scaler modules build models
 //! from those blocks.
 
 pub mod audio;
-pub mod ct2;
+pub mod classifier;
+pub mod encoders;
 pub mod files;
-pub mod head;
 pub mod kernels;
 pub mod manifest;
 pub mod nn;
-pub mod prosody;
 pub mod reference;
-pub mod registry;
-pub mod runtime;
-pub mod scaler;
-pub mod service;
+pub mod rng;
+pub mod serving;
 pub mod synthetic;
-pub mod wav2vec2;
-pub mod weights;
-pub mod whisper;
 
 use std::path::{Path, PathBuf};
 
@@ -30,6 +24,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 pub use manifest::{EncoderKind, FeatureSource, Manifest, Pooling};
+
+use classifier::{head, scaler};
+use encoders::{wav2vec2, whisper};
 
 /// The three valence classes, in the order heads output them.
 pub const LABELS: [&str; 3] = ["negative", "neutral", "positive"];
@@ -260,7 +257,7 @@ pub struct ValenceModel {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub encoder: Encoder,
-    /// The weight format the encoder runs with here, and why (see [`runtime::encoder_weight_format`]).
+    /// The weight format the encoder runs with here, and why (see [`serving::runtime::encoder_weight_format`]).
     pub encoder_weights: String,
     pub scaler: Option<scaler::StandardScaler>,
     pub head: head::Head,

@@ -14,7 +14,7 @@
 //! }
 //! ```
 //! Relative paths are relative to the model directory; `encoder.path` may also start with
-//! `@cache/`, meaning the valence cache directory (see [`super::registry::cache_dir`]).
+//! `@cache/`, meaning the valence cache directory (see [`crate::serving::registry::cache_dir`]).
 
 use std::path::{Path, PathBuf};
 
@@ -22,9 +22,9 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::head::{self, HeadConfig};
-use super::scaler::StandardScaler;
 use super::{Encoder, EncoderOutput, ValenceModel};
+use crate::classifier::head::{self, HeadConfig};
+use crate::classifier::scaler::StandardScaler;
 
 pub const MANIFEST_FILE: &str = "valence.json";
 
@@ -42,7 +42,7 @@ pub struct EncoderSpec {
     pub path: String,
     /// `"int8"` (or `"q8_0"`, its name in older manifests): on CPUs with an 8-bit kernel faster
     /// than f32 (AVX2 and up) the transformer layers' projections run with 8-bit weights; other
-    /// CPUs keep f32 ([`crate::runtime::encoder_weight_format`]). GPUs use `dtype`.
+    /// CPUs keep f32 ([`crate::serving::runtime::encoder_weight_format`]). GPUs use `dtype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
 }
@@ -137,7 +137,7 @@ pub struct FeatureSpec {
     pub combine: Combine,
     #[serde(default)]
     pub pooling: Pooling,
-    /// Append the utterance's prosodic statistics ([`crate::prosody`]) to the pooled states.
+    /// Append the utterance's prosodic statistics ([`crate::classifier::prosody`]) to the pooled states.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub prosody: bool,
 }
@@ -163,7 +163,12 @@ impl FeatureSpec {
             (FeatureSource::HiddenStates, Combine::Concat) => per_layer * self.layers.len(),
             _ => per_layer,
         };
-        states + if self.prosody { crate::prosody::DIM } else { 0 }
+        states
+            + if self.prosody {
+                crate::classifier::prosody::DIM
+            } else {
+                0
+            }
     }
 
     pub fn validate(&self, num_layers: usize) -> Result<()> {
@@ -235,9 +240,9 @@ impl FeatureSpec {
         }
         let p: Vec<f32> = windows
             .iter()
-            .flat_map(|w| crate::prosody::utterance_features(w))
+            .flat_map(|w| crate::classifier::prosody::utterance_features(w))
             .collect();
-        let p = Tensor::from_vec(p, (windows.len(), crate::prosody::DIM), device)?;
+        let p = Tensor::from_vec(p, (windows.len(), crate::classifier::prosody::DIM), device)?;
         Ok(Tensor::cat(&[states, p], 1)?)
     }
 }
@@ -337,7 +342,7 @@ impl Manifest {
 
     pub fn resolve(dir: &Path, p: &str) -> PathBuf {
         if let Some(rest) = p.strip_prefix("@cache/") {
-            super::registry::cache_dir().join(rest)
+            crate::serving::registry::cache_dir().join(rest)
         } else {
             let pb = PathBuf::from(p);
             if pb.is_absolute() { pb } else { dir.join(pb) }
@@ -360,7 +365,12 @@ impl Manifest {
                 )
                 .with_context(|| format!("{} is not a valid head config", cpath.display()))?;
                 let wpath = Self::resolve(dir, weights);
-                (cfg, super::weights::read_checkpoint(&wpath)?, wpath, None)
+                (
+                    cfg,
+                    crate::encoders::weights::read_checkpoint(&wpath)?,
+                    wpath,
+                    None,
+                )
             }
             HeadSpec::Card { card } => {
                 let cdir = Self::resolve(dir, card);
@@ -401,13 +411,13 @@ impl Manifest {
         let mut encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
         // One description, the format chosen here for this device and CPU.
         let weights = if device.is_cpu() {
-            crate::runtime::encoder_weight_format(
+            crate::serving::runtime::encoder_weight_format(
                 self.encoder.quantize.as_deref(),
-                crate::runtime::int8_kernel(),
-                &crate::runtime::CpuFeatures::detect(),
+                crate::serving::runtime::int8_kernel(),
+                &crate::serving::runtime::CpuFeatures::detect(),
             )
         } else {
-            crate::runtime::WeightChoice {
+            crate::serving::runtime::WeightChoice {
                 int8: None,
                 reason: format!("{dtype:?} on {}", crate::device_name(device)),
             }
@@ -498,7 +508,7 @@ pub fn load_card_head(
     )
     .with_context(|| format!("{} is not JSON", cfg_path.display()))?;
     let wpath = card_dir.join("emotion_classifier_complete.safetensors");
-    let tensors = super::weights::read_checkpoint(&wpath)?;
+    let tensors = crate::encoders::weights::read_checkpoint(&wpath)?;
     let (hc, mapped) =
         head::card_head(tensors, &cfg).with_context(|| format!("{}", wpath.display()))?;
     let mut scaler = None;
@@ -581,7 +591,7 @@ mod tests {
         let row = spec.pool(&out, &x)?.to_vec2::<f32>()?.remove(0);
         assert_eq!(row.len(), spec.dim(2));
         assert_eq!(row[..2], [2f32, 4.]);
-        assert_eq!(row[2..], crate::prosody::utterance_features(&x));
+        assert_eq!(row[2..], crate::classifier::prosody::utterance_features(&x));
         let json = serde_json::to_string(&spec)?;
         assert!(json.contains("\"prosody\":true"), "{json}");
         let without: FeatureSpec = serde_json::from_str(&json.replace(",\"prosody\":true", ""))?;

@@ -17,7 +17,7 @@ use candle_core::Device;
 use common::fixtures;
 use serde_json::Value;
 use valence_model::ValenceModel;
-use valence_model::synthetic::SeededNormal;
+use valence_model::rng::SeededNormal;
 
 struct Rng(SeededNormal);
 
@@ -220,7 +220,7 @@ fn run_case(seed: u64, pristine: &[(PathBuf, &[&str])], work: &Path) -> (String,
         if name == "head_card" {
             valence_model::manifest::load_card_head(&dir).is_ok()
         } else if name == "w2v2_stable" {
-            match valence_model::wav2vec2::Wav2Vec2Model::load_dir(
+            match valence_model::encoders::wav2vec2::Wav2Vec2Model::load_dir(
                 &dir,
                 candle_core::DType::F32,
                 &Device::Cpu,
@@ -301,7 +301,7 @@ fn scaler_pickles_survive_mutation() {
         for _ in 0..400 {
             let m = mutate_bytes(&bytes, &mut rng);
             let r = catch_unwind(|| {
-                let _ = valence_model::scaler::from_sklearn_pickle(&m);
+                let _ = valence_model::classifier::scaler::from_sklearn_pickle(&m);
             });
             failures += r.is_err() as usize;
         }
@@ -344,7 +344,7 @@ fn absurd_config_sizes_are_errors_not_allocations() {
         let mut v: Value = serde_json::from_str(&pristine).unwrap();
         v[key] = serde_json::from_str(value).unwrap();
         std::fs::write(&cfg_path, v.to_string()).unwrap();
-        let r = valence_model::wav2vec2::Wav2Vec2Model::load_dir(
+        let r = valence_model::encoders::wav2vec2::Wav2Vec2Model::load_dir(
             &w2v2,
             candle_core::DType::F32,
             &Device::Cpu,

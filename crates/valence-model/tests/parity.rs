@@ -5,11 +5,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{fixtures, max_abs_diff, read_wav_i16, rms};
-use valence_model::head::{HeadConfig, head_from_tensors};
+use valence_model::classifier::head::{HeadConfig, head_from_tensors};
+use valence_model::encoders::ct2;
+use valence_model::encoders::wav2vec2::Wav2Vec2Model;
+use valence_model::encoders::whisper::{LogMel, WhisperEncoder};
 use valence_model::manifest::load_card_head;
-use valence_model::wav2vec2::Wav2Vec2Model;
-use valence_model::whisper::{LogMel, WhisperEncoder};
-use valence_model::{EncoderOutput, ct2, softmax};
+use valence_model::{EncoderOutput, softmax};
 
 const TOL: f32 = 1e-4;
 
@@ -70,7 +71,7 @@ fn wav2vec2_stable_layer_norm_pytorch_bin_matches_transformers() {
 #[test]
 fn int8_wav2vec2_stays_close_to_transformers() {
     let audio = read_wav_i16(&fixtures().join("speechlike.wav"));
-    let kernel = valence_model::runtime::int8_kernel();
+    let kernel = valence_model::serving::runtime::int8_kernel();
     for dir in ["w2v2_group", "w2v2_stable"] {
         let mut m =
             Wav2Vec2Model::load_dir(&fixtures().join(dir), DType::F32, &Device::Cpu).unwrap();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use once_cell::sync::Lazy;
 use tonic::transport::{Channel, Endpoint};
-use valence_model::service::{Backend, BatchConfig, InferenceService, WindowError};
+use valence_model::serving::service::{Backend, BatchConfig, InferenceService, WindowError};
 
 #[allow(clippy::all, missing_docs)]
 pub mod proto {
@@ -318,7 +318,7 @@ impl TritonModel {
             .map_err(|e| tonic::Status::internal(format!("{e:#}")))
     }
 
-    /// [`Self::infer_once`] with retries while the server is unreachable (see
+    /// `Self::infer_once` with retries while the server is unreachable (see
     /// [`Timeouts::retry_for`]).
     pub fn infer(&self, windows: &[&[f32]]) -> Result<Vec<Vec<f32>>, WindowError> {
         let started = Instant::now();

@@ -1,4 +1,4 @@
-//! The element's side of the model's inference service ([`valence_model::service`]): starting
+//! The element's side of the model's inference service ([`valence_model::serving::service`]): starting
 //! it (in this process or on a Triton server), sending windows, collecting their results in
 //! window order, and waiting for them (non-live) with no lock held.
 
@@ -12,8 +12,8 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 
 use valence_model::audio::{self, Window};
-use valence_model::registry;
-use valence_model::service::{BatchConfig, Completed, InferenceService, Wait};
+use valence_model::serving::registry;
+use valence_model::serving::service::{BatchConfig, Completed, InferenceService, Wait};
 
 use super::results::WindowResult;
 use super::settings::{Settings, batch_size_for};

@@ -8,7 +8,7 @@ use gst::prelude::*;
 use gst::subclass::prelude::*;
 use once_cell::sync::Lazy;
 
-use valence_model::registry;
+use valence_model::serving::registry;
 
 use super::timeline::Alignment;
 use super::{CAT, ValenceClassify};

@@ -11,7 +11,7 @@ use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 
 use valence_model::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
-use valence_model::service::{Backend, Client};
+use valence_model::serving::service::{Backend, Client};
 
 use super::inference::Pending;
 use super::timeline::{Alignment, Timeline, Verdict};

@@ -19,12 +19,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
-use valence_model::head::{Activation, HeadConfig, TransformerHeadConfig};
+use valence_model::classifier::head::{Activation, HeadConfig, TransformerHeadConfig};
+use valence_model::encoders::weights::read_checkpoint;
+use valence_model::encoders::whisper::{HOP_LENGTH, N_FFT, SAMPLE_RATE, WhisperEncoderConfig};
 use valence_model::manifest::{
     Combine, FeatureSource, Manifest, Pooling, VOICED_FLOOR_DBFS, VOICED_RANGE_DB,
 };
-use valence_model::whisper::{HOP_LENGTH, N_FFT, SAMPLE_RATE, WhisperEncoderConfig};
-use valence_model::{EncoderKind, find_weights_file, weights::read_checkpoint};
+use valence_model::{EncoderKind, find_weights_file};
 
 use graph::{Attr, Dim, GraphBuilder};
 
@@ -144,7 +145,7 @@ fn attention(
 }
 
 /// Whisper's log-mel spectrogram of `samples` [batch, n]: [batch, n_mels, n / 160], as
-/// [`valence_model::whisper::LogMel`] computes it.
+/// [`valence_model::encoders::whisper::LogMel`] computes it.
 fn log_mel(g: &mut GraphBuilder, samples: &str, n_mels: usize) -> String {
     let n_bins = N_FFT / 2 + 1;
     // Reflect padding by N_FFT / 2 on both sides (the centred STFT).
@@ -156,7 +157,7 @@ fn log_mel(g: &mut GraphBuilder, samples: &str, n_mels: usize) -> String {
     let basis = g.f32s(
         "dft",
         &[2 * n_bins, 1, N_FFT],
-        valence_model::whisper::windowed_dft_basis(),
+        valence_model::encoders::whisper::windowed_dft_basis(),
     );
     let spec = g.op(
         "Conv",
@@ -172,7 +173,7 @@ fn log_mel(g: &mut GraphBuilder, samples: &str, n_mels: usize) -> String {
     let re2 = g.op2("Mul", &re, &re);
     let im2 = g.op2("Mul", &im, &im);
     let power = g.op2("Add", &re2, &im2);
-    let filters = valence_model::whisper::slaney_mel_filters(n_mels, N_FFT, SAMPLE_RATE);
+    let filters = valence_model::encoders::whisper::slaney_mel_filters(n_mels, N_FFT, SAMPLE_RATE);
     let filters = g.f32s(
         "mel",
         &[n_mels, n_bins],
@@ -398,7 +399,7 @@ fn mlp(
 }
 
 /// The Transformer head (patch embedding, CLS token, PyTorch encoder layers, MLP on the CLS
-/// output) of [`valence_model::head`].
+/// output) of [`valence_model::classifier::head`].
 fn transformer_head(
     g: &mut GraphBuilder,
     w: &Weights,

@@ -34,7 +34,7 @@ pub struct PackedConv {
 
 impl PackedConv {
     /// From PyTorch's `weight` [out, in / groups, kernel] (any device and float dtype) and
-    /// `bias` [out].
+    /// `bias` `[out]`.
     pub fn new(
         weight: &Tensor,
         bias: Option<&Tensor>,

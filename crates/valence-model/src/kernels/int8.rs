@@ -857,7 +857,7 @@ mod simd {
 }
 
 /// Twin of [`quantize_rows`] + [`matmul`]: scalar quantization and integer loops over the
-/// weights read one by one, no packing-order assumptions beyond [`PackedWeights::weight_at`].
+/// weights read one by one, no packing-order assumptions beyond `PackedWeights::weight_at`.
 pub fn matmul_plain(x: &[f32], m: usize, w: &PackedWeights) -> Vec<f32> {
     let (k, k4) = (w.k, w.k4);
     let mut out = vec![0f32; m * w.n];

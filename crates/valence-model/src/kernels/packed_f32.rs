@@ -22,7 +22,7 @@ const TILE_ROWS: usize = 6;
 const K_BLOCK: usize = 512;
 
 /// `W` [n, k] as panels of 16 output columns: panel p holds, for each input kk, the weights
-/// W[p * 16 + j][kk] for j in 0..16 (zero past n).
+/// `W[p * 16 + j][kk]` for j in 0..16 (zero past n).
 #[derive(Debug, Clone)]
 pub struct PackedF32 {
     pub n: usize,

@@ -123,7 +123,7 @@ impl Int8Weights {
     }
 }
 
-/// An HF/PyTorch linear layer's `weight` [out, in] and, when it has one, `bias` [out].
+/// An HF/PyTorch linear layer's `weight` `[out, in]` and, when it has one, `bias` `[out]`.
 pub fn linear_weights(
     in_dim: usize,
     out_dim: usize,

@@ -13,10 +13,10 @@ use candle_nn::{Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use serde::Serialize;
 
 use crate::metrics;
-use valence_model::head::{Head, HeadConfig, head_from_tensors, seed_dropout};
-use valence_model::scaler::StandardScaler;
+use valence_model::classifier::head::{Head, HeadConfig, head_from_tensors, seed_dropout};
+use valence_model::classifier::scaler::StandardScaler;
+use valence_model::rng::SeededNormal;
 use valence_model::softmax;
-use valence_model::synthetic::SeededNormal;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainConfig {
@@ -1052,7 +1052,7 @@ pub fn normalize_per_group_with_extra(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use valence_model::head::MlpHeadConfig;
+    use valence_model::classifier::head::MlpHeadConfig;
 
     #[test]
     fn group_normalisation_centres_each_group_and_views_follow_their_clip() {

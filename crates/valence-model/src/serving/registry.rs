@@ -9,8 +9,8 @@ use anyhow::{Result, bail};
 use candle_core::Device;
 use once_cell::sync::Lazy;
 
-use super::{ValenceModel, device_name};
-use crate::service::{Backend, BatchConfig, InferenceService};
+use crate::serving::service::{Backend, BatchConfig, InferenceService};
+use crate::{ValenceModel, device_name};
 
 /// Name of the model that `valence setup` installs and the element uses by default.
 pub const DEFAULT_MODEL: &str = "default";
@@ -111,7 +111,7 @@ pub fn needs_load(dir: &Path, device: &Device) -> bool {
     }
 }
 
-/// The process-wide copy of a model, loading it on first use (see [`Slot`] for the locking).
+/// The process-wide copy of a model, loading it on first use (see `Slot` for the locking).
 pub fn shared_model(dir: &Path, device: &Device) -> Result<Arc<ValenceModel>> {
     let (canonical, key) = model_key(dir, device);
     let slot = {

@@ -180,13 +180,13 @@ impl Mlp {
 thread_local! {
     /// Dropout masks come from a seeded generator so that training is reproducible
     /// (candle's CPU random numbers cannot be seeded).
-    static DROPOUT_RNG: std::cell::RefCell<super::synthetic::SeededNormal> =
-        std::cell::RefCell::new(super::synthetic::SeededNormal::new(0));
+    static DROPOUT_RNG: std::cell::RefCell<crate::rng::SeededNormal> =
+        std::cell::RefCell::new(crate::rng::SeededNormal::new(0));
 }
 
 /// Seeds this thread's dropout masks.
 pub fn seed_dropout(seed: u64) {
-    DROPOUT_RNG.with(|r| *r.borrow_mut() = super::synthetic::SeededNormal::new(seed));
+    DROPOUT_RNG.with(|r| *r.borrow_mut() = crate::rng::SeededNormal::new(seed));
 }
 
 fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
@@ -580,7 +580,7 @@ pub fn head_from_tensors(
     dtype: DType,
     device: &Device,
 ) -> Result<Head> {
-    let store = super::weights::TensorStore::new(tensors, origin);
+    let store = crate::encoders::weights::TensorStore::new(tensors, origin);
     let head = Head::new(config, store.var_builder(dtype, device))
         .with_context(|| format!("loading head weights from {}", origin.display()))?;
     store.check_all_used(&[])?;

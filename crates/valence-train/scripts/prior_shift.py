@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does re-estimating the class priors of unheard speech help? (MODEL_CARD.md, session 13)
+"""Does re-estimating the class priors of unheard speech help? (docs/experiments.md, 2026-11)
 
 Reads the per-clip out-of-fold probabilities that `valence cv --predictions OUT.csv` writes and,
 for every corpus that has all three classes, adapts its leave-one-corpus-out probabilities to
@@ -8,7 +8,7 @@ its labels: once per corpus (the most a stream could ever know) and once per spe
 caller's stream could learn). The head trains with inverse-frequency class weights, so its own
 prior is taken as uniform. Prints the LOCO macro-F1 per corpus before and after.
 
-Usage: python3 scripts/prior_shift.py PREDICTIONS.csv   (needs numpy)
+Usage: python3 crates/valence-train/scripts/prior_shift.py PREDICTIONS.csv   (needs numpy)
 """
 import csv
 import sys

@@ -13,8 +13,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Conv1dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
-use super::EncoderOutput;
-use super::weights::{TensorStore, normalize_names, read_checkpoint};
+use crate::EncoderOutput;
+use crate::encoders::weights::{TensorStore, normalize_names, read_checkpoint};
 use crate::nn::{FrameConv1d, FusedQkv, Norm, Projection, gelu_erf, layer_norm, self_attention};
 
 fn default_eps() -> f64 {
@@ -263,7 +263,7 @@ impl Wav2Vec2Model {
         } else {
             Wav2Vec2Preprocessor::default()
         };
-        let weights = super::find_weights_file(dir)?;
+        let weights = crate::find_weights_file(dir)?;
         Self::load(config, preprocessor, &weights, dtype, device)
     }
 
@@ -413,7 +413,7 @@ impl Wav2Vec2Model {
 
     /// Stores the transformer layers' projection weights, the feature encoder's convolutions
     /// after the first and the positional convolution as 8-bit values (see
-    /// [`super::whisper::WhisperEncoder::quantize`]; a no-op off the CPU).
+    /// [`crate::encoders::whisper::WhisperEncoder::quantize`]; a no-op off the CPU).
     pub fn quantize(&mut self, kernel: Int8Kernel) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());

@@ -1,4 +1,5 @@
-//! `valence train`, `valence cv` and `valence eval`: the default model's tools.
+//! The training commands behind `valence train`, `valence cv` and `valence adapt`: their
+//! arguments (clap's `Args`, flattened by the CLI) and what they run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -6,10 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
-use valence_cli::dataset::{self, Clip};
-use valence_cli::metrics;
-use valence_cli::training::{self as train, TrainConfig};
-use valence_model::head::{Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig};
+use crate::dataset::{self, Clip};
+use crate::metrics;
+use crate::training::{self as train, TrainConfig};
+use valence_model::classifier::head::{
+    Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig,
+};
 use valence_model::kernels::int8::Int8Kernel;
 use valence_model::manifest::{
     Combine, EncoderKind, EncoderSpec, FeatureSource, FeatureSpec, HeadSpec, Manifest, Pooling,
@@ -110,7 +113,7 @@ pub struct FeatureArgs {
     #[arg(long, default_value_t = 0.0)]
     pub aux_emotion: f64,
     /// Append prosodic statistics (pitch, loudness, voicing, rhythm, spectral tilt; see
-    /// `valence_model::prosody`) to the pooled encoder states.
+    /// `valence_model::classifier::prosody`) to the pooled encoder states.
     #[arg(long)]
     pub prosody: bool,
 }
@@ -363,12 +366,13 @@ impl FeatureArgs {
 /// The 8-bit kernel for a `--quantize` value: the features of every kernel are identical, so
 /// training takes this CPU's fastest (scalar loops where there is no AVX2: slow, but the same
 /// features the model will see).
-fn quantization_kernel(q: &str) -> Result<valence_model::runtime::Int8Kernel> {
+fn quantization_kernel(q: &str) -> Result<valence_model::serving::runtime::Int8Kernel> {
     parse_quantization(q)?;
-    Ok(valence_model::runtime::int8_kernel())
+    Ok(valence_model::serving::runtime::int8_kernel())
 }
 
-fn print_eval(title: &str, e: &train::Evaluation) {
+/// Prints an evaluation: macro-F1, accuracy, the confusion matrix, per corpus.
+pub fn print_eval(title: &str, e: &train::Evaluation) {
     eprintln!(
         "{title}: accuracy {:.3}  macro-F1 {:.3}  weighted-F1 {:.3}  (n = {})",
         e.report.accuracy, e.report.macro_f1, e.report.weighted_f1, e.report.n
@@ -843,124 +847,6 @@ pub fn train_model(
     Ok(())
 }
 
-/// `valence eval`: each clip as one utterance through the model.
-pub fn eval(
-    manifest: &Path,
-    root: Option<&Path>,
-    model: &str,
-    device: &Device,
-    json: Option<&Path>,
-    plot: Option<&Path>,
-    per_window: bool,
-) -> Result<()> {
-    let dir = valence_model::registry::resolve_model(model)?;
-    let m = valence_model::registry::shared_model(&dir, device)?;
-    if m.labels.iter().map(String::as_str).collect::<Vec<_>>() != LABELS {
-        bail!("eval needs a negative/neutral/positive model");
-    }
-    let clips = dataset::read_manifest(manifest)?;
-    let root = dataset::clip_root(manifest, root);
-    let bar = indicatif::ProgressBar::new(clips.len() as u64);
-    let mut pred = Vec::with_capacity(clips.len());
-    // Per window: the mean of the probabilities of the clip's element windows (the clip's own
-    // when it has none).
-    let (mut pred_windows, mut no_window) = (Vec::new(), 0usize);
-    for c in &clips {
-        let samples = valence_cli::decode::decode_to_16k_mono(&root.join(&c.path))?;
-        let p = m.classify(&samples).with_context(|| c.path.clone())?;
-        pred.push(p.best().0);
-        if per_window {
-            let windows = dataset::element_windows(&samples, dataset::WINDOW_SILENCE_DBFS);
-            if windows.is_empty() {
-                no_window += 1;
-                pred_windows.push(p.best().0);
-            } else {
-                let refs: Vec<&[f32]> = windows.iter().map(|w| w.as_slice()).collect();
-                let mut mean = [0f32; 3];
-                for r in m.classify_batch(&refs) {
-                    let r = r.with_context(|| c.path.clone())?;
-                    for (a, b) in mean.iter_mut().zip(&r.probabilities) {
-                        *a += b / refs.len() as f32;
-                    }
-                }
-                pred_windows.push(valence_model::argmax(&mean).0);
-            }
-        }
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let y: Vec<usize> = clips.iter().map(|c| c.label().unwrap_or(0)).collect();
-    let langs: Vec<String> = clips.iter().map(|c| c.language.clone()).collect();
-    let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
-    let e = train::evaluate(&y, &pred, &langs, &corpora, 3);
-    print_eval(
-        &format!("{} on {}, each clip whole", m.name, manifest.display()),
-        &e,
-    );
-    let windowed = per_window.then(|| train::evaluate(&y, &pred_windows, &langs, &corpora, 3));
-    if let Some(w) = &windowed {
-        print_eval(
-            &format!(
-                "per window (the element's 3 s windows at a 1 s hop, silence left out, \
-                 probabilities averaged per clip; {no_window} clips under 1 s taken whole)"
-            ),
-            w,
-        );
-    }
-    println!("encoder weights: {}", m.encoder_weights);
-    println!(
-        "{:<10} {:>9} {:>9} {:>6}",
-        "language", "accuracy", "macro-F1", "n"
-    );
-    for (g, f) in &e.per_language {
-        println!("{g:<10} {:>9.3} {:>9.3} {:>6}", f.accuracy, f.macro_f1, f.n);
-    }
-    println!(
-        "{:<10} {:>9.3} {:>9.3} {:>6}",
-        "all", e.report.accuracy, e.report.macro_f1, e.report.n
-    );
-    if let Some(p) = json {
-        let per_class: BTreeMap<&str, &valence_cli::metrics::ClassMetrics> = LABELS
-            .iter()
-            .copied()
-            .zip(e.report.per_class.iter())
-            .collect();
-        let v = serde_json::json!({
-            "model": m.name,
-            "accuracy": e.report.accuracy,
-            "macro_f1": e.report.macro_f1,
-            "weighted_f1": e.report.weighted_f1,
-            "per_class": per_class,
-            "confusion": e.report.confusion,
-            "per_language": e.per_language,
-            "per_corpus": e.per_corpus,
-            "encoder_weights": m.encoder_weights,
-            "clips": clips.iter().map(|c| &c.path).collect::<Vec<_>>(),
-            "predictions": e.predictions,
-            "per_window": windowed.as_ref().map(|w| serde_json::json!({
-                "accuracy": w.report.accuracy,
-                "macro_f1": w.report.macro_f1,
-                "confusion": w.report.confusion,
-                "per_corpus": w.per_corpus,
-                "per_language": w.per_language,
-                "clips_taken_whole": no_window,
-                "predictions": w.predictions,
-            })),
-        });
-        std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
-    }
-    if let Some(p) = plot {
-        let bars: Vec<(String, f64)> = e
-            .per_language
-            .iter()
-            .map(|(l, f)| (l.clone(), f.macro_f1))
-            .collect();
-        crate::plot::evaluation(&e.report.confusion, &LABELS, &bars, &m.name, p)?;
-        eprintln!("plot written to {}", p.display());
-    }
-    Ok(())
-}
-
 /// What `valence adapt` holds out, trains and how.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdaptArgs {
@@ -1006,7 +892,7 @@ fn flags_adapt_ignores(args: &FeatureArgs) -> Vec<&'static str> {
 /// `valence adapt`: trains the head alone and the head with adapters on the last encoder layer
 /// it reads, on the same clips, views, seeds and schedule, and compares them on held-out clips.
 pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) -> Result<()> {
-    use valence_cli::adapt::{AdaptedLayer, Window, fit, prepare};
+    use crate::adapt::{AdaptedLayer, Window, fit, prepare};
     let spec = args.spec();
     if spec.pooling != Pooling::VoicedMean || spec.prosody {
         bail!("adapt pools with voiced-mean and no prosody (--pooling voiced-mean)");
@@ -1054,7 +940,7 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
     }
     let audio = clips
         .iter()
-        .map(|c| valence_cli::decode::decode_to_16k_mono(&root.join(&c.path)))
+        .map(|c| crate::decode::decode_to_16k_mono(&root.join(&c.path)))
         .collect::<Result<Vec<_>>>()?;
     let views = dataset::ViewSpec {
         per_clip: args.views,
@@ -1089,7 +975,7 @@ pub fn adapt(args: &FeatureArgs, adapt_args: &AdaptArgs, json: Option<&Path>) ->
     let test_idx: Vec<usize> = (0..n).filter(|&c| held[c]).collect();
     let y: Vec<usize> = test_idx.iter().map(|&c| windows[c].label).collect();
     let dim = windows[0].fixed.len() + windows[0].states.dim(1)?;
-    let cfg = valence_cli::adapt::AdaptConfig {
+    let cfg = crate::adapt::AdaptConfig {
         head: args.train_config(dim).head,
         lr: args.lr,
         weight_decay: 0.01,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Does a fixed bias against "neutral" help speech from unheard corpora? (MODEL_CARD.md, session 12)
+"""Does a fixed bias against "neutral" help speech from unheard corpora? (docs/experiments.md, 2026-11)
 
 Reads the per-clip out-of-fold probabilities that `valence cv --predictions OUT.csv` writes and
 adds a bias to the log-probabilities before the argmax. Reports the leave-one-corpus-out mean
@@ -7,7 +7,7 @@ macro-F1 over the corpora that have all three classes (a) with fixed neutral bia
 the bias for each held-out corpus fitted on the other corpora's LOCO predictions only, the honest
 figure, and (c) what the bias fitted on all LOCO predictions costs on held-out speakers.
 
-Usage: python3 scripts/neutral_bias.py PREDICTIONS.csv   (needs numpy)
+Usage: python3 crates/valence-train/scripts/neutral_bias.py PREDICTIONS.csv   (needs numpy)
 """
 import csv
 import sys

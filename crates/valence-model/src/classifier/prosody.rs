@@ -321,7 +321,7 @@ mod tests {
     }
 
     fn noise(n: usize, gain: f32) -> Vec<f32> {
-        let mut r = crate::synthetic::SeededNormal::new(3);
+        let mut r = crate::rng::SeededNormal::new(3);
         (0..n).map(|_| gain * r.sample()).collect()
     }
 

@@ -16,8 +16,8 @@ use candle_nn::{Conv1d, Conv1dConfig, VarBuilder};
 use rustfft::{FftPlanner, num_complex::Complex};
 use serde::Deserialize;
 
-use super::EncoderOutput;
-use super::weights::{TensorStore, read_checkpoint};
+use crate::EncoderOutput;
+use crate::encoders::weights::{TensorStore, read_checkpoint};
 use crate::nn::{
     Conv1dLayer, FusedQkv, Marks, Norm, Projection, layer_norm, no_marks, self_attention_marked,
 };
@@ -381,7 +381,7 @@ impl WhisperEncoder {
             .with_context(|| format!("cannot read {}", config_path.display()))?;
         let config: WhisperEncoderConfig = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a Whisper config", config_path.display()))?;
-        let weights = super::find_weights_file(dir)?;
+        let weights = crate::find_weights_file(dir)?;
         Self::load(config, &weights, dtype, device)
     }
 
@@ -493,7 +493,7 @@ impl WhisperEncoder {
     }
 
     /// Like [`Self::encode`], stopping after layer `upto` when given (see
-    /// [`super::Encoder::encode_upto`]).
+    /// [`crate::Encoder::encode_upto`]).
     pub fn encode_upto(&self, samples: &[f32], upto: Option<usize>) -> Result<EncoderOutput> {
         if LogMel::frames(samples.len()) < 2 {
             bail!(

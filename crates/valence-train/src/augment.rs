@@ -4,7 +4,7 @@
 //! speech, and Opus over RTP ([`crate::codec`], through GStreamer). Each but the codec is a small
 //! pure function; [`Augmenter::view`] chains a random selection of them.
 
-use valence_model::synthetic::SeededNormal;
+use valence_model::rng::SeededNormal;
 
 /// 16 kHz, the rate every function here assumes.
 pub const RATE: f64 = 16000.0;

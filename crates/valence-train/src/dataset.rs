@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use valence_model::runtime::Int8Kernel;
+use valence_model::serving::runtime::Int8Kernel;
 
 use valence_model::manifest::{Combine, FeatureSource, FeatureSpec, Pooling};
 use valence_model::{Encoder, LABELS};
@@ -295,9 +295,9 @@ fn features_through(
     Ok(table)
 }
 
-/// Every clip's prosodic statistics ([`valence_model::prosody`]), cached in `cache_dir`.
+/// Every clip's prosodic statistics ([`valence_model::classifier::prosody`]), cached in `cache_dir`.
 pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result<Vec<Vec<f32>>> {
-    let dim = valence_model::prosody::DIM;
+    let dim = valence_model::classifier::prosody::DIM;
     let mut h = Sha256::new();
     h.update(b"valence-prosody-v1");
     hash_clip_paths(&mut h, root, clips);
@@ -319,7 +319,9 @@ pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result
     for c in clips {
         let path = root.join(&c.path);
         let samples = crate::decode::decode_to_16k_mono(&path)?;
-        rows.extend(valence_model::prosody::utterance_features(&samples));
+        rows.extend(valence_model::classifier::prosody::utterance_features(
+            &samples,
+        ));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -345,7 +347,7 @@ pub fn element_windows(samples: &[f32], silence_dbfs: f64) -> Vec<Vec<f32>> {
 
 /// Default location of cached features.
 pub fn default_feature_cache() -> PathBuf {
-    valence_model::registry::cache_dir().join("features")
+    valence_model::serving::registry::cache_dir().join("features")
 }
 
 /// Mean, standard deviation and voiced mean over time of hidden states 0..=`upto` of each
@@ -424,7 +426,7 @@ pub fn augmented_view(
     };
     let n = clips.len();
     let mut rng =
-        valence_model::synthetic::SeededNormal::new(spec.seed ^ ((c as u64) << 20) ^ (v as u64));
+        valence_model::rng::SeededNormal::new(spec.seed ^ ((c as u64) << 20) ^ (v as u64));
     let babble: Vec<&[f32]> = (0..64)
         .map(|_| (rng.uniform() * n as f64) as usize % n)
         .filter(|&o| clips[o].speaker != clips[c].speaker && babble_from(o))

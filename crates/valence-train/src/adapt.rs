@@ -16,9 +16,9 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{Optimizer, VarBuilder, VarMap};
 
 use crate::training::{adamw, class_weights, clip_gradients, loss_fn, scheduled_lr, shuffle};
-use valence_model::head::{Head, HeadConfig, seed_dropout};
-use valence_model::scaler::StandardScaler;
-use valence_model::synthetic::SeededNormal;
+use valence_model::classifier::head::{Head, HeadConfig, seed_dropout};
+use valence_model::classifier::scaler::StandardScaler;
+use valence_model::rng::SeededNormal;
 use valence_model::{Encoder, manifest::voiced_weights};
 
 /// One Whisper encoder layer in plain candle ops (so that gradients flow through it), with
@@ -59,7 +59,7 @@ impl AdaptedLayer {
         let weights = valence_model::find_weights_file(encoder_dir)?;
         let prefix = format!("encoder.layers.{index}.");
         let mut frozen = HashMap::new();
-        for (name, t) in valence_model::weights::read_checkpoint(&weights)? {
+        for (name, t) in valence_model::encoders::weights::read_checkpoint(&weights)? {
             let name = name.strip_prefix("model.").unwrap_or(&name);
             if let Some(rest) = name.strip_prefix(&prefix) {
                 let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
@@ -491,7 +491,7 @@ impl Adapted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use valence_model::head::{Activation, MlpHeadConfig};
+    use valence_model::classifier::head::{Activation, MlpHeadConfig};
 
     fn tiny_dir() -> std::path::PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../valence-model/tests/fixtures/whisper_tiny")

@@ -156,7 +156,7 @@ pub fn bootstrap_macro_f1(
     if n == 0 {
         return (0.0, 0.0);
     }
-    let mut rng = valence_model::synthetic::SeededNormal::new(seed);
+    let mut rng = valence_model::rng::SeededNormal::new(seed);
     let mut f1s: Vec<f64> = (0..rounds)
         .map(|_| {
             let (mut a, mut p) = (Vec::with_capacity(n), Vec::with_capacity(n));

@@ -437,7 +437,7 @@ mod tests {
     }
 
     fn signal(seed: u64, n: usize) -> Vec<f32> {
-        let mut rng = crate::synthetic::SeededNormal::new(seed);
+        let mut rng = crate::rng::SeededNormal::new(seed);
         (0..n).map(|_| rng.sample() * 0.1).collect()
     }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-use super::whisper::WhisperEncoderConfig;
+use crate::encoders::whisper::WhisperEncoderConfig;
 
 /// One variable of a CTranslate2 model.
 pub struct Ct2Variable {
