@@ -24,7 +24,7 @@ pub struct Report {
 /// `actual` and `predicted` are class indices below `n_classes`.
 ///
 /// ```
-/// let r = valence_cli::metrics::report(&[0, 1, 2, 2], &[0, 1, 2, 1], 3);
+/// let r = valence_train::metrics::report(&[0, 1, 2, 2], &[0, 1, 2, 1], 3);
 /// assert_eq!(r.confusion[2], vec![0, 1, 1]);
 /// assert_eq!(r.accuracy, 0.75);
 /// ```
