@@ -422,6 +422,65 @@ fn a_real_gap_restarts_windows_with_or_without_the_flag() {
     }
 }
 
+/// The speech gate with a model that names a (random-weight) detector: every window carries
+/// its `speech` share; at `min-speech=1` with an unreachable frame threshold every window is
+/// `no-speech`, with no probabilities, counted and never sent to the model; at 0 every window
+/// is classified; with `vad=false` no window is gated and none carries a share.
+#[test]
+fn the_speech_gate_labels_windows_no_speech_and_skips_the_model() {
+    let dir = std::env::temp_dir().join(format!("valence-element-vad-{}", std::process::id()));
+    valence_model::synthetic::write_tiny_model_with_detector(&dir, 17).unwrap();
+    let run = |props: &[(&str, glib::Value)]| {
+        init();
+        let el = gst::ElementFactory::make("valenceclassify")
+            .property("model", dir.to_string_lossy().as_ref())
+            .property("device", "cpu")
+            .build()
+            .unwrap();
+        for (k, v) in props {
+            el.set_property_from_value(k, v);
+        }
+        let bus = gst::Bus::new();
+        el.set_bus(Some(&bus));
+        let mut h = Harness::with_element(&el, Some("sink"), Some("src"));
+        h.set_live(false);
+        h.set_src_caps_str("audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved");
+        let pushed = push_audio(&mut h, 16000, 1, 6.0, 0);
+        h.push_event(gst::event::Eos::new());
+        assert_eq!(drain_output(&mut h), pushed, "audio passes unchanged");
+        let el = h.element().unwrap();
+        let counts = (
+            el.property::<u64>("windows-no-speech"),
+            el.property::<u64>("windows-classified"),
+        );
+        (valence_messages(&bus), counts)
+    };
+    let (msgs, (no_speech, classified)) = run(&[
+        ("min-speech", 1.0f64.to_value()),
+        ("speech-threshold", 1.0f64.to_value()),
+    ]);
+    assert_eq!(msgs.len(), 4);
+    assert_eq!((no_speech, classified), (4, 0));
+    for m in &msgs {
+        assert_eq!(m.get::<String>("label").unwrap(), "no-speech");
+        assert_eq!(m.get::<f64>("speech").unwrap(), 0.0);
+        assert_eq!(m.get::<f64>("confidence").unwrap(), 0.0);
+        assert!(!m.has_field("negative"), "no probabilities: {m}");
+    }
+    let (msgs, (no_speech, classified)) = run(&[("min-speech", 0.0f64.to_value())]);
+    assert_eq!((no_speech, classified), (0, 4));
+    for m in &msgs {
+        let share = m.get::<f64>("speech").unwrap();
+        assert!((0.0..=1.0).contains(&share));
+        assert!(m.has_field("negative"));
+    }
+    let (msgs, (no_speech, classified)) =
+        run(&[("vad", false.to_value()), ("min-speech", 1.0f64.to_value())]);
+    assert_eq!((no_speech, classified), (0, 4));
+    assert!(msgs.iter().all(|m| !m.has_field("speech")));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn rate_and_channel_change_mid_stream_keeps_windows_going() {
     let (mut h, bus) = harness(

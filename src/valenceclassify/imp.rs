@@ -162,8 +162,12 @@ impl BaseTransformImpl for ValenceClassify {
             audio::ns_to_samples(settings.window) as usize,
             audio::ns_to_samples(settings.hop) as usize,
         );
-        let mut state = State::new(backend, client, windower);
-        state.silence_threshold = settings.silence_threshold;
+        let detector = self.speech_detector(&settings, backend.as_ref());
+        let mut state = State::new(backend, client, windower, detector);
+        let per_buffer = settings.per_buffer();
+        state.silence_threshold = per_buffer.silence_threshold;
+        state.speech_threshold = per_buffer.speech_threshold;
+        state.min_speech = per_buffer.min_speech;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
         Ok(())
     }
@@ -190,8 +194,7 @@ impl BaseTransformImpl for ValenceClassify {
         self.settle_deviation(state);
         if let Some(r) = state.resampler.as_mut() {
             let rest = r.flush();
-            let windows = state.windower.push(&rest);
-            self.submit(state, windows);
+            self.take_16k(state, &rest);
         }
         state.timeline.set_rate(info.rate());
         // Their results ride on the next buffers, ahead of anything later, in window order.
@@ -222,6 +225,8 @@ impl BaseTransformImpl for ValenceClassify {
             return Err(gst::FlowError::Flushing);
         };
         state.silence_threshold = out.silence_threshold;
+        state.speech_threshold = out.speech_threshold;
+        state.min_speech = out.min_speech;
         if let Err(e) = self.analyse(state, &buf, out.alignment) {
             let messages = std::mem::take(&mut state.outbox);
             drop(guard);

@@ -355,6 +355,9 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
             window_s: 3.0,
             hop_s: 1.0,
             silence_threshold: -60.0,
+            // The input is noise: with the speech gate on, no window would reach the model.
+            vad: false,
+            min_speech: None,
         };
         let mut windows = 0;
         let t0 = Instant::now();

@@ -13,6 +13,9 @@ pub struct Options {
     pub window_s: f64,
     pub hop_s: f64,
     pub silence_threshold: f64,
+    /// The element's speech gate (`vad`), and its `min-speech` when not the default.
+    pub vad: bool,
+    pub min_speech: Option<f64>,
 }
 
 fn secs_to_ns(s: f64) -> Result<u64> {
@@ -33,13 +36,21 @@ pub fn classify_file(path: &Path, opts: &Options, mut on_row: impl FnMut(Row)) -
         .build()?;
     let decode = gst::ElementFactory::make("decodebin").build()?;
     let convert = gst::ElementFactory::make("audioconvert").build()?;
-    let classify = gst::ElementFactory::make("valenceclassify")
+    let mut builder = gst::ElementFactory::make("valenceclassify")
         .property("model", &opts.model)
         .property("device", &opts.device)
         .property("window", secs_to_ns(opts.window_s)?)
         .property("hop", secs_to_ns(opts.hop_s)?)
         .property("silence-threshold", opts.silence_threshold)
-        .property("attach-meta", false)
+        .property("vad", opts.vad)
+        .property("attach-meta", false);
+    if let Some(m) = opts.min_speech {
+        if !(0.0..=1.0).contains(&m) {
+            bail!("--min-speech must be between 0 and 1, got {m}");
+        }
+        builder = builder.property("min-speech", m);
+    }
+    let classify = builder
         .build()
         .context("the valenceclassify element is not available")?;
     let sink = gst::ElementFactory::make("fakesink")

@@ -12,6 +12,12 @@ use valence_train::commands::print_eval;
 use valence_train::dataset;
 use valence_train::training as train;
 
+/// `--per-window`: each clip also scored as the element hears it.
+pub struct PerWindow {
+    /// Leave out the windows the model's speech detector finds no speech in.
+    pub speech_gate: bool,
+}
+
 /// `valence eval`: each clip as one utterance through the model.
 pub fn eval(
     manifest: &Path,
@@ -20,8 +26,12 @@ pub fn eval(
     device: &Device,
     json: Option<&Path>,
     plot: Option<&Path>,
-    per_window: bool,
+    per_window: Option<PerWindow>,
 ) -> Result<()> {
+    let (per_window, vad) = match per_window {
+        Some(PerWindow { speech_gate }) => (true, speech_gate),
+        None => (false, false),
+    };
     let dir = valence_model::serving::registry::resolve_model(model)?;
     let m = valence_model::serving::registry::shared_model(&dir, device)?;
     if m.labels.iter().map(String::as_str).collect::<Vec<_>>() != LABELS {
@@ -39,7 +49,20 @@ pub fn eval(
         let p = m.classify(&samples).with_context(|| c.path.clone())?;
         pred.push(p.best().0);
         if per_window {
-            let windows = dataset::element_windows(&samples, dataset::WINDOW_SILENCE_DBFS);
+            // The element's windows, silent ones and (with its detector) speechless ones out.
+            let detector = m.speech_detector.as_ref().filter(|_| vad);
+            let windows: Vec<Vec<f32>> = dataset::element_windows_with_speech(
+                &samples,
+                dataset::WINDOW_SILENCE_DBFS,
+                detector,
+                valence_model::speech::DEFAULT_THRESHOLD,
+            )
+            .into_iter()
+            .filter(|(_, share)| {
+                share.is_none_or(|s| s >= valence_model::speech::DEFAULT_MIN_SPEECH)
+            })
+            .map(|(w, _)| w)
+            .collect();
             if windows.is_empty() {
                 no_window += 1;
                 pred_windows.push(p.best().0);
@@ -71,7 +94,8 @@ pub fn eval(
         print_eval(
             &format!(
                 "per window (the element's 3 s windows at a 1 s hop, silence left out, \
-                 probabilities averaged per clip; {no_window} clips under 1 s taken whole)"
+                 probabilities averaged per clip; {no_window} clips under 1 s or without a \
+                 speech window taken whole)"
             ),
             w,
         );

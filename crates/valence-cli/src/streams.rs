@@ -144,7 +144,8 @@ fn element_counts(pipelines: &[gst::Pipeline]) -> Result<(u64, u64, f64)> {
 
 /// Runs `n` pipelines `audiotestsrc (48 kHz) ! valenceclassify ! fakesink` in this process:
 /// live ones for `seconds` against the clock, or non-live ones of `seconds` of audio each as
-/// fast as they go.
+/// fast as they go. The source is noise, so `min-speech=0`: the speech detector runs over every
+/// stream and every window still goes to the model, the worst case of a stream of speech.
 pub fn run_streams(
     model: &str,
     device: &str,
@@ -170,7 +171,7 @@ pub fn run_streams(
         let desc = format!(
             "audiotestsrc is-live={live} wave=pink-noise volume=0.3 samplesperbuffer=960 {limit} \
              ! audio/x-raw,format=F32LE,rate=48000,channels=1 \
-             ! valenceclassify name=v model=\"{model}\" device={device} batch-size={} \
+             ! valenceclassify name=v model=\"{model}\" device={device} min-speech=0 batch-size={} \
                batch-timeout={} model-instance-id={instance} ! fakesink sync={live}",
             sharing.batch_size,
             sharing.batch_timeout_ms * 1_000_000

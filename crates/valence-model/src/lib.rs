@@ -16,6 +16,7 @@ pub mod nn;
 pub mod reference;
 pub mod rng;
 pub mod serving;
+pub mod speech;
 pub mod synthetic;
 
 use std::path::{Path, PathBuf};
@@ -263,6 +264,8 @@ pub struct ValenceModel {
     pub head: head::Head,
     pub labels: Vec<String>,
     pub device: Device,
+    /// The speech detector the manifest names, if any (shared by the process).
+    pub speech_detector: Option<std::sync::Arc<speech::SileroVad>>,
 }
 
 /// What one classification gives.

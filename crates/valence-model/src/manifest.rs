@@ -284,6 +284,10 @@ pub struct Manifest {
     /// Encoder precision: f32 (default), f16 or bf16 (half precision is meant for CUDA).
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// The speech detector whose verdict gates this model's windows: a Silero VAD safetensors
+    /// file (relative, absolute or under the cache as `@cache/...`), or absent for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speech_detector: Option<String>,
     /// Free-form provenance (training command, data, figures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<serde_json::Value>,
@@ -347,6 +351,25 @@ impl Manifest {
             let pb = PathBuf::from(p);
             if pb.is_absolute() { pb } else { dir.join(pb) }
         }
+    }
+
+    /// The speech detector this model names, loaded (shared by the process); None when it
+    /// names none. A named file that is missing is an error that says how to install it.
+    pub fn speech_detector(
+        &self,
+        dir: &Path,
+    ) -> Result<Option<std::sync::Arc<crate::speech::SileroVad>>> {
+        let Some(p) = &self.speech_detector else {
+            return Ok(None);
+        };
+        let path = Self::resolve(dir, p);
+        if !path.is_file() && p.starts_with("@cache/") {
+            bail!(
+                "speech detector {} is missing (run `valence setup` to install it)",
+                path.display()
+            );
+        }
+        crate::speech::shared_detector(&path).map(Some)
     }
 
     pub fn encoder_dir(&self, dir: &Path) -> PathBuf {
@@ -466,7 +489,9 @@ impl Manifest {
                 s.dim()
             );
         }
+        let speech_detector = self.speech_detector(dir)?;
         Ok(ValenceModel {
+            speech_detector,
             name: self.name.clone(),
             dir: dir.to_path_buf(),
             labels: self.labels.clone(),

@@ -223,7 +223,61 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
             weights: "head.safetensors".into(),
         },
         dtype: "f32".into(),
+        speech_detector: None,
         notes: Some(serde_json::json!({"warning": "random weights: for tests only"})),
     }
     .write(dir)
+}
+
+/// A random-weight speech detector (Silero VAD's names and shapes) as safetensors bytes.
+pub fn tiny_detector_bytes(seed: u64) -> Vec<u8> {
+    let mut rng = SeededNormal::new(seed);
+    let shapes: [(&str, Vec<usize>); 15] = [
+        ("stft_conv.weight", vec![258, 1, 256]),
+        ("conv1.weight", vec![128, 129, 3]),
+        ("conv1.bias", vec![128]),
+        ("conv2.weight", vec![64, 128, 3]),
+        ("conv2.bias", vec![64]),
+        ("conv3.weight", vec![64, 64, 3]),
+        ("conv3.bias", vec![64]),
+        ("conv4.weight", vec![128, 64, 3]),
+        ("conv4.bias", vec![128]),
+        ("lstm_cell.weight_ih", vec![512, 128]),
+        ("lstm_cell.weight_hh", vec![512, 128]),
+        ("lstm_cell.bias_ih", vec![512]),
+        ("lstm_cell.bias_hh", vec![512]),
+        ("final_conv.weight", vec![1, 128, 1]),
+        ("final_conv.bias", vec![1]),
+    ];
+    let data: HashMap<String, (Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(n, s)| {
+            let len: usize = s.iter().product();
+            let bytes = (0..len)
+                .flat_map(|_| (rng.sample() * 0.1).to_le_bytes())
+                .collect();
+            (n.to_string(), (s, bytes))
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, (s, b))| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize(views, None).unwrap()
+}
+
+/// Writes a tiny model (see [`write_tiny_model`]) that names a random-weight speech detector,
+/// written beside it as `detector.safetensors`.
+pub fn write_tiny_model_with_detector(dir: &Path, seed: u64) -> Result<()> {
+    write_tiny_model(dir, seed)?;
+    std::fs::write(dir.join("detector.safetensors"), tiny_detector_bytes(seed))?;
+    let mut m = Manifest::read(dir)?;
+    m.speech_detector = Some("detector.safetensors".into());
+    m.write(dir)
 }

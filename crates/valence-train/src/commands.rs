@@ -816,6 +816,7 @@ pub fn train_model(
             weights: "head.safetensors".into(),
         },
         dtype: "f32".into(),
+        speech_detector: Some(valence_model::speech::DEFAULT_DETECTOR.into()),
         notes: Some(serde_json::json!({
             "trained_on": args.manifest.to_string_lossy(),
             "clips": clips.len(),

@@ -334,14 +334,39 @@ pub fn prosody_features(clips: &[Clip], root: &Path, cache_dir: &Path) -> Result
 /// 1 s of it was in no window, leaving out windows the element reports as silence (below
 /// `silence_dbfs`). A clip shorter than 1 s gives none.
 pub fn element_windows(samples: &[f32], silence_dbfs: f64) -> Vec<Vec<f32>> {
+    element_windows_with_speech(samples, silence_dbfs, None, 0.0)
+        .into_iter()
+        .map(|(w, _)| w)
+        .collect()
+}
+
+/// The element's windows of a clip as [`element_windows`] gives them, each with the share of
+/// its frames `detector` calls speech at `threshold` (streamed over the clip as the element
+/// runs it; None without a detector or for a window shorter than a frame).
+pub fn element_windows_with_speech(
+    samples: &[f32],
+    silence_dbfs: f64,
+    detector: Option<&std::sync::Arc<valence_model::speech::SileroVad>>,
+    threshold: f32,
+) -> Vec<(Vec<f32>, Option<f32>)> {
     const RATE: usize = 16_000;
     let mut w = valence_model::audio::Windower::new(3 * RATE, RATE);
     let mut windows = w.push(samples);
     windows.extend(w.finish(RATE));
+    let stream = detector.map(|d| {
+        let s = valence_model::speech::SpeechStream::new(d.clone());
+        s.push(samples);
+        s
+    });
     windows
         .into_iter()
-        .map(|w| w.samples)
-        .filter(|w| valence_model::audio::rms_dbfs(w) >= silence_dbfs)
+        .filter(|w| valence_model::audio::rms_dbfs(&w.samples) >= silence_dbfs)
+        .map(|w| {
+            let share = stream
+                .as_ref()
+                .and_then(|s| s.speech_share(w.start, w.samples.len(), threshold));
+            (w.samples, share)
+        })
         .collect()
 }
 

@@ -13,7 +13,8 @@ use gst_base::prelude::*;
 
 use valence_model::audio::{self, Window};
 use valence_model::serving::registry;
-use valence_model::serving::service::{BatchConfig, Completed, InferenceService, Wait};
+use valence_model::serving::service::{Backend, BatchConfig, Completed, InferenceService, Wait};
+use valence_model::speech::{self, SileroVad, SpeechGate};
 
 use super::results::WindowResult;
 use super::settings::{Settings, batch_size_for};
@@ -125,6 +126,52 @@ impl ValenceClassify {
         Ok(service)
     }
 
+    /// The speech detector for this element's windows: the model's own, or for a remote model
+    /// the one `valence setup` installs, when there is one; none when `vad` is off. A detector
+    /// that fails to load is a warning, not a failed start: windows are then not gated.
+    pub(super) fn speech_detector(
+        &self,
+        settings: &Settings,
+        backend: &dyn Backend,
+    ) -> Option<Arc<SileroVad>> {
+        if !settings.vad {
+            return None;
+        }
+        if let Some(d) = backend.speech_detector() {
+            return Some(d);
+        }
+        if !valence_triton::is_remote(&settings.model) {
+            gst::info!(
+                CAT,
+                imp = self,
+                "the model names no speech detector: windows are not gated"
+            );
+            return None;
+        }
+        let path =
+            valence_model::Manifest::resolve(std::path::Path::new(""), speech::DEFAULT_DETECTOR);
+        if !path.is_file() {
+            gst::info!(
+                CAT,
+                imp = self,
+                "no speech detector installed ({}): windows are not gated",
+                path.display()
+            );
+            return None;
+        }
+        match speech::shared_detector(&path) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "speech detector not loaded, windows are not gated: {e:#}"
+                );
+                None
+            }
+        }
+    }
+
     /// Moves delivered outcomes into `pending` and returns the ready results at its head, in
     /// window order. Never waits.
     pub(super) fn collect_ready(&self, state: &mut State) -> Vec<WindowResult> {
@@ -151,8 +198,13 @@ impl ValenceClassify {
         let Pending::InFlight { pts, duration, .. } = state.pending[idx] else {
             return;
         };
+        let speech = done.speech.map(f64::from);
         match done.outcome {
-            Ok(probs) => {
+            Ok(None) => {
+                self.stats.no_speech.fetch_add(1, Ordering::Relaxed);
+                state.pending[idx] = Pending::Ready(WindowResult::no_speech(pts, duration, speech));
+            }
+            Ok(Some(probs)) => {
                 self.stats.classified.fetch_add(1, Ordering::Relaxed);
                 state.warned_unavailable = false;
                 self.stats
@@ -166,6 +218,7 @@ impl ValenceClassify {
                     pts,
                     duration,
                     &probs,
+                    speech,
                 ));
             }
             Err(e) => {
@@ -245,9 +298,12 @@ impl ValenceClassify {
             if audio::rms_dbfs(&w.samples) < state.silence_threshold || w.samples.len() < min {
                 self.stats.silent.fetch_add(1, Ordering::Relaxed);
                 let n = state.backend.labels().len();
+                let speech = state.speech.as_ref().map(|_| 0.0);
                 state
                     .pending
-                    .push_back(Pending::Ready(WindowResult::silence(pts, duration, n)));
+                    .push_back(Pending::Ready(WindowResult::silence(
+                        pts, duration, n, speech,
+                    )));
                 continue;
             }
             if live && state.client.outstanding() >= LIVE_MAX_IN_FLIGHT {
@@ -256,7 +312,13 @@ impl ValenceClassify {
             }
             let id = state.next_window_id;
             state.next_window_id += 1;
-            state.client.submit(id, w.samples);
+            let gate = state.speech.as_ref().map(|s| SpeechGate {
+                stream: s.clone(),
+                start: w.start,
+                threshold: state.speech_threshold,
+                min_speech: state.min_speech,
+            });
+            state.client.submit_gated(id, w.samples, gate);
             state
                 .pending
                 .push_back(Pending::InFlight { id, pts, duration });

@@ -17,18 +17,39 @@ pub(super) struct WindowResult {
     pub duration: gst::ClockTime,
     pub label: String,
     pub confidence: f64,
+    /// Empty for `no-speech`: the model never saw the window.
     pub probabilities: Vec<f64>,
+    /// The share of the window's frames the speech detector called speech (when it runs).
+    pub speech: Option<f64>,
 }
 
 impl WindowResult {
     /// A window too quiet (or too short for the model) to classify.
-    pub fn silence(pts: gst::ClockTime, duration: gst::ClockTime, n: usize) -> Self {
+    pub fn silence(
+        pts: gst::ClockTime,
+        duration: gst::ClockTime,
+        n: usize,
+        speech: Option<f64>,
+    ) -> Self {
         Self {
             pts,
             duration,
             label: "silence".into(),
             confidence: 0.0,
             probabilities: vec![1.0 / n as f64; n],
+            speech,
+        }
+    }
+
+    /// A window the speech detector found too little speech in: no valence.
+    pub fn no_speech(pts: gst::ClockTime, duration: gst::ClockTime, speech: Option<f64>) -> Self {
+        Self {
+            pts,
+            duration,
+            label: "no-speech".into(),
+            confidence: 0.0,
+            probabilities: Vec::new(),
+            speech,
         }
     }
 
@@ -38,6 +59,7 @@ impl WindowResult {
         pts: gst::ClockTime,
         duration: gst::ClockTime,
         probs: &[f32],
+        speech: Option<f64>,
     ) -> Self {
         let (best, p) = valence_model::argmax(probs);
         Self {
@@ -46,6 +68,7 @@ impl WindowResult {
             label: labels.get(best).cloned().unwrap_or_default(),
             confidence: p as f64,
             probabilities: probs.iter().map(|&p| p as f64).collect(),
+            speech,
         }
     }
 }
@@ -72,6 +95,9 @@ impl ValenceClassify {
             .field("label", r.label.as_str())
             .field("confidence", r.confidence)
             .build();
+        if let Some(speech) = r.speech {
+            s.set("speech", speech);
+        }
         for (name, p) in state.backend.labels().iter().zip(&r.probabilities) {
             s.set(name.as_str(), *p);
         }

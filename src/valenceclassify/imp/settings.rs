@@ -30,6 +30,10 @@ const DEFAULT_ALIGNMENT_THRESHOLD: u64 = 40_000_000;
 const DEFAULT_DISCONT_WAIT: u64 = 1_000_000_000;
 /// The element holds the audio of an undecided deviation: this bounds it.
 const MAX_DISCONT_WAIT: u64 = 30_000_000_000;
+/// Silero's own threshold on a 32 ms frame's speech probability.
+const DEFAULT_SPEECH_THRESHOLD: f64 = valence_model::speech::DEFAULT_THRESHOLD as f64;
+/// A window is classified when at least this share of its frames is speech.
+const DEFAULT_MIN_SPEECH: f64 = valence_model::speech::DEFAULT_MIN_SPEECH as f64;
 
 /// The batch size `batch-size=0` means on a device: 8. On a GPU batches are what it is fast at;
 /// on a CPU with the 8-bit kernels a batch of 4-8 windows costs less per window than single
@@ -57,6 +61,9 @@ pub(super) struct Settings {
     pub model_instance_id: String,
     pub alignment_threshold: u64,
     pub discont_wait: u64,
+    pub vad: bool,
+    pub speech_threshold: f64,
+    pub min_speech: f64,
 }
 
 impl Default for Settings {
@@ -74,6 +81,9 @@ impl Default for Settings {
             model_instance_id: String::new(),
             alignment_threshold: DEFAULT_ALIGNMENT_THRESHOLD,
             discont_wait: DEFAULT_DISCONT_WAIT,
+            vad: true,
+            speech_threshold: DEFAULT_SPEECH_THRESHOLD,
+            min_speech: DEFAULT_MIN_SPEECH,
         }
     }
 }
@@ -85,6 +95,8 @@ pub(super) struct BufferSettings {
     pub attach_meta: bool,
     pub silence_threshold: f64,
     pub alignment: Alignment,
+    pub speech_threshold: f32,
+    pub min_speech: f32,
 }
 
 impl Settings {
@@ -97,6 +109,8 @@ impl Settings {
                 threshold: self.alignment_threshold,
                 discont_wait: self.discont_wait,
             },
+            speech_threshold: self.speech_threshold as f32,
+            min_speech: self.min_speech as f32,
         }
     }
 }
@@ -107,6 +121,8 @@ pub(super) struct Stats {
     pub classified: AtomicU64,
     pub skipped: AtomicU64,
     pub silent: AtomicU64,
+    /// Windows the speech gate kept from the model.
+    pub no_speech: AtomicU64,
     /// Windows sent for inference that came back without a result.
     pub failed: AtomicU64,
     pub inference_ns: AtomicU64,
@@ -120,6 +136,7 @@ impl Stats {
             &self.classified,
             &self.skipped,
             &self.silent,
+            &self.no_speech,
             &self.failed,
             &self.inference_ns,
             &self.batched_windows,
@@ -213,6 +230,35 @@ pub(super) fn properties() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_DISCONT_WAIT)
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecBoolean::builder("vad")
+                .nick("Speech detector")
+                .blurb(
+                    "Run the model's speech detector (Silero VAD) over the stream and give \
+                     windows with too little speech the label `no-speech` instead of a valence \
+                     (models that name no detector are not gated)",
+                )
+                .default_value(true)
+                .mutable_ready()
+                .build(),
+            glib::ParamSpecDouble::builder("speech-threshold")
+                .nick("Speech threshold")
+                .blurb("Speech probability from which a 32 ms frame counts as speech")
+                .minimum(0.0)
+                .maximum(1.0)
+                .default_value(DEFAULT_SPEECH_THRESHOLD)
+                .mutable_playing()
+                .build(),
+            glib::ParamSpecDouble::builder("min-speech")
+                .nick("Minimum speech")
+                .blurb(
+                    "Share of a window's frames that must be speech for it to be classified; \
+                     windows with less are reported as `no-speech`",
+                )
+                .minimum(0.0)
+                .maximum(1.0)
+                .default_value(DEFAULT_MIN_SPEECH)
+                .mutable_playing()
+                .build(),
             glib::ParamSpecUInt::builder("batch-size")
                 .nick("Batch size")
                 .blurb(
@@ -253,6 +299,11 @@ pub(super) fn properties() -> &'static [glib::ParamSpec] {
             glib::ParamSpecUInt64::builder("windows-skipped")
                 .nick("Windows skipped")
                 .blurb("Windows dropped because inference fell behind a live stream")
+                .read_only()
+                .build(),
+            glib::ParamSpecUInt64::builder("windows-no-speech")
+                .nick("Windows without speech")
+                .blurb("Windows the speech detector kept from the model (label `no-speech`)")
                 .read_only()
                 .build(),
             glib::ParamSpecUInt64::builder("windows-failed")
@@ -311,6 +362,11 @@ impl ValenceClassify {
                 s.alignment_threshold = value.get().unwrap_or(DEFAULT_ALIGNMENT_THRESHOLD)
             }
             "discont-wait" => s.discont_wait = value.get().unwrap_or(DEFAULT_DISCONT_WAIT),
+            "vad" => s.vad = value.get().unwrap_or(true),
+            "speech-threshold" => {
+                s.speech_threshold = value.get().unwrap_or(DEFAULT_SPEECH_THRESHOLD)
+            }
+            "min-speech" => s.min_speech = value.get().unwrap_or(DEFAULT_MIN_SPEECH),
             "batch-size" => s.batch_size = value.get().unwrap_or(DEFAULT_BATCH_SIZE),
             "batch-timeout" => s.batch_timeout = value.get().unwrap_or(DEFAULT_BATCH_TIMEOUT),
             "model-instance-id" => s.model_instance_id = string_or(value, ""),
@@ -331,12 +387,16 @@ impl ValenceClassify {
             "silence-threshold" => s.silence_threshold.to_value(),
             "alignment-threshold" => s.alignment_threshold.to_value(),
             "discont-wait" => s.discont_wait.to_value(),
+            "vad" => s.vad.to_value(),
+            "speech-threshold" => s.speech_threshold.to_value(),
+            "min-speech" => s.min_speech.to_value(),
             "batch-size" => s.batch_size.to_value(),
             "batch-timeout" => s.batch_timeout.to_value(),
             "model-instance-id" => s.model_instance_id.to_value(),
             "windows-classified" => stats.classified.load(Ordering::Relaxed).to_value(),
             "windows-skipped" => stats.skipped.load(Ordering::Relaxed).to_value(),
             "windows-silent" => stats.silent.load(Ordering::Relaxed).to_value(),
+            "windows-no-speech" => stats.no_speech.load(Ordering::Relaxed).to_value(),
             "windows-failed" => stats.failed.load(Ordering::Relaxed).to_value(),
             "average-inference-time" => {
                 let n = stats.classified.load(Ordering::Relaxed);

@@ -12,6 +12,7 @@ use gst_base::prelude::*;
 
 use valence_model::audio::{self, StreamResampler, Window, Windower, samples_to_ns};
 use valence_model::serving::service::{Backend, Client};
+use valence_model::speech::{SileroVad, SpeechStream};
 
 use super::inference::Pending;
 use super::timeline::{Alignment, Timeline, Verdict};
@@ -36,6 +37,13 @@ pub(super) struct State {
     pub info: Option<gst_audio::AudioInfo>,
     pub resampler: Option<StreamResampler>,
     pub windower: Windower,
+    /// The speech detector gating this element's windows (None: no gate).
+    pub detector: Option<Arc<SileroVad>>,
+    /// The detector's view of the current window stream.
+    pub speech: Option<Arc<SpeechStream>>,
+    /// Read from the settings once per buffer.
+    pub speech_threshold: f32,
+    pub min_speech: f32,
     /// Where the timestamps say the window stream's audio is.
     pub timeline: Timeline,
     /// Buffers whose timestamps deviate, held until the deviation is judged (jitter: they
@@ -61,13 +69,22 @@ pub(super) struct State {
 }
 
 impl State {
-    pub fn new(backend: Arc<dyn Backend>, client: Arc<Client>, windower: Windower) -> Self {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        client: Arc<Client>,
+        windower: Windower,
+        detector: Option<Arc<SileroVad>>,
+    ) -> Self {
         Self {
             backend,
             client,
             info: None,
             resampler: None,
             windower,
+            speech: detector.clone().map(SpeechStream::new),
+            detector,
+            speech_threshold: valence_model::speech::DEFAULT_THRESHOLD,
+            min_speech: 0.0,
             timeline: Timeline::default(),
             deviating: Vec::new(),
             live: None,
@@ -90,6 +107,8 @@ impl State {
         }
         self.timeline.restart();
         self.deviating.clear();
+        // The detector's state never crosses a discontinuity, a flush or new caps.
+        self.speech = self.detector.clone().map(SpeechStream::new);
     }
 
     /// A window's PTS (following the stream's timestamps) and duration (its sample count).
@@ -253,7 +272,15 @@ impl ValenceClassify {
             Some(r) => r.process(&chunk.mono),
             None => chunk.mono,
         };
-        let windows = state.windower.push(&resampled);
+        self.take_16k(state, &resampled);
+    }
+
+    /// 16 kHz audio of the window stream: to the speech detector's queue and the windows.
+    pub(super) fn take_16k(&self, state: &mut State, samples: &[f32]) {
+        if let Some(s) = &state.speech {
+            s.push(samples);
+        }
+        let windows = state.windower.push(samples);
         self.submit(state, windows);
     }
 
@@ -294,8 +321,7 @@ impl ValenceClassify {
     fn close_window_stream(&self, state: &mut State) {
         if let Some(r) = state.resampler.as_mut() {
             let rest = r.flush();
-            let windows = state.windower.push(&rest);
-            self.submit(state, windows);
+            self.take_16k(state, &rest);
         }
         let min_tail = audio::ns_to_samples(MIN_TAIL_NS) as usize;
         if let Some(w) = state.windower.finish(min_tail) {

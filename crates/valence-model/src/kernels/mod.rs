@@ -4,7 +4,7 @@
 //! Every kernel here sits beside a plain twin that is obviously correct (candle's own ops or
 //! scalar Rust), and the unit tests compare the two on random shapes, odd sizes included. Model
 //! blocks ([`crate::nn`]) call these kernels and fall back to candle's ops on other devices and
-//! dtypes; nothing here knows about model blocks. Measured speed-ups live in MODEL_CARD.md and
+//! dtypes; nothing here knows about model blocks. Measured speed-ups live in docs/performance.md and
 //! `valence bench`, not in comments.
 
 pub mod activation;
@@ -14,6 +14,7 @@ pub mod dense;
 pub mod epilogue;
 pub mod int8;
 pub mod packed_f32;
+pub mod rows;
 
 use candle_core::{CpuStorage, Layout};
 

@@ -8,6 +8,10 @@
 //! waits: nobody else could fill the batch. Windows of one length share a batch; others wait for
 //! the next one, so batching never changes a result.
 //!
+//! Windows may carry a speech gate ([`SpeechGate`]): the dispatch thread runs the stream's
+//! speech detector over its queued audio first, and a window with too little speech comes back
+//! without going to the model (for a remote model too: it is never sent).
+//!
 //! Locks: the queue and each client's inbox are separate mutexes, never held together and never
 //! held while the model runs. Clients wait on their inbox's condvar (which releases the mutex).
 
@@ -17,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::ValenceModel;
+use crate::speech::{SileroVad, SpeechGate};
 
 /// When the dispatch loop runs a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +81,10 @@ pub trait Backend: Send + Sync + 'static {
     fn concurrency(&self) -> usize {
         dispatch_threads()
     }
+    /// The speech detector that gates this model's windows, if it names one.
+    fn speech_detector(&self) -> Option<Arc<SileroVad>> {
+        None
+    }
 }
 
 impl Backend for ValenceModel {
@@ -89,6 +98,10 @@ impl Backend for ValenceModel {
 
     fn min_samples(&self) -> usize {
         self.encoder.min_samples()
+    }
+
+    fn speech_detector(&self) -> Option<Arc<SileroVad>> {
+        self.speech_detector.clone()
     }
 
     fn classify_batch(&self, windows: &[&[f32]]) -> Vec<Result<Vec<f32>, WindowError>> {
@@ -116,8 +129,11 @@ impl Backend for ValenceModel {
 pub struct Completed {
     /// The tag the client gave at submission.
     pub tag: u64,
-    /// Probabilities in the model's label order, or why the window was not classified.
-    pub outcome: Result<Vec<f32>, WindowError>,
+    /// Probabilities in the model's label order; None when the speech gate kept the window
+    /// from the model (too little speech); or why the window was not classified.
+    pub outcome: Result<Option<Vec<f32>>, WindowError>,
+    /// The share of the window's frames the speech detector called speech (gated windows).
+    pub speech: Option<f32>,
     /// How many windows ran in the batch this one ran in.
     pub batch_size: usize,
     /// The batch's model time divided by its size: this window's share.
@@ -129,6 +145,7 @@ struct Request {
     generation: u64,
     tag: u64,
     samples: Vec<f32>,
+    gate: Option<SpeechGate>,
     queued_at: Instant,
 }
 
@@ -268,10 +285,53 @@ fn next_batch(shared: &ServiceShared) -> Option<Vec<Request>> {
     }
 }
 
+/// Runs the speech gate of every gated window in a batch (the detector catches up on each
+/// stream's queued audio here, off the streaming threads); windows with too little speech are
+/// delivered at once, the rest returned with their shares.
+fn gate(batch: Vec<Request>) -> Vec<(Request, Option<f32>)> {
+    let mut keep = Vec::with_capacity(batch.len());
+    for req in batch {
+        let Some(g) = &req.gate else {
+            keep.push((req, None));
+            continue;
+        };
+        let judged =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.judge(req.samples.len())));
+        match judged {
+            Ok((share, true)) => keep.push((req, share)),
+            Ok((share, false)) => req.client.deliver(
+                req.generation,
+                Completed {
+                    tag: req.tag,
+                    outcome: Ok(None),
+                    speech: share,
+                    batch_size: 0,
+                    model_time: Duration::ZERO,
+                },
+            ),
+            Err(_) => req.client.deliver(
+                req.generation,
+                Completed {
+                    tag: req.tag,
+                    outcome: Err(WindowError::window("the speech detector panicked")),
+                    speech: None,
+                    batch_size: 0,
+                    model_time: Duration::ZERO,
+                },
+            ),
+        }
+    }
+    keep
+}
+
 fn dispatch_loop(shared: &ServiceShared, backend: &dyn Backend) {
     while let Some(batch) = next_batch(shared) {
+        let batch = gate(batch);
+        if batch.is_empty() {
+            continue;
+        }
         let t0 = Instant::now();
-        let inputs: Vec<&[f32]> = batch.iter().map(|r| r.samples.as_slice()).collect();
+        let inputs: Vec<&[f32]> = batch.iter().map(|(r, _)| r.samples.as_slice()).collect();
         let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             backend.classify_batch(&inputs)
         }));
@@ -288,12 +348,13 @@ fn dispatch_loop(shared: &ServiceShared, backend: &dyn Backend) {
             ],
             Err(_) => vec![Err(WindowError::window("inference panicked")); n],
         };
-        for (req, outcome) in batch.into_iter().zip(outcomes) {
+        for ((req, speech), outcome) in batch.into_iter().zip(outcomes) {
             req.client.deliver(
                 req.generation,
                 Completed {
                     tag: req.tag,
-                    outcome,
+                    outcome: outcome.map(Some),
+                    speech,
                     batch_size: n,
                     model_time: share,
                 },
@@ -356,6 +417,12 @@ impl Client {
 
     /// Queues one window; its outcome arrives in this client's inbox with `tag`.
     pub fn submit(&self, tag: u64, samples: Vec<f32>) {
+        self.submit_gated(tag, samples, None);
+    }
+
+    /// Queues one window that the speech gate judges before the model sees it (where the
+    /// model runs, never on the caller's thread).
+    pub fn submit_gated(&self, tag: u64, samples: Vec<f32>, gate: Option<SpeechGate>) {
         let generation = {
             let mut inbox = lock(&self.shared.inbox);
             inbox.outstanding += 1;
@@ -367,6 +434,7 @@ impl Client {
             generation,
             tag,
             samples,
+            gate,
             queued_at: Instant::now(),
         });
         svc.wake.notify_all();
@@ -505,7 +573,7 @@ mod tests {
                 let want = model
                     .classify(&signal(100 * c as u64 + d.tag, 16000))
                     .unwrap();
-                let got = d.outcome.unwrap();
+                let got = d.outcome.unwrap().unwrap();
                 assert!(max_diff(&want.probabilities, &got) <= 1e-5);
                 assert!(d.batch_size <= 4);
                 biggest = biggest.max(d.batch_size);

@@ -1,0 +1,177 @@
+//! `valence bench --what vad`: how the speech gate treats the shared data, and what it costs.
+//!
+//! Every clip of `DATA/manifest.csv` (speech) and `DATA/nonspeech/manifest.csv` (music and
+//! everyday sound) is cut into the element's windows (3 s at a 1 s hop, silent ones left out)
+//! and each window's speech share is computed as the element computes it. Printed: for each
+//! candidate `min-speech`, the share of music and of everyday-sound windows reported as
+//! `no-speech` and the share of speech windows still classified (all, and the worst corpus);
+//! speech mixed with music at a few signal-to-noise ratios; and the detector's CPU time per
+//! second of audio beside the default model's per window, in the same run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+
+use valence_model::speech::SileroVad;
+use valence_train::dataset::{self, WINDOW_SILENCE_DBFS, element_windows_with_speech};
+use valence_train::decode::decode_to_16k_mono;
+
+const CANDIDATES: [f32; 7] = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5];
+
+#[derive(serde::Deserialize)]
+struct NonSpeech {
+    path: String,
+    kind: String,
+}
+
+fn shares(audio: &[f32], detector: &std::sync::Arc<SileroVad>, threshold: f32) -> Vec<f32> {
+    element_windows_with_speech(audio, WINDOW_SILENCE_DBFS, Some(detector), threshold)
+        .into_iter()
+        .filter_map(|(_, s)| s)
+        .collect()
+}
+
+fn pct(n: usize, of: usize) -> f64 {
+    100.0 * n as f64 / of.max(1) as f64
+}
+
+pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
+    let dir = valence_model::serving::registry::resolve_model(model)?;
+    let m = valence_model::serving::registry::shared_model(&dir, &Device::Cpu)?;
+    let Some(detector) = m.speech_detector.clone() else {
+        bail!("model {} names no speech detector", dir.display());
+    };
+    println!(
+        "CPU features: {}; speech threshold {threshold}",
+        valence_model::serving::runtime::CpuFeatures::detect().describe()
+    );
+    let ns_manifest = data.join("nonspeech/manifest.csv");
+    let mut r = csv::Reader::from_path(&ns_manifest)
+        .with_context(|| format!("cannot read {}", ns_manifest.display()))?;
+    let mut by_kind: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut music = Vec::new();
+    for row in r.deserialize::<NonSpeech>() {
+        let row = row?;
+        let audio = decode_to_16k_mono(&data.join(&row.path))?;
+        by_kind
+            .entry(row.kind.clone())
+            .or_default()
+            .extend(shares(&audio, &detector, threshold));
+        if row.kind == "music" {
+            music.push(audio);
+        }
+    }
+    let clips = dataset::read_manifest(&data.join("manifest.csv"))?;
+    let mut by_corpus: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut speech_audio = Vec::new();
+    let bar = indicatif::ProgressBar::new(clips.len() as u64);
+    for c in &clips {
+        let audio = decode_to_16k_mono(&data.join(&c.path))?;
+        by_corpus
+            .entry(c.corpus.clone())
+            .or_default()
+            .extend(shares(&audio, &detector, threshold));
+        if speech_audio.len() < 16_000 * 120 {
+            speech_audio.extend_from_slice(&audio);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let all_speech: Vec<f32> = by_corpus.values().flatten().copied().collect();
+
+    println!(
+        "\nwindows: {} speech ({} corpora), {}",
+        all_speech.len(),
+        by_corpus.len(),
+        by_kind
+            .iter()
+            .map(|(k, v)| format!("{} {k}", v.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    print!("{:>10}", "min-speech");
+    for k in by_kind.keys() {
+        print!(" {:>16}", format!("{k}: no-speech"));
+    }
+    println!(" {:>18} {:>26}", "speech: classified", "lowest corpus");
+    for &min in &CANDIDATES {
+        print!("{min:>10.2}");
+        for v in by_kind.values() {
+            print!(
+                " {:>15.1}%",
+                pct(v.iter().filter(|&&s| s < min).count(), v.len())
+            );
+        }
+        let kept = |v: &Vec<f32>| pct(v.iter().filter(|&&s| s >= min).count(), v.len());
+        let (worst, w) =
+            by_corpus
+                .iter()
+                .map(|(c, v)| (c, kept(v)))
+                .fold(
+                    (None, f64::MAX),
+                    |a, (c, k)| if k < a.1 { (Some(c), k) } else { a },
+                );
+        println!(
+            " {:>17.1}% {:>26}",
+            kept(&all_speech),
+            format!("{} {w:.1}%", worst.map(String::as_str).unwrap_or("-"))
+        );
+    }
+
+    // Speech under music: the first two minutes of shared speech over music clips, looped.
+    println!("\nspeech mixed with music (windows classified at each min-speech):");
+    print!("{:>10}", "SNR");
+    for &min in &CANDIDATES {
+        print!(" {min:>6.2}");
+    }
+    println!();
+    for snr_db in [20.0f32, 10.0, 0.0, -5.0] {
+        let bed: Vec<f32> = music.iter().flatten().copied().collect();
+        let rms = |x: &[f32]| (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt();
+        let gain = rms(&speech_audio) / rms(&bed).max(1e-9) / 10f32.powf(snr_db / 20.0);
+        let mixed: Vec<f32> = speech_audio
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s + gain * bed[i % bed.len()])
+            .collect();
+        let v = shares(&mixed, &detector, threshold);
+        print!("{:>7} dB", snr_db);
+        for &min in &CANDIDATES {
+            print!(
+                " {:>5.1}%",
+                pct(v.iter().filter(|&&s| s >= min).count(), v.len())
+            );
+        }
+        println!();
+    }
+
+    // Cost: the detector over 60 s of speech in 1 s blocks (as a stream's windows come),
+    // against the default model on one 3 s window, alternating, medians of 5.
+    let minute = &speech_audio[..speech_audio.len().min(60 * 16_000)];
+    let window = &speech_audio[..3 * 16_000];
+    let (mut vad, mut model) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s = valence_model::speech::SpeechStream::new(detector.clone());
+        for block in minute.chunks(16_000) {
+            s.push(block);
+            s.speech_share(0, 0, threshold);
+        }
+        vad.push(t.elapsed().as_secs_f64() * 1e3 / (minute.len() as f64 / 16_000.0));
+        let t = Instant::now();
+        m.classify(window)?;
+        model.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    vad.sort_by(f64::total_cmp);
+    model.sort_by(f64::total_cmp);
+    let (v, w) = (vad[2], model[2]);
+    println!(
+        "\ncost: detector {v:.2} ms per second of audio; default model {w:.1} ms per 3 s window; \
+         at a 1 s hop the detector adds {:.1} % to a classified stream's model time",
+        100.0 * v / w
+    );
+    Ok(())
+}
