@@ -159,10 +159,15 @@ struct LivePipeline {
 }
 
 impl LivePipeline {
+    /// A live stream of noise; its windows reach the server (the speech gate is off).
     fn start(model: &str) -> Self {
+        Self::start_gated(model, false)
+    }
+
+    fn start_gated(model: &str, vad: bool) -> Self {
         let desc = format!(
             "audiotestsrc is-live=true wave=pink-noise volume=0.3 ! \
-             audio/x-raw,rate=16000,channels=1 ! valenceclassify name=v model={model} ! \
+             audio/x-raw,rate=16000,channels=1 ! valenceclassify name=v model={model} vad={vad} ! \
              appsink name=sink sync=true emit-signals=false"
         );
         let pipeline = gst::parse::launch(&desc)
@@ -253,7 +258,7 @@ fn triton_server_end_to_end() {
         let mut all = Vec::new();
         for source in &sources {
             let (msgs, err) = run_to_end(&format!(
-                "{source} ! valenceclassify model={m} device=cpu ! fakesink"
+                "{source} ! valenceclassify model={m} device=cpu vad=false ! fakesink"
             ));
             assert!(err.is_none(), "{m}: {err:?}");
             all.extend(probabilities(&msgs));
@@ -297,6 +302,31 @@ fn triton_server_end_to_end() {
         after.mean_batch_since(&before).unwrap_or(0.0)
     );
 
+    // The speech gate runs before sending: with the detector `valence setup` installs, a
+    // stream of noise gets `no-speech` windows and sends the server nothing.
+    let detector = valence_model::Manifest::resolve(
+        std::path::Path::new(""),
+        valence_model::speech::DEFAULT_DETECTOR,
+    );
+    if detector.is_file() {
+        // Requests of the streams just dropped may still be completing.
+        std::thread::sleep(Duration::from_secs(2));
+        let before = stats_client.statistics().unwrap();
+        let gated = LivePipeline::start_gated(&remote, true);
+        std::thread::sleep(Duration::from_secs(5));
+        let no_speech = element_u64(&gated.element, "windows-no-speech");
+        assert!(
+            no_speech >= 2,
+            "{no_speech} windows without speech in 5 s of noise"
+        );
+        assert_eq!(element_u64(&gated.element, "windows-classified"), 0);
+        drop(gated);
+        let after = stats_client.statistics().unwrap();
+        assert_eq!(after.inferences, before.inferences, "nothing was sent");
+    } else {
+        eprintln!("SKIPPED (gate before sending): no speech detector installed");
+    }
+
     // Live: the server dies and comes back. Audio keeps flowing, failed windows are counted,
     // one warning is posted, and classification resumes.
     let live = LivePipeline::start(&remote);
@@ -333,7 +363,7 @@ fn triton_server_end_to_end() {
     // error that says so.
     let pipeline = gst::parse::launch(&format!(
         "appsrc name=src format=time caps=audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved ! \
-         valenceclassify model={remote} ! fakesink"
+         valenceclassify model={remote} vad=false ! fakesink"
     ))
     .unwrap()
     .downcast::<gst::Pipeline>()

@@ -23,8 +23,9 @@ pub const DEFAULT_MIN_SPEECH: f32 = 0.05;
 /// Where `valence setup` installs the detector, as manifests name it.
 pub const DEFAULT_DETECTOR: &str = "@cache/detectors/silero_vad_16k.safetensors";
 
-/// Audio queued beyond this (a stream whose windows are all silent or skipped for a while)
-/// is dropped from the front, and the detector restarts after the gap.
+/// Audio queued beyond this (a stream whose windows are all silent or skipped for a while, so
+/// the detector is never asked) is dropped from the front, whole frames at a time; the
+/// detector restarts after the gap and its frames count as unknown.
 const MAX_QUEUED: usize = 30 * 16_000;
 /// Frame probabilities kept behind the newest: more than any window (30 s) plus its hop.
 const KEPT_FRAMES: usize = 64 * 16_000 / FRAME;
@@ -59,11 +60,19 @@ struct Tracker {
     first_frame: u64,
 }
 
+/// Audio pushed and not yet run through the detector.
+#[derive(Default)]
+struct Queue {
+    samples: Vec<f32>,
+    /// Stream position (16 kHz samples) of `samples[0]`.
+    start: u64,
+}
+
 /// One stream's speech detection: created when a window stream starts, dropped when it ends
 /// (a discontinuity, a flush or new caps start a new one, so state never crosses them).
 pub struct SpeechStream {
     detector: Arc<SileroVad>,
-    queued: Mutex<Vec<f32>>,
+    queued: Mutex<Queue>,
     tracker: Mutex<Tracker>,
 }
 
@@ -71,28 +80,43 @@ impl SpeechStream {
     pub fn new(detector: Arc<SileroVad>) -> Arc<Self> {
         Arc::new(Self {
             detector,
-            queued: Mutex::new(Vec::new()),
+            queued: Mutex::new(Queue::default()),
             tracker: Mutex::new(Tracker::default()),
         })
     }
 
-    /// Queues the stream's next 16 kHz samples (cheap: a copy).
+    /// Queues the stream's next 16 kHz samples (cheap: a copy; bounded, see [`MAX_QUEUED`]).
     pub fn push(&self, samples: &[f32]) {
-        lock(&self.queued).extend_from_slice(samples);
+        let mut q = lock(&self.queued);
+        q.samples.extend_from_slice(samples);
+        if q.samples.len() > MAX_QUEUED {
+            let excess = (q.samples.len() - MAX_QUEUED) as u64;
+            let new_start = (q.start + excess).next_multiple_of(FRAME as u64);
+            let drop = ((new_start - q.start) as usize).min(q.samples.len());
+            q.samples.drain(..drop);
+            q.start += drop as u64;
+        }
     }
 
     /// Runs the detector over everything queued (on the caller's thread).
     fn catch_up(&self, t: &mut Tracker) {
-        let queued = std::mem::take(&mut *lock(&self.queued));
-        let mut audio = std::mem::take(&mut t.carry);
-        audio.extend_from_slice(&queued);
-        if audio.len() > MAX_QUEUED + FRAME {
-            // Too far behind: skip the oldest whole frames, marked unknown, and start afresh.
-            let skip = (audio.len() - MAX_QUEUED) / FRAME;
-            t.probs.extend(std::iter::repeat_n(f32::NAN, skip));
-            audio.drain(..skip * FRAME);
+        let (queued, start) = {
+            let mut q = lock(&self.queued);
+            let start = q.start;
+            q.start += q.samples.len() as u64;
+            (std::mem::take(&mut q.samples), start)
+        };
+        let frames_done = t.first_frame + t.probs.len() as u64;
+        if start > frames_done * FRAME as u64 + t.carry.len() as u64 {
+            // Audio was dropped while queued (from a frame boundary): its frames are unknown,
+            // and the detector starts afresh after it.
+            let gap = start / FRAME as u64 - frames_done;
+            t.probs.extend(std::iter::repeat_n(f32::NAN, gap as usize));
+            t.carry.clear();
             t.state = VadState::default();
         }
+        let mut audio = std::mem::take(&mut t.carry);
+        audio.extend_from_slice(&queued);
         let whole = audio.len() / FRAME * FRAME;
         let probs = self.detector.process(&mut t.state, &audio[..whole]);
         t.probs.extend(probs);
@@ -190,13 +214,28 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_far_behind_drops_its_oldest_audio() {
+    fn a_stream_nobody_asks_about_keeps_a_bounded_queue() {
         let s = SpeechStream::new(detector());
-        s.push(&vec![0.1; MAX_QUEUED + 5 * FRAME + 7]);
+        s.push(&[0.1; 100]);
+        assert_eq!(s.probabilities().len(), 0);
+        // Far more than the queue holds, in pieces: the oldest whole frames are dropped.
+        for _ in 0..15 {
+            s.push(&vec![0.1; MAX_QUEUED / 10]);
+        }
+        assert!(lock(&s.queued).samples.len() <= MAX_QUEUED);
         let p = s.probabilities();
-        assert_eq!(p.len(), (MAX_QUEUED + 5 * FRAME + 7) / FRAME);
-        assert!(p[..5].iter().all(|x| x.is_nan()));
-        assert!(p[5..].iter().all(|x| x.is_finite()));
-        assert_eq!(s.speech_share(0, 5 * FRAME, 0.5), None);
+        assert_eq!(p.len(), (100 + 3 * MAX_QUEUED / 2) / FRAME);
+        let unknown = p.iter().take_while(|x| x.is_nan()).count();
+        assert!(unknown >= (MAX_QUEUED / 2) / FRAME, "{unknown}");
+        assert!(p[unknown..].iter().all(|x| x.is_finite()));
+        assert_eq!(
+            s.speech_share(0, 5 * FRAME, 0.5),
+            None,
+            "dropped frames are unknown"
+        );
+        assert!(
+            s.speech_share(((p.len() - 10) * FRAME) as u64, 5 * FRAME, 0.0)
+                .is_some()
+        );
     }
 }
