@@ -10,6 +10,9 @@
 
 use std::collections::VecDeque;
 
+/// Timestamp deviations up to this are rounding, not drift.
+const ROUNDING_NS: u64 = 1_000;
+
 /// The two knobs, read from the settings once per buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Alignment {
@@ -95,10 +98,16 @@ impl Timeline {
     /// the count.
     pub fn take(&mut self, pts: Option<u64>, frames: u64, marked: bool, origin: u64) {
         let at = self.audio_ns();
-        if self.marks.is_empty() {
-            self.marks.push_back((at, pts.unwrap_or(origin)));
-        } else if let (true, Some(p)) = (marked, pts) {
-            self.marks.push_back((at, p));
+        match (self.marks.back(), marked, pts) {
+            (None, _, _) => self.marks.push_back((at, pts.unwrap_or(origin))),
+            // A timestamp that only rounds differently from the sample count (demuxers round
+            // to the nanosecond) moves nothing: clean streams keep exact times.
+            (Some(&(m_at, m_pts)), true, Some(p))
+                if p.abs_diff(m_pts + (at - m_at)) > ROUNDING_NS =>
+            {
+                self.marks.push_back((at, p))
+            }
+            _ => {}
         }
         self.frames += frames;
         let ns = frames_to_ns(frames, self.rate);
@@ -200,6 +209,13 @@ mod tests {
             t.take(Some(pts), 4410, true, 0);
         }
         assert_eq!(t.pts_at(3_000_000_000), 3_000_000_007);
+        // Timestamps rounded up where the sample count rounds down: the same exact times.
+        let mut t = Timeline::new(22_050);
+        for i in 0..100u64 {
+            let pts = (i * 2205 * 1_000_000_000).div_ceil(22_050);
+            t.take(Some(pts), 2205, true, 0);
+        }
+        assert_eq!(t.pts_at(1_000_000_000), 1_000_000_000);
     }
 
     #[test]
