@@ -246,12 +246,52 @@ fn eos_classifies_a_tail_of_at_least_one_second_before_eos_goes_on() {
         "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
         &[],
     );
+    push_audio(&mut h, 16000, 1, 3.5, 0);
+    h.push_event(gst::event::Eos::new());
+    assert_eq!(
+        valence_messages(&bus).iter().map(ts).collect::<Vec<_>>(),
+        vec![(0, 3_000_000_000)],
+        "a tail under 1 s after a window is not classified"
+    );
+
+    // A stream too short for any window has what there is classified: never silence.
+    let (mut h, bus) = harness(
+        "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+        &[],
+    );
     push_audio(&mut h, 16000, 1, 0.9, 0);
     h.push_event(gst::event::Eos::new());
-    assert!(
-        valence_messages(&bus).is_empty(),
-        "under 1 s is not classified"
+    let msgs = valence_messages(&bus);
+    assert_eq!(
+        msgs.iter().map(ts).collect::<Vec<_>>(),
+        vec![(0, 900_000_000)]
     );
+    assert_ne!(msgs[0].get::<String>("label").unwrap(), "silence");
+}
+
+/// `min-confidence`: classified windows below it are `uncertain`, their probabilities kept.
+#[test]
+fn windows_below_min_confidence_are_uncertain() {
+    for (min, uncertain) in [(1.0f64, true), (0.0, false)] {
+        let (mut h, bus) = harness(
+            "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+            &[("min-confidence", min.to_value())],
+        );
+        push_audio(&mut h, 16000, 1, 4.0, 0);
+        h.push_event(gst::event::Eos::new());
+        let msgs = valence_messages(&bus);
+        assert_eq!(msgs.len(), 2);
+        for m in msgs {
+            let label = m.get::<String>("label").unwrap();
+            assert_eq!(label == "uncertain", uncertain, "{m}");
+            let p: f64 = ["negative", "neutral", "positive"]
+                .iter()
+                .map(|k| m.get::<f64>(*k).unwrap())
+                .sum();
+            assert!((p - 1.0).abs() < 1e-5, "probabilities kept: {m}");
+            assert!(m.get::<f64>("confidence").unwrap() > 0.0);
+        }
+    }
 }
 
 #[test]

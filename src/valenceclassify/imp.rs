@@ -168,6 +168,7 @@ impl BaseTransformImpl for ValenceClassify {
         state.silence_threshold = per_buffer.silence_threshold;
         state.speech_threshold = per_buffer.speech_threshold;
         state.min_speech = per_buffer.min_speech;
+        state.min_confidence = per_buffer.min_confidence;
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
         Ok(())
     }
@@ -227,6 +228,7 @@ impl BaseTransformImpl for ValenceClassify {
         state.silence_threshold = out.silence_threshold;
         state.speech_threshold = out.speech_threshold;
         state.min_speech = out.min_speech;
+        state.min_confidence = out.min_confidence;
         if let Err(e) = self.analyse(state, &buf, out.alignment) {
             let messages = std::mem::take(&mut state.outbox);
             drop(guard);
@@ -268,7 +270,7 @@ impl BaseTransformImpl for ValenceClassify {
                 let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(state) = guard.as_mut() {
                     // Close the windows and wait for everything in flight, live or not.
-                    self.end_window_stream(state);
+                    self.end_stream(state);
                 }
                 if let Some(mut guard) = self.settle(guard, true)
                     && let Some(state) = guard.as_mut()
@@ -307,6 +309,7 @@ impl BaseTransformImpl for ValenceClassify {
                     state.pending.clear();
                     state.held = None;
                     state.restart_windows();
+                    state.any_window = false;
                     state.live = None;
                 }
             }

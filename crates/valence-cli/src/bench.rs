@@ -358,6 +358,7 @@ pub fn run(python: Option<&str>, what: &str, work: &Path, device: &str) -> Resul
             // The input is noise: with the speech gate on, no window would reach the model.
             vad: false,
             min_speech: None,
+            min_confidence: 0.0,
         };
         let mut windows = 0;
         let t0 = Instant::now();

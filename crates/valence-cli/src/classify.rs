@@ -16,6 +16,8 @@ pub struct Options {
     /// The element's speech gate (`vad`), and its `min-speech` when not the default.
     pub vad: bool,
     pub min_speech: Option<f64>,
+    /// The element's `min-confidence` (0: off).
+    pub min_confidence: f64,
 }
 
 fn secs_to_ns(s: f64) -> Result<u64> {
@@ -43,6 +45,7 @@ pub fn classify_file(path: &Path, opts: &Options, mut on_row: impl FnMut(Row)) -
         .property("hop", secs_to_ns(opts.hop_s)?)
         .property("silence-threshold", opts.silence_threshold)
         .property("vad", opts.vad)
+        .property("min-confidence", opts.min_confidence.clamp(0.0, 1.0))
         .property("attach-meta", false);
     if let Some(m) = opts.min_speech {
         if !(0.0..=1.0).contains(&m) {
@@ -135,6 +138,10 @@ pub fn run(files: &[PathBuf], opts: &Options, csv: bool, plot: Option<&Path>) ->
         let mut rows = Vec::new();
         match classify_file(f, opts, |r| rows.push(r)) {
             Ok(()) => {
+                if rows.is_empty() {
+                    // Never silent: a file with no window says so.
+                    eprintln!("{}: no audio to classify", f.display());
+                }
                 write_rows(&mut stdout.lock(), &rows, csv, first)?;
                 first = first && rows.is_empty();
                 all.extend(rows);

@@ -10,7 +10,35 @@ use candle_core::Device;
 use valence_model::LABELS;
 use valence_train::commands::print_eval;
 use valence_train::dataset;
+use valence_train::metrics::{self, Coverage};
 use valence_train::training as train;
+
+/// Confidence bins of the calibration figures (ECE and the reliability diagram).
+const BINS: usize = 15;
+/// The shares of most confident clips the coverage table reports.
+const SHARES: [f64; 3] = [1.0, 0.8, 0.5];
+
+/// Prints ECE and the coverage table of one set of predictions.
+fn print_calibration(title: &str, probs: &[Vec<f32>], y: &[usize]) -> (f64, Vec<Coverage>) {
+    let ece = metrics::expected_calibration_error(probs, y, BINS);
+    let cov = metrics::coverage(probs, y, 3, &SHARES);
+    println!("{title}: ECE ({BINS} bins) {ece:.3}");
+    println!(
+        "  {:<22} {:>6} {:>15} {:>9} {:>9}",
+        "most confident", "clips", "confidence >=", "accuracy", "macro-F1"
+    );
+    for c in &cov {
+        println!(
+            "  {:<22} {:>6} {:>15.3} {:>9.3} {:>9.3}",
+            format!("{:.0} %", c.share * 100.0),
+            c.n,
+            c.min_confidence,
+            c.accuracy,
+            c.macro_f1
+        );
+    }
+    (ece, cov)
+}
 
 /// `--per-window`: each clip also scored as the element hears it.
 pub struct PerWindow {
@@ -41,6 +69,9 @@ pub fn eval(
     let root = dataset::clip_root(manifest, root);
     let bar = indicatif::ProgressBar::new(clips.len() as u64);
     let mut pred = Vec::with_capacity(clips.len());
+    let mut probs = Vec::with_capacity(clips.len());
+    // Per window: each clip's window probabilities, and their mean.
+    let (mut window_probs, mut mean_probs) = (Vec::new(), Vec::new());
     // Per window: the mean of the probabilities of the clip's element windows (the clip's own
     // when it has none).
     let (mut pred_windows, mut no_window) = (Vec::new(), 0usize);
@@ -48,6 +79,7 @@ pub fn eval(
         let samples = valence_train::decode::decode_to_16k_mono(&root.join(&c.path))?;
         let p = m.classify(&samples).with_context(|| c.path.clone())?;
         pred.push(p.best().0);
+        probs.push(p.probabilities.clone());
         if per_window {
             // The element's windows, silent ones and (with its detector) speechless ones out.
             let detector = m.speech_detector.as_ref().filter(|_| vad);
@@ -66,16 +98,22 @@ pub fn eval(
             if windows.is_empty() {
                 no_window += 1;
                 pred_windows.push(p.best().0);
+                mean_probs.push(p.probabilities.clone());
+                window_probs.push(Vec::new());
             } else {
                 let refs: Vec<&[f32]> = windows.iter().map(|w| w.as_slice()).collect();
-                let mut mean = [0f32; 3];
+                let mut mean = vec![0f32; 3];
+                let mut each = Vec::with_capacity(refs.len());
                 for r in m.classify_batch(&refs) {
                     let r = r.with_context(|| c.path.clone())?;
                     for (a, b) in mean.iter_mut().zip(&r.probabilities) {
                         *a += b / refs.len() as f32;
                     }
+                    each.push(r.probabilities);
                 }
                 pred_windows.push(valence_model::argmax(&mean).0);
+                mean_probs.push(mean);
+                window_probs.push(each);
             }
         }
         bar.inc(1);
@@ -100,6 +138,9 @@ pub fn eval(
             w,
         );
     }
+    let (ece, cov) = print_calibration("calibration, each clip whole", &probs, &y);
+    let windowed_calibration = per_window
+        .then(|| print_calibration("calibration per window (clip means)", &mean_probs, &y));
     println!("encoder weights: {}", m.encoder_weights);
     println!(
         "{:<10} {:>9} {:>9} {:>6}",
@@ -130,6 +171,10 @@ pub fn eval(
             "encoder_weights": m.encoder_weights,
             "clips": clips.iter().map(|c| &c.path).collect::<Vec<_>>(),
             "predictions": e.predictions,
+            "probabilities": probs,
+            "ece": ece,
+            "coverage": cov,
+            "reliability": metrics::reliability(&probs, &y, BINS),
             "per_window": windowed.as_ref().map(|w| serde_json::json!({
                 "accuracy": w.report.accuracy,
                 "macro_f1": w.report.macro_f1,
@@ -138,6 +183,10 @@ pub fn eval(
                 "per_language": w.per_language,
                 "clips_taken_whole": no_window,
                 "predictions": w.predictions,
+                "probabilities": mean_probs,
+                "window_probabilities": window_probs,
+                "ece": windowed_calibration.as_ref().map(|c| c.0),
+                "coverage": windowed_calibration.as_ref().map(|c| &c.1),
             })),
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)?;
@@ -148,7 +197,8 @@ pub fn eval(
             .iter()
             .map(|(l, f)| (l.clone(), f.macro_f1))
             .collect();
-        crate::plot::evaluation(&e.report.confusion, &LABELS, &bars, &m.name, p)?;
+        let bins = metrics::reliability(&probs, &y, BINS);
+        crate::plot::evaluation(&e.report.confusion, &LABELS, &bars, &bins, &m.name, p)?;
         eprintln!("plot written to {}", p.display());
     }
     Ok(())

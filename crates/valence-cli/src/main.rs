@@ -69,6 +69,10 @@ enum Command {
         /// (default: the element's).
         #[arg(long)]
         min_speech: Option<f64>,
+        /// Windows whose winning probability is below this are labelled `uncertain`
+        /// (probabilities kept); choose it from `valence eval`'s coverage table. 0: off.
+        #[arg(long, default_value_t = 0.0)]
+        min_confidence: f64,
     },
     /// Write an encoder's hidden states for one file as safetensors.
     Embed {
@@ -305,6 +309,7 @@ fn run() -> Result<()> {
             plot,
             no_vad,
             min_speech,
+            min_confidence,
         } => {
             let opts = classify::Options {
                 model,
@@ -314,6 +319,7 @@ fn run() -> Result<()> {
                 silence_threshold,
                 vad: !no_vad,
                 min_speech,
+                min_confidence,
             };
             classify::run(
                 &files,

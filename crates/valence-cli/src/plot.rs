@@ -123,18 +123,78 @@ pub fn timeline(rows: &[Row], out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Confusion matrix (rows = actual) beside macro-F1 bars per language.
+/// Accuracy against confidence per bin (bars), the diagonal of perfect calibration, and each
+/// bin's share of the predictions (the gap to the diagonal, weighted so, is the ECE).
+fn reliability_diagram<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    bins: &[valence_train::metrics::ReliabilityBin],
+) -> Result<()> {
+    let n: usize = bins.iter().map(|b| b.n).sum::<usize>().max(1);
+    let mut chart = ChartBuilder::on(area)
+        .caption(
+            "reliability (bars: accuracy per confidence bin)",
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc("confidence")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(err)?;
+    let width = 1.0 / 15.0;
+    chart
+        .draw_series(bins.iter().map(|b| {
+            let x = b.confidence;
+            Rectangle::new(
+                [(x - width / 2.0, 0.0), (x + width / 2.0, b.accuracy)],
+                BLUE.mix(0.5).filled(),
+            )
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(
+            bins.iter()
+                .map(|b| Circle::new((b.confidence, b.n as f64 / n as f64), 4, RED.filled())),
+        )
+        .map_err(err)?
+        .label("share of clips")
+        .legend(|(x, y)| Circle::new((x + 9, y), 4, RED.filled()));
+    chart
+        .draw_series(LineSeries::new(
+            [(0.0, 0.0), (1.0, 1.0)],
+            BLACK.stroke_width(1),
+        ))
+        .map_err(err)?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(err)?;
+    Ok(())
+}
+
+/// Confusion matrix (rows = actual) beside macro-F1 bars per language and a reliability diagram.
 pub fn evaluation(
     confusion: &[Vec<usize>],
     labels: &[&str],
     per_language: &[(String, f64)],
+    reliability: &[valence_train::metrics::ReliabilityBin],
     title: &str,
     out: &Path,
 ) -> Result<()> {
     ensure_font()?;
-    let root = BitMapBackend::new(out, (1100, 500)).into_drawing_area();
+    let root = BitMapBackend::new(out, (1600, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let (left, right) = root.split_horizontally(520);
+    let (left, rest) = root.split_horizontally(520);
+    let (right, diagram) = rest.split_horizontally(560);
+    reliability_diagram(&diagram, reliability)?;
     let n = labels.len();
     let left = left
         .titled(

@@ -5,8 +5,9 @@
 //! and each window's speech share is computed as the element computes it. Printed: for each
 //! candidate `min-speech`, the share of music and of everyday-sound windows reported as
 //! `no-speech` and the share of speech windows still classified (all, and the worst corpus);
-//! speech mixed with music at a few signal-to-noise ratios; and the detector's CPU time per
-//! second of audio beside the default model's per window, in the same run.
+//! speech mixed with music at a few signal-to-noise ratios; how the frames `voiced_mean` pools
+//! agree with the frames the detector calls speech; and the detector's CPU time per second of
+//! audio beside the default model's per window, in the same run.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +33,45 @@ fn shares(audio: &[f32], detector: &std::sync::Arc<SileroVad>, threshold: f32) -
         .into_iter()
         .filter_map(|(_, s)| s)
         .collect()
+}
+
+/// Encoder frames (20 ms, Whisper's) of the element's speech windows of a clip, counted by
+/// whether `voiced_mean` pools them and whether the detector calls them speech:
+/// [both, voiced only, speech only, neither].
+fn frame_agreement(
+    audio: &[f32],
+    detector: &std::sync::Arc<SileroVad>,
+    threshold: f32,
+) -> [usize; 4] {
+    const ENC: usize = 320;
+    let stream = valence_model::speech::SpeechStream::new(detector.clone());
+    stream.push(audio);
+    let probs = stream.probabilities();
+    let mut w = valence_model::audio::Windower::new(48_000, 16_000);
+    let mut windows = w.push(audio);
+    windows.extend(w.finish(16_000));
+    let mut counts = [0usize; 4];
+    for w in windows {
+        if valence_model::audio::rms_dbfs(&w.samples) < WINDOW_SILENCE_DBFS {
+            continue;
+        }
+        let frames = w.samples.len() / ENC;
+        let voiced = valence_model::manifest::voiced_frame_mask(&w.samples, frames);
+        for (i, v) in voiced.iter().enumerate() {
+            let centre = w.start as usize + i * ENC + ENC / 2;
+            let Some(&p) = probs.get(centre / valence_model::speech::FRAME) else {
+                continue;
+            };
+            let s = p >= threshold;
+            counts[match (*v, s) {
+                (true, true) => 0,
+                (true, false) => 1,
+                (false, true) => 2,
+                (false, false) => 3,
+            }] += 1;
+        }
+    }
+    counts
 }
 
 fn pct(n: usize, of: usize) -> f64 {
@@ -66,6 +106,7 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
     }
     let clips = dataset::read_manifest(&data.join("manifest.csv"))?;
     let mut by_corpus: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    let mut agreement = [0usize; 4];
     let mut speech_audio = Vec::new();
     let bar = indicatif::ProgressBar::new(clips.len() as u64);
     for c in &clips {
@@ -74,6 +115,12 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
             .entry(c.corpus.clone())
             .or_default()
             .extend(shares(&audio, &detector, threshold));
+        for (a, b) in agreement
+            .iter_mut()
+            .zip(frame_agreement(&audio, &detector, threshold))
+        {
+            *a += b;
+        }
         if speech_audio.len() < 16_000 * 120 {
             speech_audio.extend_from_slice(&audio);
         }
@@ -147,6 +194,18 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
         }
         println!();
     }
+
+    let [both, voiced_only, speech_only, neither] = agreement;
+    println!(
+        "\nencoder frames of speech windows: {} pooled by voiced_mean, {} called speech; \
+         {:.1} % of the pooled frames are speech, {:.1} % of the speech frames are pooled, \
+         {:.1} % of frames agree",
+        both + voiced_only,
+        both + speech_only,
+        pct(both, both + voiced_only),
+        pct(both, both + speech_only),
+        pct(both + neither, both + voiced_only + speech_only + neither)
+    );
 
     // Cost: the detector over 60 s of speech in 1 s blocks (as a stream's windows come),
     // against the default model on one 3 s window, alternating, medians of 5.

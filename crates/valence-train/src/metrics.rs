@@ -117,6 +117,83 @@ pub fn expected_calibration_error(probs: &[Vec<f32>], actual: &[usize], bins: us
         .sum()
 }
 
+/// One confidence bin of a reliability diagram.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ReliabilityBin {
+    /// Mean top-class probability of the predictions in the bin.
+    pub confidence: f64,
+    /// Share of them that were right.
+    pub accuracy: f64,
+    pub n: usize,
+}
+
+/// The non-empty bins of `bins` equal-width confidence bins (what ECE averages over).
+pub fn reliability(probs: &[Vec<f32>], actual: &[usize], bins: usize) -> Vec<ReliabilityBin> {
+    let mut acc = vec![(0f64, 0f64, 0usize); bins];
+    for (p, &a) in probs.iter().zip(actual) {
+        let (best, c) = valence_model::argmax(p);
+        let b = ((c as f64 * bins as f64) as usize).min(bins - 1);
+        acc[b].0 += c as f64;
+        acc[b].1 += (best == a) as u8 as f64;
+        acc[b].2 += 1;
+    }
+    acc.into_iter()
+        .filter(|b| b.2 > 0)
+        .map(|(c, r, n)| ReliabilityBin {
+            confidence: c / n as f64,
+            accuracy: r / n as f64,
+            n,
+        })
+        .collect()
+}
+
+/// How the most confident predictions fare: the top `share` of them by top-class probability.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Coverage {
+    pub share: f64,
+    pub n: usize,
+    /// The lowest confidence kept: a `min-confidence` at this value keeps this share.
+    pub min_confidence: f64,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+}
+
+/// Accuracy and macro-F1 of the most confident `shares` of the predictions (e.g. 1.0, 0.8, 0.5).
+pub fn coverage(
+    probs: &[Vec<f32>],
+    actual: &[usize],
+    classes: usize,
+    shares: &[f64],
+) -> Vec<Coverage> {
+    let mut order: Vec<(f32, usize, usize)> = probs
+        .iter()
+        .zip(actual)
+        .map(|(p, &a)| {
+            let (best, c) = valence_model::argmax(p);
+            (c, best, a)
+        })
+        .collect();
+    order.sort_by(|x, y| y.0.total_cmp(&x.0));
+    shares
+        .iter()
+        .map(|&share| {
+            let n = ((order.len() as f64 * share).round() as usize)
+                .clamp(1.min(order.len()), order.len());
+            let kept = &order[..n];
+            let pred: Vec<usize> = kept.iter().map(|k| k.1).collect();
+            let act: Vec<usize> = kept.iter().map(|k| k.2).collect();
+            let r = report(&act, &pred, classes);
+            Coverage {
+                share,
+                n,
+                min_confidence: kept.last().map(|k| k.0 as f64).unwrap_or(0.0),
+                accuracy: r.accuracy,
+                macro_f1: r.macro_f1,
+            }
+        })
+        .collect()
+}
+
 /// `softmax(log p / t)`: temperature scaling applied to probabilities (the same as dividing the
 /// logits by `t`).
 pub fn with_temperature(p: &[f32], t: f64) -> Vec<f32> {
@@ -176,6 +253,31 @@ pub fn bootstrap_macro_f1(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coverage_keeps_the_most_confident_and_reliability_bins_them() {
+        // Confidences 0.95 (right), 0.8 (right), 0.6 (wrong), 0.4 (wrong).
+        let probs = vec![
+            vec![0.95, 0.03, 0.02],
+            vec![0.1, 0.8, 0.1],
+            vec![0.6, 0.3, 0.1],
+            vec![0.3, 0.3, 0.4],
+        ];
+        let actual = [0, 1, 1, 0];
+        let c = coverage(&probs, &actual, 3, &[1.0, 0.5]);
+        assert_eq!((c[0].n, c[0].accuracy), (4, 0.5));
+        assert_eq!((c[1].n, c[1].accuracy), (2, 1.0));
+        assert!((c[1].min_confidence - 0.8).abs() < 1e-6);
+        let bins = reliability(&probs, &actual, 10);
+        assert_eq!(bins.len(), 4);
+        assert_eq!(bins.iter().map(|b| b.n).sum::<usize>(), 4);
+        // ECE is the support-weighted gap of those bins.
+        let ece: f64 = bins
+            .iter()
+            .map(|b| (b.accuracy - b.confidence).abs() * b.n as f64 / 4.0)
+            .sum();
+        assert!((ece - expected_calibration_error(&probs, &actual, 10)).abs() < 1e-9);
+    }
 
     #[test]
     fn matches_hand_computed_figures() {

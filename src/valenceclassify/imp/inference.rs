@@ -213,13 +213,12 @@ impl ValenceClassify {
                 self.stats
                     .batched_windows
                     .fetch_add(done.batch_size as u64, Ordering::Relaxed);
-                state.pending[idx] = Pending::Ready(WindowResult::classified(
-                    state.backend.labels(),
-                    pts,
-                    duration,
-                    &probs,
-                    speech,
-                ));
+                let mut r =
+                    WindowResult::classified(state.backend.labels(), pts, duration, &probs, speech);
+                if r.confidence < state.min_confidence {
+                    r.label = "uncertain".into();
+                }
+                state.pending[idx] = Pending::Ready(r);
             }
             Err(e) => {
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -295,6 +294,20 @@ impl ValenceClassify {
         let min = state.backend.min_samples();
         for w in windows {
             let (pts, duration) = state.window_pts(&w);
+            if w.samples.len() < min {
+                let msg = gst::message::Warning::builder(
+                    gst::StreamError::Decode,
+                    &format!(
+                        "Window at {pts} holds {} ms of audio, too short for the model ({} ms): \
+                         reported as silence",
+                        w.samples.len() / 16,
+                        min / 16
+                    ),
+                )
+                .src(&*self.obj())
+                .build();
+                state.outbox.push(msg);
+            }
             if audio::rms_dbfs(&w.samples) < state.silence_threshold || w.samples.len() < min {
                 self.stats.silent.fetch_add(1, Ordering::Relaxed);
                 let n = state.backend.labels().len();

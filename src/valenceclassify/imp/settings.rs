@@ -64,6 +64,7 @@ pub(super) struct Settings {
     pub vad: bool,
     pub speech_threshold: f64,
     pub min_speech: f64,
+    pub min_confidence: f64,
 }
 
 impl Default for Settings {
@@ -84,6 +85,7 @@ impl Default for Settings {
             vad: true,
             speech_threshold: DEFAULT_SPEECH_THRESHOLD,
             min_speech: DEFAULT_MIN_SPEECH,
+            min_confidence: 0.0,
         }
     }
 }
@@ -97,6 +99,7 @@ pub(super) struct BufferSettings {
     pub alignment: Alignment,
     pub speech_threshold: f32,
     pub min_speech: f32,
+    pub min_confidence: f64,
 }
 
 impl Settings {
@@ -111,6 +114,7 @@ impl Settings {
             },
             speech_threshold: self.speech_threshold as f32,
             min_speech: self.min_speech as f32,
+            min_confidence: self.min_confidence,
         }
     }
 }
@@ -259,6 +263,17 @@ pub(super) fn properties() -> &'static [glib::ParamSpec] {
                 .default_value(DEFAULT_MIN_SPEECH)
                 .mutable_playing()
                 .build(),
+            glib::ParamSpecDouble::builder("min-confidence")
+                .nick("Minimum confidence")
+                .blurb(
+                    "Classified windows whose winning probability is below this get the label \
+                     `uncertain` (their probabilities kept); 0: off",
+                )
+                .minimum(0.0)
+                .maximum(1.0)
+                .default_value(0.0)
+                .mutable_playing()
+                .build(),
             glib::ParamSpecUInt::builder("batch-size")
                 .nick("Batch size")
                 .blurb(
@@ -367,6 +382,7 @@ impl ValenceClassify {
                 s.speech_threshold = value.get().unwrap_or(DEFAULT_SPEECH_THRESHOLD)
             }
             "min-speech" => s.min_speech = value.get().unwrap_or(DEFAULT_MIN_SPEECH),
+            "min-confidence" => s.min_confidence = value.get().unwrap_or(0.0),
             "batch-size" => s.batch_size = value.get().unwrap_or(DEFAULT_BATCH_SIZE),
             "batch-timeout" => s.batch_timeout = value.get().unwrap_or(DEFAULT_BATCH_TIMEOUT),
             "model-instance-id" => s.model_instance_id = string_or(value, ""),
@@ -390,6 +406,7 @@ impl ValenceClassify {
             "vad" => s.vad.to_value(),
             "speech-threshold" => s.speech_threshold.to_value(),
             "min-speech" => s.min_speech.to_value(),
+            "min-confidence" => s.min_confidence.to_value(),
             "batch-size" => s.batch_size.to_value(),
             "batch-timeout" => s.batch_timeout.to_value(),
             "model-instance-id" => s.model_instance_id.to_value(),

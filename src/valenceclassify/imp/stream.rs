@@ -44,6 +44,10 @@ pub(super) struct State {
     /// Read from the settings once per buffer.
     pub speech_threshold: f32,
     pub min_speech: f32,
+    pub min_confidence: f64,
+    /// Whether any window was cut since the element started or flushed: a stream too short
+    /// for one still gets its audio classified at EOS.
+    pub any_window: bool,
     /// Where the timestamps say the window stream's audio is.
     pub timeline: Timeline,
     /// Buffers whose timestamps deviate, held until the deviation is judged (jitter: they
@@ -85,6 +89,8 @@ impl State {
             detector,
             speech_threshold: valence_model::speech::DEFAULT_THRESHOLD,
             min_speech: 0.0,
+            min_confidence: 0.0,
+            any_window: false,
             timeline: Timeline::default(),
             deviating: Vec::new(),
             live: None,
@@ -252,7 +258,7 @@ impl ValenceClassify {
                         "discontinuity at {:?}: restarting windows",
                         chunk.pts.map(gst::ClockTime::from_nseconds)
                     );
-                    self.close_window_stream(state);
+                    self.close_window_stream(state, false);
                     self.feed(state, chunk, true);
                     return;
                 }
@@ -281,6 +287,7 @@ impl ValenceClassify {
             s.push(samples);
         }
         let windows = state.windower.push(samples);
+        state.any_window |= !windows.is_empty();
         self.submit(state, windows);
     }
 
@@ -296,7 +303,7 @@ impl ValenceClassify {
                 .and_then(|c| c.pts)
                 .map(gst::ClockTime::from_nseconds)
         );
-        self.close_window_stream(state);
+        self.close_window_stream(state, false);
         for chunk in held {
             self.feed(state, chunk, true);
         }
@@ -310,21 +317,34 @@ impl ValenceClassify {
         }
     }
 
-    /// Ends the window stream at EOS or a gap: held audio first, then the last windows.
+    /// Ends the window stream at a gap: held audio first, then the last windows.
     pub(super) fn end_window_stream(&self, state: &mut State) {
         self.settle_deviation(state);
-        self.close_window_stream(state);
+        self.close_window_stream(state, false);
+    }
+
+    /// Ends the stream at EOS: as at a gap, except that a stream too short for any window
+    /// has what there is classified (never silence for a short input).
+    pub(super) fn end_stream(&self, state: &mut State) {
+        self.settle_deviation(state);
+        self.close_window_stream(state, true);
     }
 
     /// Ends the current window stream: what is left in the resampler goes into the windows,
-    /// and audio not yet in any window becomes a last window when it is long enough.
-    fn close_window_stream(&self, state: &mut State) {
+    /// and audio not yet in any window becomes a last window when it is long enough (at the
+    /// end of a stream that had no window at all, whatever its length).
+    fn close_window_stream(&self, state: &mut State, at_eos: bool) {
         if let Some(r) = state.resampler.as_mut() {
             let rest = r.flush();
             self.take_16k(state, &rest);
         }
-        let min_tail = audio::ns_to_samples(MIN_TAIL_NS) as usize;
+        let min_tail = if at_eos && !state.any_window {
+            1
+        } else {
+            audio::ns_to_samples(MIN_TAIL_NS) as usize
+        };
         if let Some(w) = state.windower.finish(min_tail) {
+            state.any_window = true;
             self.submit(state, vec![w]);
         }
         state.restart_windows();
