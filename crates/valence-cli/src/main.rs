@@ -91,6 +91,22 @@ enum Command {
     /// Write a model in another runtime's format.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Fit a calibration (temperature, optionally class biases) on `valence cv --predictions`
+    /// of held-out speakers and held-out corpora together; print ECE before and after.
+    Calibrate {
+        /// The CSV `valence cv --predictions` wrote.
+        #[arg(long)]
+        predictions: PathBuf,
+        /// Fold the calibration into this model directory's head.
+        #[arg(long)]
+        apply: Option<PathBuf>,
+        /// Fit class biases as well as the temperature.
+        #[arg(long)]
+        class_bias: bool,
+        /// The temperature the model's head already divides its logits by.
+        #[arg(long, default_value_t = 1.0)]
+        current_temperature: f64,
+    },
     /// Speaker-independent model selection: grouped-by-speaker k-fold CV and
     /// leave-one-corpus-out, on cached pooled features.
     Cv {
@@ -426,6 +442,18 @@ fn run() -> Result<()> {
             encoder_ref,
             temperature,
         } => train::train_model(&features, &output, encoder_ref.as_deref(), temperature),
+        Command::Calibrate {
+            predictions,
+            apply,
+            class_bias,
+            current_temperature,
+        } => valence_train::calibration::calibrate(
+            &predictions,
+            apply
+                .as_deref()
+                .map(|d| (d, class_bias, current_temperature)),
+        )
+        .map(|_| ()),
         Command::Eval {
             manifest,
             root,

@@ -9,6 +9,7 @@
 
 pub mod adapt;
 pub mod augment;
+pub mod calibration;
 pub mod codec;
 pub mod commands;
 pub mod dataset;
