@@ -2,7 +2,39 @@
 //! thread: what a small streaming model (the speech detector) runs per block of audio. Rows may
 //! overlap (frames of a signal taken with a hop), so a 1-D convolution is one product.
 
-use super::{MatRef, gemm_f32};
+use super::{MatRef, avx2_dispatch, gemm_f32};
+
+avx2_dispatch!(
+    /// `dst[o] += sum_i weight[o * x.len() + i] * x[i]`: one row times a weight, for the steps
+    /// of a recurrence (`gemm` is built for many rows; one row is a dot product per output).
+    pub fn matvec_acc(weight: &[f32], x: &[f32], dst: &mut [f32]) => matvec_acc_generic
+);
+
+#[inline(always)]
+fn matvec_acc_generic(weight: &[f32], x: &[f32], dst: &mut [f32]) {
+    let k = x.len();
+    assert!(
+        k > 0 && weight.len() == k * dst.len(),
+        "weight is not [{}, {k}]",
+        dst.len()
+    );
+    for (d, w) in dst.iter_mut().zip(weight.chunks_exact(k)) {
+        // Eight partial sums, so the loop vectorises (and FMA chains do not serialise).
+        let mut acc = [0f32; 8];
+        let (wc, wr) = (w.chunks_exact(8), w.chunks_exact(8).remainder());
+        let (xc, xr) = (x.chunks_exact(8), x.chunks_exact(8).remainder());
+        for (a, b) in wc.zip(xc) {
+            for j in 0..8 {
+                acc[j] = a[j].mul_add(b[j], acc[j]);
+            }
+        }
+        let mut s: f32 = acc.iter().sum();
+        for (a, b) in wr.iter().zip(xr) {
+            s += a * b;
+        }
+        *d += s;
+    }
+}
 
 /// `dst[r][o] = bias[o] + sum_i x[r * row_stride + i] * weight[o * k + i]` for `rows` rows of
 /// `k` inputs and `n = weight.len() / k` outputs; `dst` is `rows x n`, row-major.
@@ -91,6 +123,21 @@ mod tests {
             let mut got = vec![0f32; rows * n];
             rows_times_weight(&x, rows, stride, k, &w, Some(&b), &mut got);
             let want = plain(&x, rows, stride, k, &w, &b);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_matches_the_plain_sum() {
+        let mut rng = SeededNormal::new(8);
+        for (n, k) in [(512, 128), (3, 13), (1, 8), (7, 1)] {
+            let x: Vec<f32> = (0..k).map(|_| rng.sample()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| rng.sample()).collect();
+            let mut got = vec![1f32; n];
+            matvec_acc(&w, &x, &mut got);
+            let want = plain(&x, 1, 0, k, &w, &vec![1.0; n]);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
             }

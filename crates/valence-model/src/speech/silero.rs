@@ -22,7 +22,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use rustfft::num_complex::Complex32;
 
-use crate::kernels::rows::rows_times_weight;
+use crate::kernels::rows::{matvec_acc, rows_times_weight};
 
 /// New samples per frame (32 ms at 16 kHz).
 pub const FRAME: usize = 512;
@@ -285,11 +285,8 @@ impl SileroVad {
         let mut probs = Vec::with_capacity(n);
         let mut gates = vec![0f32; 4 * HIDDEN];
         for f in 0..n {
-            rows_times_weight(&state.h, 1, 0, HIDDEN, &self.w_hh, None, &mut gates);
-            let x = &from_x[f * 4 * HIDDEN..(f + 1) * 4 * HIDDEN];
-            for (g, x) in gates.iter_mut().zip(x) {
-                *g += x;
-            }
+            gates.copy_from_slice(&from_x[f * 4 * HIDDEN..(f + 1) * 4 * HIDDEN]);
+            matvec_acc(&self.w_hh, &state.h, &mut gates);
             for j in 0..HIDDEN {
                 let i = sigmoid(gates[j]);
                 let fg = sigmoid(gates[HIDDEN + j]);
