@@ -22,6 +22,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use rustfft::num_complex::Complex32;
 
+use crate::kernels::activation::exp_approx;
 use crate::kernels::rows::{matvec_acc, rows_times_weight};
 
 /// New samples per frame (32 ms at 16 kHz).
@@ -149,7 +150,13 @@ fn stft_as_fft(stft: &[f32]) -> Option<(Arc<dyn rustfft::Fft<f32>>, Vec<f32>)> {
 }
 
 fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
+    1.0 / (1.0 + exp_approx(-x))
+}
+
+/// `tanh` through the same exponential (`2 sigmoid(2x) - 1`): glibc's goes through `expm1f`,
+/// which was the detector's second-largest cost.
+fn tanh(x: f32) -> f32 {
+    2.0 * sigmoid(2.0 * x) - 1.0
 }
 
 impl SileroVad {
@@ -213,7 +220,7 @@ impl SileroVad {
                     fft.process_with_scratch(&mut buf, &mut scratch);
                     let d = &mut mag[(f * 6 + t + 1) * BINS..(f * 6 + t + 2) * BINS];
                     for (d, b) in d.iter_mut().zip(&buf) {
-                        *d = b.norm();
+                        *d = (b.re * b.re + b.im * b.im).sqrt();
                     }
                 }
             }
@@ -290,10 +297,10 @@ impl SileroVad {
             for j in 0..HIDDEN {
                 let i = sigmoid(gates[j]);
                 let fg = sigmoid(gates[HIDDEN + j]);
-                let g = gates[2 * HIDDEN + j].tanh();
+                let g = tanh(gates[2 * HIDDEN + j]);
                 let o = sigmoid(gates[3 * HIDDEN + j]);
                 state.c[j] = fg * state.c[j] + i * g;
-                state.h[j] = o * state.c[j].tanh();
+                state.h[j] = o * tanh(state.c[j]);
             }
             let z: f32 = state
                 .h
@@ -395,6 +402,7 @@ pub(crate) mod tests {
             }
         }
         for j in 0..HIDDEN {
+            let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
             let (i, f) = (sigmoid(gates[j]), sigmoid(gates[HIDDEN + j]));
             let (g, o) = (gates[2 * HIDDEN + j].tanh(), sigmoid(gates[3 * HIDDEN + j]));
             st.c[j] = f * st.c[j] + i * g;
@@ -404,7 +412,7 @@ pub(crate) mod tests {
             .map(|j| st.h[j].max(0.0) * v.out_w[j])
             .sum::<f32>()
             + v.out_b;
-        sigmoid(z)
+        1.0 / (1.0 + (-z).exp())
     }
 
     fn audio(n: usize) -> Vec<f32> {
