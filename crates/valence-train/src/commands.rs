@@ -56,6 +56,10 @@ pub struct FeatureArgs {
     pub pooling: PoolingArg,
     #[arg(long, value_enum, default_value = "mlp")]
     pub head: HeadKind,
+    /// cv --per-window: leave out the windows the installed speech detector finds too little
+    /// speech in (as the element does: Silero's threshold, the element's default min-speech).
+    #[arg(long)]
+    pub speech_gate: bool,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, default_value_t = 60)]
@@ -297,10 +301,53 @@ impl FeatureArgs {
             &self.cache_dir(),
             &Device::Cpu,
         )?;
-        Ok(train::ExtraRows {
+        let mut rows = train::ExtraRows {
             x: table.select(&spec)?,
             clip,
-        })
+        };
+        if self.speech_gate {
+            rows = self.gate_windows(clips, rows)?;
+        }
+        Ok(rows)
+    }
+
+    /// Drops the window rows the speech detector would report as `no-speech`; the windows are
+    /// cut again (in the order [`dataset::window_features`] cut them) to know their shares.
+    fn gate_windows(&self, clips: &[Clip], rows: train::ExtraRows) -> Result<train::ExtraRows> {
+        use valence_model::speech;
+        let path = valence_model::Manifest::resolve(Path::new(""), speech::DEFAULT_DETECTOR);
+        let detector = speech::shared_detector(&path)
+            .with_context(|| "--speech-gate needs the detector `valence setup` installs")?;
+        let mut keep = Vec::with_capacity(rows.clip.len());
+        let root = self.clip_root();
+        for (i, c) in clips.iter().enumerate() {
+            let samples = crate::decode::decode_to_16k_mono(&root.join(&c.path))?;
+            for (_, share) in dataset::element_windows_with_speech(
+                &samples,
+                dataset::WINDOW_SILENCE_DBFS,
+                Some(&detector),
+                speech::DEFAULT_THRESHOLD,
+            ) {
+                keep.push((i, share.is_none_or(|s| s >= speech::DEFAULT_MIN_SPEECH)));
+            }
+        }
+        if keep.len() != rows.clip.len() || keep.iter().zip(&rows.clip).any(|(k, c)| k.0 != *c) {
+            bail!("the cached window features do not match the clips' windows");
+        }
+        let (x, clip) = rows
+            .x
+            .into_iter()
+            .zip(rows.clip)
+            .zip(&keep)
+            .filter(|(_, k)| k.1)
+            .map(|(r, _)| r)
+            .unzip();
+        eprintln!(
+            "speech gate: {} of {} windows kept",
+            keep.iter().filter(|k| k.1).count(),
+            keep.len()
+        );
+        Ok(train::ExtraRows { x, clip })
     }
 
     /// Row expansion for training: corpus balancing when asked for. Row ids below
