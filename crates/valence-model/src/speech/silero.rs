@@ -204,10 +204,10 @@ impl SileroVad {
         })
     }
 
-    /// STFT magnitudes of every frame, frame-major with one zero step either side per frame:
-    /// `[n][6][129]` (and zeros past the end).
+    /// STFT magnitudes of every frame, frame-major, `[n][5][129]`: a zero step, then the four steps; the next frame's zero step (or the
+    /// zeros past the end) closes each frame, so the first convolution wastes no row on them.
     fn magnitudes(&self, padded: &[f32], n: usize) -> Vec<f32> {
-        let mut mag = vec![0f32; n * (STFT_FRAMES + 2) * BINS + 3 * BINS];
+        let mut mag = vec![0f32; n * (STFT_FRAMES + 1) * BINS + 3 * BINS];
         if let Some((fft, window)) = &self.fft {
             let mut buf = vec![Complex32::default(); N_FFT];
             let mut scratch = vec![Complex32::default(); fft.get_inplace_scratch_len()];
@@ -218,7 +218,7 @@ impl SileroVad {
                         *b = Complex32::new(x * w, 0.0);
                     }
                     fft.process_with_scratch(&mut buf, &mut scratch);
-                    let d = &mut mag[(f * 6 + t + 1) * BINS..(f * 6 + t + 2) * BINS];
+                    let d = &mut mag[(f * 5 + t + 1) * BINS..(f * 5 + t + 2) * BINS];
                     for (d, b) in d.iter_mut().zip(&buf) {
                         *d = (b.re * b.re + b.im * b.im).sqrt();
                     }
@@ -234,7 +234,7 @@ impl SileroVad {
         for f in 0..n {
             for t in 0..STFT_FRAMES {
                 let s = &spec[(f * 5 + t) * 2 * BINS..(f * 5 + t + 1) * 2 * BINS];
-                let d = &mut mag[(f * 6 + t + 1) * BINS..(f * 6 + t + 2) * BINS];
+                let d = &mut mag[(f * 5 + t + 1) * BINS..(f * 5 + t + 2) * BINS];
                 for (b, d) in d.iter_mut().enumerate() {
                     *d = (s[b] * s[b] + s[BINS + b] * s[BINS + b]).sqrt();
                 }
@@ -271,8 +271,9 @@ impl SileroVad {
             .copy_from_slice(&samples[n * FRAME - CONTEXT..n * FRAME]);
 
         let mag = self.magnitudes(&padded, n);
-        // conv1 (stride 1): outputs t = 0..3 of frame f read padded frames t..t+2.
-        let x1 = conv_rows(&self.conv1, &mag, n, 6, 4, 1);
+        // conv1 (stride 1): output t of frame f reads steps t..t+2 of its five (and the next
+        // frame's leading zero step for t = 3).
+        let x1 = conv_rows(&self.conv1, &mag, n, 5, 4, 1);
         let x2 = conv_rows(&self.conv2, &x1, n, 6, 2, 2);
         let x3 = conv_rows(&self.conv3, &x2, n, 4, 1, 2);
         let x4 = conv_rows(&self.conv4, &x3, n, 3, 1, 1);
@@ -322,11 +323,16 @@ fn conv_rows(c: &Conv3, x: &[f32], n: usize, slots: usize, tout: usize, stride: 
     // Output t of frame f reads slots stride * t .. stride * t + 2 of it; frames are `slots`
     // apart, a multiple of the stride, so one product over rows `stride` slots apart covers
     // every frame (the rows between two frames' outputs are computed and left out).
-    let per_frame = slots / stride;
-    debug_assert_eq!(per_frame * stride, slots);
+    // A single output step per frame needs no rows in between: one row per frame.
+    let (per_frame, row_stride) = if tout == 1 {
+        (1, slots * c.cin)
+    } else {
+        debug_assert_eq!(slots % stride, 0);
+        (slots / stride, stride * c.cin)
+    };
     let rows = (n - 1) * per_frame + tout;
     let mut y = vec![0f32; rows * c.cout];
-    rows_times_weight(x, rows, stride * c.cin, 3 * c.cin, &c.w, Some(&c.b), &mut y);
+    rows_times_weight(x, rows, row_stride, 3 * c.cin, &c.w, Some(&c.b), &mut y);
     let frame_out = tout + 2;
     let mut out = vec![0f32; n * frame_out * c.cout + 3 * c.cout];
     for f in 0..n {
