@@ -85,7 +85,7 @@ impl SpeechStream {
         })
     }
 
-    /// Queues the stream's next 16 kHz samples (cheap: a copy; bounded, see [`MAX_QUEUED`]).
+    /// Queues the stream's next 16 kHz samples (cheap: a copy; at most 30 s are kept queued).
     pub fn push(&self, samples: &[f32]) {
         let mut q = lock(&self.queued);
         q.samples.extend_from_slice(samples);
