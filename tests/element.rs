@@ -30,9 +30,17 @@ fn model_dir() -> PathBuf {
 }
 
 fn harness(caps: &str, props: &[(&str, glib::Value)]) -> (Harness, gst::Bus) {
+    harness_with_model(&model_dir(), caps, props)
+}
+
+fn harness_with_model(
+    model: &std::path::Path,
+    caps: &str,
+    props: &[(&str, glib::Value)],
+) -> (Harness, gst::Bus) {
     init();
     let el = gst::ElementFactory::make("valenceclassify")
-        .property("model", model_dir().to_string_lossy().as_ref())
+        .property("model", model.to_string_lossy().as_ref())
         .property("device", "cpu")
         .build()
         .unwrap();
@@ -471,20 +479,11 @@ fn the_speech_gate_labels_windows_no_speech_and_skips_the_model() {
     let dir = std::env::temp_dir().join(format!("valence-element-vad-{}", std::process::id()));
     valence_model::synthetic::write_tiny_model_with_detector(&dir, 17).unwrap();
     let run = |props: &[(&str, glib::Value)]| {
-        init();
-        let el = gst::ElementFactory::make("valenceclassify")
-            .property("model", dir.to_string_lossy().as_ref())
-            .property("device", "cpu")
-            .build()
-            .unwrap();
-        for (k, v) in props {
-            el.set_property_from_value(k, v);
-        }
-        let bus = gst::Bus::new();
-        el.set_bus(Some(&bus));
-        let mut h = Harness::with_element(&el, Some("sink"), Some("src"));
-        h.set_live(false);
-        h.set_src_caps_str("audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved");
+        let (mut h, bus) = harness_with_model(
+            &dir,
+            "audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved",
+            props,
+        );
         let pushed = push_audio(&mut h, 16000, 1, 6.0, 0);
         h.push_event(gst::event::Eos::new());
         assert_eq!(drain_output(&mut h), pushed, "audio passes unchanged");

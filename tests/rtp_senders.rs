@@ -69,6 +69,16 @@ fn speech(dir: &Path, secs: u64) -> Option<PathBuf> {
     ok.then_some(out)
 }
 
+/// The ffmpeg sender, killed when dropped: also when the test fails midway.
+struct Sender(std::process::Child);
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_udp_port() -> u16 {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     s.local_addr().unwrap().port()
@@ -113,21 +123,23 @@ fn windows_over_rtp(codec: &[&str], caps: &str, depay: &str, secs: u64) -> Optio
     .downcast::<gst::Pipeline>()
     .unwrap();
     receiver.set_state(gst::State::Playing).unwrap();
-    let mut sender = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-re", "-i"])
-        .arg(&speech)
-        .args(codec)
-        .args(["-f", "rtp", &format!("rtp://127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("ffmpeg starts");
+    let mut sender = Sender(
+        Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-re", "-i"])
+            .arg(&speech)
+            .args(codec)
+            .args(["-f", "rtp", &format!("rtp://127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("ffmpeg starts"),
+    );
     let bus = receiver.bus().unwrap();
     let mut windows = 0;
     let mut eos_sent = false;
     let deadline = Instant::now() + Duration::from_secs(secs + 60);
     let mut sender_done: Option<Instant> = None;
     while Instant::now() < deadline {
-        if sender_done.is_none() && sender.try_wait().unwrap().is_some() {
+        if sender_done.is_none() && sender.0.try_wait().unwrap().is_some() {
             sender_done = Some(Instant::now());
         }
         // The jitter buffer's latency and the last packets: then end the stream.
@@ -149,8 +161,7 @@ fn windows_over_rtp(codec: &[&str], caps: &str, depay: &str, secs: u64) -> Optio
             _ => {}
         }
     }
-    let _ = sender.kill();
-    let _ = sender.wait();
+    drop(sender);
     receiver.set_state(gst::State::Null).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     Some(windows)

@@ -57,6 +57,13 @@ impl ObjectSubclass for ValenceClassify {
 }
 
 impl ValenceClassify {
+    /// Upstream's answer to a latency query (live, min, max), if it gives one.
+    fn upstream_latency(&self) -> Option<(bool, gst::ClockTime, Option<gst::ClockTime>)> {
+        let mut q = gst::query::Latency::new();
+        let pad = self.obj().sink_pads().first()?.clone();
+        pad.peer_query(&mut q).then(|| q.result())
+    }
+
     /// Sends the buffer held back in non-live mode downstream (before a serialized event).
     fn push_held(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
         let held = self
@@ -163,12 +170,7 @@ impl BaseTransformImpl for ValenceClassify {
             audio::ns_to_samples(settings.hop) as usize,
         );
         let detector = self.speech_detector(&settings, backend.as_ref());
-        let mut state = State::new(backend, client, windower, detector);
-        let per_buffer = settings.per_buffer();
-        state.silence_threshold = per_buffer.silence_threshold;
-        state.speech_threshold = per_buffer.speech_threshold;
-        state.min_speech = per_buffer.min_speech;
-        state.min_confidence = per_buffer.min_confidence;
+        let state = State::new(backend, client, windower, detector, settings.per_buffer());
         *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
         Ok(())
     }
@@ -225,11 +227,8 @@ impl BaseTransformImpl for ValenceClassify {
         let Some(state) = guard.as_mut() else {
             return Err(gst::FlowError::Flushing);
         };
-        state.silence_threshold = out.silence_threshold;
-        state.speech_threshold = out.speech_threshold;
-        state.min_speech = out.min_speech;
-        state.min_confidence = out.min_confidence;
-        if let Err(e) = self.analyse(state, &buf, out.alignment) {
+        state.settings = out;
+        if let Err(e) = self.analyse(state, &buf) {
             let messages = std::mem::take(&mut state.outbox);
             drop(guard);
             self.post_all(messages);
@@ -350,18 +349,11 @@ impl BaseTransformImpl for ValenceClassify {
         {
             // Audio is never held back: buffers leave as soon as they arrive (results ride on
             // later buffers in live mode), so the element adds no latency to upstream's.
-            let mut upstream = gst::query::Latency::new();
-            if self
-                .obj()
-                .sink_pads()
-                .first()
-                .is_some_and(|p| p.peer_query(&mut upstream))
-            {
-                let (live, min, max) = upstream.result();
-                q.set(live, min, max);
-                return true;
-            }
-            return false;
+            let Some((live, min, max)) = self.upstream_latency() else {
+                return false;
+            };
+            q.set(live, min, max);
+            return true;
         }
         BaseTransformImplExt::parent_query(self, direction, query)
     }

@@ -488,7 +488,7 @@ fn run() -> Result<()> {
             data,
             speech_threshold,
         } => match (what.as_str(), sharing) {
-            ("vad", _) => vad_bench::run(&data, &model, speech_threshold),
+            ("vad", _) => vad_bench::run(&data, &model, speech_threshold, python.as_deref()),
             ("triton", _) => {
                 let counts = if counts.is_empty() {
                     vec![1, 8, 32]

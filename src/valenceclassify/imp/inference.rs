@@ -148,8 +148,7 @@ impl ValenceClassify {
             );
             return None;
         }
-        let path =
-            valence_model::Manifest::resolve(std::path::Path::new(""), speech::DEFAULT_DETECTOR);
+        let path = speech::default_detector_path();
         if !path.is_file() {
             gst::info!(
                 CAT,
@@ -215,7 +214,7 @@ impl ValenceClassify {
                     .fetch_add(done.batch_size as u64, Ordering::Relaxed);
                 let mut r =
                     WindowResult::classified(state.backend.labels(), pts, duration, &probs, speech);
-                if r.confidence < state.min_confidence {
+                if r.confidence < state.settings.min_confidence {
                     r.label = "uncertain".into();
                 }
                 state.pending[idx] = Pending::Ready(r);
@@ -308,7 +307,9 @@ impl ValenceClassify {
                 .build();
                 state.outbox.push(msg);
             }
-            if audio::rms_dbfs(&w.samples) < state.silence_threshold || w.samples.len() < min {
+            if audio::rms_dbfs(&w.samples) < state.settings.silence_threshold
+                || w.samples.len() < min
+            {
                 self.stats.silent.fetch_add(1, Ordering::Relaxed);
                 let n = state.backend.labels().len();
                 let speech = state.speech.as_ref().map(|_| 0.0);
@@ -328,8 +329,8 @@ impl ValenceClassify {
             let gate = state.speech.as_ref().map(|s| SpeechGate {
                 stream: s.clone(),
                 start: w.start,
-                threshold: state.speech_threshold,
-                min_speech: state.min_speech,
+                threshold: state.settings.speech_threshold,
+                min_speech: state.settings.min_speech,
             });
             state.client.submit_gated(id, w.samples, gate);
             state

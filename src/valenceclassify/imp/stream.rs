@@ -6,7 +6,6 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use gst::prelude::*;
 use gst::subclass::prelude::*;
 use gst_base::prelude::*;
 
@@ -15,7 +14,8 @@ use valence_model::serving::service::{Backend, Client};
 use valence_model::speech::{SileroVad, SpeechStream};
 
 use super::inference::Pending;
-use super::timeline::{Alignment, Timeline, Verdict};
+use super::settings::BufferSettings;
+use super::timeline::{Timeline, Verdict};
 use super::{CAT, ValenceClassify};
 
 /// At EOS, audio not yet in any window is classified when there is at least this much.
@@ -24,8 +24,13 @@ const MIN_TAIL_NS: u64 = 1_000_000_000;
 /// One buffer's audio, mixed to mono at the input rate.
 pub(super) struct Chunk {
     pts: Option<u64>,
-    frames: u64,
     mono: Vec<f32>,
+}
+
+impl Chunk {
+    fn frames(&self) -> u64 {
+        self.mono.len() as u64
+    }
 }
 
 /// Everything that lives from `start` to `stop`.
@@ -41,10 +46,8 @@ pub(super) struct State {
     pub detector: Option<Arc<SileroVad>>,
     /// The detector's view of the current window stream.
     pub speech: Option<Arc<SpeechStream>>,
-    /// Read from the settings once per buffer.
-    pub speech_threshold: f32,
-    pub min_speech: f32,
-    pub min_confidence: f64,
+    /// The settings of the buffer being handled (read once per buffer).
+    pub settings: BufferSettings,
     /// Whether any window was cut since the element started or flushed: a stream too short
     /// for one still gets its audio classified at EOS.
     pub any_window: bool,
@@ -65,8 +68,6 @@ pub(super) struct State {
     pub warned_unavailable: bool,
     /// Non-live: the model server stayed unreachable through the retries; the stream fails.
     pub server_lost: bool,
-    /// Read from the settings once per buffer.
-    pub silence_threshold: f64,
     /// Messages (warnings, QoS) made while the state is locked, posted once it is not: a bus
     /// sync handler may call back into the element.
     pub outbox: Vec<gst::Message>,
@@ -78,6 +79,7 @@ impl State {
         client: Arc<Client>,
         windower: Windower,
         detector: Option<Arc<SileroVad>>,
+        settings: BufferSettings,
     ) -> Self {
         Self {
             backend,
@@ -87,9 +89,7 @@ impl State {
             windower,
             speech: detector.clone().map(SpeechStream::new),
             detector,
-            speech_threshold: valence_model::speech::DEFAULT_THRESHOLD,
-            min_speech: 0.0,
-            min_confidence: 0.0,
+            settings,
             any_window: false,
             timeline: Timeline::default(),
             deviating: Vec::new(),
@@ -100,7 +100,6 @@ impl State {
             warned_behind: false,
             warned_unavailable: false,
             server_lost: false,
-            silence_threshold: 0.0,
             outbox: Vec::new(),
         }
     }
@@ -128,20 +127,6 @@ impl State {
 }
 
 impl ValenceClassify {
-    fn query_live(&self) -> bool {
-        let mut q = gst::query::Latency::new();
-        if self
-            .obj()
-            .sink_pads()
-            .first()
-            .is_some_and(|p| p.peer_query(&mut q))
-        {
-            q.result().0
-        } else {
-            false
-        }
-    }
-
     fn segment_start(&self) -> u64 {
         self.obj()
             .segment()
@@ -156,7 +141,6 @@ impl ValenceClassify {
         &self,
         state: &mut State,
         buf: &gst::BufferRef,
-        alignment: Alignment,
     ) -> Result<(), gst::FlowError> {
         let Some(info) = state.info.clone() else {
             let msg = self.error_message(gst::CoreError::Negotiation, "No caps before data");
@@ -164,25 +148,23 @@ impl ValenceClassify {
             return Err(gst::FlowError::NotNegotiated);
         };
         if state.live.is_none() {
-            state.live = Some(self.query_live());
+            state.live = Some(self.upstream_latency().is_some_and(|(live, _, _)| live));
             gst::debug!(CAT, imp = self, "live: {:?}", state.live);
         }
-        let mono = self.mix_to_mono(state, &info, buf)?;
-        let frames = mono.len() as u64;
         let chunk = Chunk {
             pts: buf.pts().map(|t| t.nseconds()),
-            frames,
-            mono,
+            mono: self.mix_to_mono(state, &info, buf)?,
         };
         let discont = buf.flags().contains(gst::BufferFlags::DISCONT);
-        if frames == 0 {
+        if chunk.mono.is_empty() {
             // No audio, but a flagged jump still ends the windows before it.
+            let alignment = state.settings.alignment;
             if state.timeline.classify(chunk.pts, 0, discont, alignment) == Verdict::Discont {
                 self.end_window_stream(state);
             }
             return Ok(());
         }
-        self.take_chunk(state, chunk, discont, alignment);
+        self.take_chunk(state, chunk, discont);
         Ok(())
     }
 
@@ -229,11 +211,12 @@ impl ValenceClassify {
 
     /// Places one buffer's audio on the timeline: it continues the windows, waits while its
     /// deviation is judged, or starts new windows after a discontinuity.
-    fn take_chunk(&self, state: &mut State, chunk: Chunk, discont: bool, alignment: Alignment) {
+    fn take_chunk(&self, state: &mut State, chunk: Chunk, discont: bool) {
+        let alignment = state.settings.alignment;
         loop {
             match state
                 .timeline
-                .classify(chunk.pts, chunk.frames, discont, alignment)
+                .classify(chunk.pts, chunk.frames(), discont, alignment)
             {
                 Verdict::Aligned => {
                     // What was held deviated only for a moment: it continues the windows.
@@ -242,7 +225,7 @@ impl ValenceClassify {
                     return;
                 }
                 Verdict::Hold => {
-                    state.timeline.hold(chunk.pts, chunk.frames);
+                    state.timeline.hold(chunk.pts, chunk.frames());
                     state.deviating.push(chunk);
                     return;
                 }
@@ -273,7 +256,9 @@ impl ValenceClassify {
         } else {
             self.segment_start()
         };
-        state.timeline.take(chunk.pts, chunk.frames, marked, origin);
+        state
+            .timeline
+            .take(chunk.pts, chunk.frames(), marked, origin);
         let resampled = match state.resampler.as_mut() {
             Some(r) => r.process(&chunk.mono),
             None => chunk.mono,

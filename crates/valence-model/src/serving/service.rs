@@ -297,29 +297,27 @@ fn gate(batch: Vec<Request>) -> Vec<(Request, Option<f32>)> {
         };
         let judged =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| g.judge(req.samples.len())));
-        match judged {
-            Ok((share, true)) => keep.push((req, share)),
-            Ok((share, false)) => req.client.deliver(
-                req.generation,
-                Completed {
-                    tag: req.tag,
-                    outcome: Ok(None),
-                    speech: share,
-                    batch_size: 0,
-                    model_time: Duration::ZERO,
-                },
+        let (outcome, speech) = match judged {
+            Ok((share, true)) => {
+                keep.push((req, share));
+                continue;
+            }
+            Ok((share, false)) => (Ok(None), share),
+            Err(_) => (
+                Err(WindowError::window("the speech detector panicked")),
+                None,
             ),
-            Err(_) => req.client.deliver(
-                req.generation,
-                Completed {
-                    tag: req.tag,
-                    outcome: Err(WindowError::window("the speech detector panicked")),
-                    speech: None,
-                    batch_size: 0,
-                    model_time: Duration::ZERO,
-                },
-            ),
-        }
+        };
+        req.client.deliver(
+            req.generation,
+            Completed {
+                tag: req.tag,
+                outcome,
+                speech,
+                batch_size: 0,
+                model_time: Duration::ZERO,
+            },
+        );
     }
     keep
 }

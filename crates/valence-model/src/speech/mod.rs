@@ -23,6 +23,11 @@ pub const DEFAULT_MIN_SPEECH: f32 = 0.05;
 /// Where `valence setup` installs the detector, as manifests name it.
 pub const DEFAULT_DETECTOR: &str = "@cache/detectors/silero_vad_16k.safetensors";
 
+/// Where [`DEFAULT_DETECTOR`] lies in this machine's cache.
+pub fn default_detector_path() -> PathBuf {
+    crate::Manifest::resolve(Path::new(""), DEFAULT_DETECTOR)
+}
+
 /// Audio queued beyond this (a stream whose windows are all silent or skipped for a while, so
 /// the detector is never asked) is dropped from the front, whole frames at a time; the
 /// detector restarts after the gap and its frames count as unknown.
