@@ -4,7 +4,8 @@ set -euo pipefail
 pkgs=(libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev gstreamer1.0-plugins-base
       gstreamer1.0-plugins-good gstreamer1.0-tools pkg-config meson ninja-build
       fonts-dejavu-core python3-gst-1.0 gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0
-      python3-pip python3-venv ca-certificates espeak-ng ffmpeg)
+      python3-pip python3-venv ca-certificates espeak-ng ffmpeg gstreamer1.0-plugins-bad
+      prometheus chromium chromium-driver)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

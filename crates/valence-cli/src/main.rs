@@ -10,7 +10,7 @@ mod classify;
 mod embed;
 mod eval;
 mod plot;
-mod row;
+use valence_monitor::row;
 mod setup;
 mod streams;
 mod triton_bench;
@@ -73,6 +73,29 @@ enum Command {
         /// (probabilities kept); choose it from `valence eval`'s coverage table. 0: off.
         #[arg(long, default_value_t = 0.0)]
         min_confidence: f64,
+    },
+    /// Watch live streams (RTSP, RTP via SDP files, SRT, HTTP, files) with one pipeline each and
+    /// one shared model; serve Prometheus metrics, a JSON API, Server-Sent Events and a live page.
+    Monitor {
+        /// TOML file naming the sources, element properties, listen address and alert rules
+        /// (see README "Monitoring").
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// More sources: URIs or file paths, named after their last path part.
+        uris: Vec<String>,
+        /// HTTP address (default: the config's, else 127.0.0.1:9750).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Keep one JSONL file per stream in this directory, rotated daily (UTC).
+        #[arg(long)]
+        jsonl: Option<PathBuf>,
+        /// Play the command line's sources again when they end (files).
+        #[arg(long = "loop")]
+        looping: bool,
+        /// valenceclassify property for every source, as NAME=VALUE (repeatable), after the
+        /// config's [element] table.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
     },
     /// Write an encoder's hidden states for one file as safetensors.
     Embed {
@@ -343,6 +366,34 @@ fn run() -> Result<()> {
                 matches!(format, Format::Csv),
                 plot.as_deref(),
             )
+        }
+        Command::Monitor {
+            config,
+            uris,
+            listen,
+            jsonl,
+            looping,
+            set,
+        } => {
+            let mut cfg = match &config {
+                Some(p) => valence_monitor::Config::read(p)?,
+                None => valence_monitor::Config::parse("")?,
+            };
+            cfg.add_uris(&uris, looping)?;
+            cfg.set_properties(&set)?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if jsonl.is_some() {
+                cfg.jsonl = jsonl;
+            }
+            let monitor = valence_monitor::Monitor::start(&cfg, Default::default())?;
+            eprintln!(
+                "valence monitor: {} source(s), http://{}/ (metrics at /metrics)",
+                cfg.sources.len(),
+                monitor.addr
+            );
+            monitor.run_until_signal()
         }
         Command::Embed {
             model,

@@ -1,5 +1,5 @@
-//! One window's result as the CLI writes it (JSON lines or CSV): the schema of
-//! `valence classify`, shared by its plot.
+//! One window's result as `valence classify` and `valence monitor` write it (JSON lines or CSV),
+//! read from a `valence` element message.
 
 use std::io::Write;
 
