@@ -9,6 +9,7 @@ mod bench;
 mod classify;
 mod embed;
 mod eval;
+mod monitor_bench;
 mod plot;
 use valence_monitor::row;
 mod setup;
@@ -229,7 +230,8 @@ enum Command {
         /// on and off; triton (file and live streams through one Triton server beside the
         /// same streams in this process; `--python` runs a PyTriton server on loopback, or
         /// `--model triton://HOST:PORT/NAME` names a running one); vad (the speech gate on
-        /// `--data`'s speech and non-speech clips, and its cost).
+        /// `--data`'s speech and non-speech clips, and its cost); monitor (live streams through
+        /// `valence monitor` under HTTP load, beside the element alone; default 32 streams).
         #[arg(long, default_value = "whisper")]
         what: String,
         /// vad: the shared data folder (with manifest.csv and nonspeech/manifest.csv).
@@ -241,7 +243,7 @@ enum Command {
         /// Where the random xlsr-sized checkpoint is kept (1.2 GB).
         #[arg(long)]
         work_dir: Option<PathBuf>,
-        /// live/files/triton: the stream counts to run, smallest first (files compares with the
+        /// live/files/triton/monitor: the stream counts to run, smallest first (files compares with the
         /// first); default 1,8,16,32,64 (live, files) or 1,8,32 (triton).
         #[arg(long, value_delimiter = ',')]
         streams: Vec<usize>,
@@ -539,6 +541,10 @@ fn run() -> Result<()> {
             data,
             speech_threshold,
         } => match (what.as_str(), sharing) {
+            ("monitor", _) => {
+                let counts = if counts.is_empty() { vec![32] } else { counts };
+                monitor_bench::run(&model, &device, &counts, seconds)
+            }
             ("vad", _) => vad_bench::run(&data, &model, speech_threshold, python.as_deref()),
             ("triton", _) => {
                 let counts = if counts.is_empty() {

@@ -606,5 +606,20 @@ fn a_bad_config_names_its_line_and_starts_nothing() {
         !out.status.success() && err.contains("line 5") && err.contains("soon"),
         "{err}"
     );
+    std::fs::write(
+        &cfg,
+        "[element]\nmodel = \"/no/such/model\"\n[[source]]\nname = \"a\"\nuri = \"udp://x\"\n",
+    )
+    .unwrap();
+    let out = Command::new(valence())
+        .args(["monitor", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("line 2") && err.contains("does not exist"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -333,7 +333,7 @@ impl Hub {
             while st
                 .history
                 .front()
-                .is_some_and(|w| (time_ms - w.time_ms) as f64 > HISTORY_S * 1000.0)
+                .is_some_and(|w| time_ms.saturating_sub(w.time_ms) as f64 > HISTORY_S * 1000.0)
             {
                 st.history.pop_front();
             }

@@ -98,6 +98,20 @@ pub fn make_classifier(src: &Source) -> Result<gst::Element> {
         .build()
         .context("the valenceclassify element is not available")?;
     apply_properties(&e, &src.properties).with_context(|| format!("source {:?}", src.name))?;
+    // A model that is not there is a config error, not a source to restart forever.
+    let model: String = e.property("model");
+    if !valence_triton::is_remote(&model)
+        && let Err(err) = valence_model::serving::registry::resolve_model(&model)
+    {
+        let line = src
+            .properties
+            .iter()
+            .rev()
+            .find(|p| p.name == "model" && p.line > 0)
+            .map(|p| format!("line {}: ", p.line))
+            .unwrap_or_default();
+        bail!("{line}source {:?}: {err:#}", src.name);
+    }
     Ok(e)
 }
 
@@ -273,10 +287,20 @@ fn play(
                             j.write(&row);
                         }
                         for a in hub.window(i, row, latency) {
-                            eprintln!(
-                                "valence monitor: alert {}",
-                                serde_json::to_string(&a).unwrap_or_default()
-                            );
+                            if let crate::hub::Event::Alert {
+                                rule,
+                                class,
+                                state,
+                                mean,
+                                ..
+                            } = a
+                            {
+                                eprintln!(
+                                    "valence monitor: {}: alert {rule} {state} \
+                                     ({class} at {mean:.2} over the last speech)",
+                                    src.name
+                                );
+                            }
                         }
                     }
                 }
