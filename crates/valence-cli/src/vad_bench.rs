@@ -72,6 +72,66 @@ fn pct(n: usize, of: usize) -> f64 {
     100.0 * n as f64 / of.max(1) as f64
 }
 
+/// One non-live stream of `audio` (16 kHz, 20 ms buffers) through `appsrc ! valenceclassify
+/// ! fakesink`: the process's CPU ms per second of audio.
+fn one_stream_cpu(model: &Path, audio: &[f32], vad: bool) -> Result<f64> {
+    use gst::prelude::*;
+    let desc = format!(
+        "appsrc name=src format=time caps=audio/x-raw,format=F32LE,rate=16000,channels=1,layout=interleaved \
+         ! valenceclassify model=\"{}\" vad={vad} min-speech=0 ! fakesink sync=false",
+        model.display()
+    );
+    let p = gst::parse::launch(&desc)?
+        .downcast::<gst::Pipeline>()
+        .map_err(|_| anyhow::anyhow!("not a pipeline"))?;
+    let src = p
+        .by_name("src")
+        .and_then(|e| e.downcast::<gst_app::AppSrc>().ok())
+        .context("no appsrc")?;
+    // The model loads before the clock starts.
+    p.set_state(gst::State::Paused)?;
+    let _ = p.state(gst::ClockTime::from_seconds(60));
+    p.set_state(gst::State::Playing)?;
+    let cpu0 = crate::streams::cpu_seconds();
+    for (i, chunk) in audio.chunks(320).enumerate() {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut buf = gst::Buffer::from_mut_slice(bytes);
+        if let Some(b) = buf.get_mut() {
+            b.set_pts(gst::ClockTime::from_useconds(i as u64 * 20_000));
+            b.set_duration(gst::ClockTime::from_useconds(20_000));
+        }
+        src.push_buffer(buf)
+            .map_err(|e| anyhow::anyhow!("push: {e:?}"))?;
+    }
+    src.end_of_stream()
+        .map_err(|e| anyhow::anyhow!("eos: {e:?}"))?;
+    let bus = p.bus().context("no bus")?;
+    let msg = bus.timed_pop_filtered(
+        gst::ClockTime::from_seconds(300),
+        &[gst::MessageType::Eos, gst::MessageType::Error],
+    );
+    let cpu = crate::streams::cpu_seconds() - cpu0;
+    let _ = p.set_state(gst::State::Null);
+    match msg {
+        Some(m) if m.type_() == gst::MessageType::Eos => {}
+        m => bail!("the stream did not end: {m:?}"),
+    }
+    Ok(cpu * 1e3 / (audio.len() as f64 / 16_000.0))
+}
+
+/// [`one_stream_cpu`] with and without the detector, alternating, medians of 5.
+fn stream_cpu(model: &Path, audio: &[f32]) -> Result<(f64, f64)> {
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    one_stream_cpu(model, audio, true)?; // warm: the model, the service, the caches
+    for _ in 0..5 {
+        on.push(one_stream_cpu(model, audio, true)?);
+        off.push(one_stream_cpu(model, audio, false)?);
+    }
+    on.sort_by(f64::total_cmp);
+    off.sort_by(f64::total_cmp);
+    Ok((on[2], off[2]))
+}
+
 /// Silero's ONNX model in ONNX Runtime, streamed as its own wrapper does
 /// (`bench/silero_reference.py`): CPU ms per second of audio.
 fn onnx_runtime_reference(python: &str) -> Result<f64> {
@@ -248,6 +308,14 @@ pub fn run(data: &Path, model: &str, threshold: f32, python: Option<&str>) -> Re
         "\ncost: detector {v:.2} ms per second of audio; default model {w:.1} ms per 3 s window; \
          at a 1 s hop the detector adds {:.1} % to a classified stream's model time",
         100.0 * v / w
+    );
+    let (on, off) = stream_cpu(&dir, minute)?;
+    println!(
+        "cost through the element: one stream of this minute of speech (16 kHz, 20 ms buffers, \
+         every window to the model), process CPU per second of audio, alternating, medians of 5: \
+         {on:.2} ms with the detector, {off:.2} ms without: the detector adds {:.1} % to the \
+         stream's CPU time",
+        100.0 * (on - off) / off
     );
     if let Some(py) = python {
         let r = onnx_runtime_reference(py)?;
