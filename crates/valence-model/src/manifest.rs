@@ -16,6 +16,7 @@
 //! Relative paths are relative to the model directory; `encoder.path` may also start with
 //! `@cache/`, meaning the valence cache directory (see [`crate::serving::registry::cache_dir`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -45,6 +46,10 @@ pub struct EncoderSpec {
     /// CPUs keep f32 ([`crate::serving::runtime::encoder_weight_format`]). GPUs use `dtype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantize: Option<String>,
+    /// Fine-tuned weights of some of the base encoder's layers, carried by the model directory
+    /// (Whisper only): [`crate::encoders::adapted`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapted: Option<crate::encoders::adapted::AdaptedSpec>,
 }
 
 /// Checks a manifest's `encoder.quantize` value: 8-bit weights are the one quantization.
@@ -376,6 +381,36 @@ impl Manifest {
         Self::resolve(dir, &self.encoder.path)
     }
 
+    /// A Whisper encoder's config and tensors as this model runs them: the base checkpoint,
+    /// with the adapted layers the manifest names in place of the base's (what [`Self::load`]
+    /// builds the encoder from, and what an exporter writes out). Also returns the base file.
+    pub fn whisper_tensors(
+        &self,
+        dir: &Path,
+    ) -> Result<(
+        crate::encoders::whisper::WhisperEncoderConfig,
+        HashMap<String, Tensor>,
+        PathBuf,
+    )> {
+        if self.encoder.kind != EncoderKind::Whisper {
+            bail!(
+                "{}: adapted layers need a Whisper encoder, not {:?}",
+                dir.join(MANIFEST_FILE).display(),
+                self.encoder.kind
+            );
+        }
+        let enc_dir = self.encoder_dir(dir);
+        let config = crate::encoders::whisper::read_whisper_config(&enc_dir)?;
+        let weights = crate::find_weights_file(&enc_dir)?;
+        let mut tensors = crate::encoders::whisper::read_whisper_checkpoint(&weights)?;
+        if let Some(spec) = &self.encoder.adapted {
+            let path = Self::resolve(dir, &spec.weights);
+            crate::encoders::adapted::apply(&mut tensors, spec, &path)
+                .with_context(|| format!("{}", dir.join(MANIFEST_FILE).display()))?;
+        }
+        Ok((config, tensors, weights))
+    }
+
     /// The head's config and tensors and the scaler, as the manifest names them (read, not yet
     /// built): what [`Self::load`] builds the head from, and what an exporter writes out.
     pub fn head_parts(&self, dir: &Path) -> Result<HeadParts> {
@@ -431,7 +466,17 @@ impl Manifest {
                 }
             );
         }
-        let mut encoder = Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?;
+        let mut encoder = match &self.encoder.adapted {
+            None => Encoder::load_dir(&enc_dir, Some(self.encoder.kind), dtype, device)?,
+            Some(_) => {
+                let (config, tensors, origin) = self.whisper_tensors(dir)?;
+                Encoder::Whisper(Box::new(
+                    crate::encoders::whisper::WhisperEncoder::from_tensors(
+                        config, tensors, &origin, dtype, device,
+                    )?,
+                ))
+            }
+        };
         // One description, the format chosen here for this device and CPU.
         let weights = if device.is_cpu() {
             crate::serving::runtime::encoder_weight_format(

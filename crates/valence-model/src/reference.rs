@@ -106,6 +106,7 @@ pub fn write_reference_model(card: &Path, encoder: &Path, out: &Path) -> Result<
             kind: EncoderKind::Wav2vec2,
             path: abs(encoder).to_string_lossy().into(),
             quantize: None,
+            adapted: None,
         },
         features,
         scaler: None,

@@ -209,6 +209,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
             kind: EncoderKind::Whisper,
             path: "encoder".into(),
             quantize: None,
+            adapted: None,
         },
         features: FeatureSpec {
             source: FeatureSource::HiddenStates,

@@ -855,6 +855,7 @@ pub fn train_model(
             kind,
             path: encoder_path,
             quantize: args.quantize.clone(),
+            adapted: None,
         },
         features: args.spec(),
         scaler: Some("scaler.safetensors".into()),

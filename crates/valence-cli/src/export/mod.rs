@@ -19,13 +19,12 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
+use valence_model::EncoderKind;
 use valence_model::classifier::head::{Activation, HeadConfig, TransformerHeadConfig};
-use valence_model::encoders::weights::read_checkpoint;
 use valence_model::encoders::whisper::{HOP_LENGTH, N_FFT, SAMPLE_RATE, WhisperEncoderConfig};
 use valence_model::manifest::{
     Combine, FeatureSource, Manifest, Pooling, VOICED_FLOOR_DBFS, VOICED_RANGE_DB,
 };
-use valence_model::{EncoderKind, find_weights_file};
 
 use graph::{Attr, Dim, GraphBuilder};
 
@@ -497,21 +496,17 @@ pub fn model_to_onnx(dir: &Path) -> Result<Vec<u8>> {
             dir.display()
         );
     }
-    let enc_dir = manifest.encoder_dir(dir);
-    let cfg_path = enc_dir.join("config.json");
-    let cfg: WhisperEncoderConfig =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).with_context(|| {
-            format!("cannot read {} (run `valence setup`?)", cfg_path.display())
-        })?)
-        .with_context(|| format!("{} is not a Whisper config", cfg_path.display()))?;
+    // The base checkpoint with the model's adapted layers in place, as the element runs it.
+    let (cfg, tensors, weights_path) = manifest.whisper_tensors(dir).with_context(|| {
+        format!(
+            "cannot read the encoder of {} (run `valence setup`?)",
+            dir.display()
+        )
+    })?;
     cfg.validate()?;
     spec.validate(cfg.encoder_layers)?;
-    let weights_path = find_weights_file(&enc_dir)?;
     let enc = Weights {
-        tensors: read_checkpoint(&weights_path)?
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v))
-            .collect(),
+        tensors,
         origin: weights_path.display().to_string(),
     };
     let head = manifest.head_parts(dir)?;

@@ -6,6 +6,7 @@
 //! `AudioEncoder` returns only its last state and uses the tanh GELU, while Whisper checkpoints
 //! are trained with the erf GELU.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -372,15 +373,28 @@ pub struct WhisperEncoder {
     dtype: DType,
 }
 
+/// A Whisper checkpoint's tensors, names without the `model.` prefix.
+pub fn read_whisper_checkpoint(weights: &Path) -> Result<HashMap<String, Tensor>> {
+    Ok(read_checkpoint(weights)?
+        .into_iter()
+        .map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v))
+        .collect())
+}
+
+/// An HF Whisper directory's config.
+pub fn read_whisper_config(dir: &Path) -> Result<WhisperEncoderConfig> {
+    let config_path = dir.join("config.json");
+    let text = crate::files::read_metadata_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a Whisper config", config_path.display()))
+}
+
 impl WhisperEncoder {
     /// Loads an HF Whisper directory (`config.json` + `model.safetensors` or
     /// `pytorch_model.bin`); decoder weights, if any, are ignored.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text = crate::files::read_metadata_string(&config_path)
-            .with_context(|| format!("cannot read {}", config_path.display()))?;
-        let config: WhisperEncoderConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a Whisper config", config_path.display()))?;
+        let config = read_whisper_config(dir)?;
         let weights = crate::find_weights_file(dir)?;
         Self::load(config, &weights, dtype, device)
     }
@@ -391,10 +405,19 @@ impl WhisperEncoder {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let tensors = read_checkpoint(weights)?
-            .into_iter()
-            .map(|(k, v)| (k.strip_prefix("model.").map(str::to_string).unwrap_or(k), v))
-            .collect();
+        let tensors = read_whisper_checkpoint(weights)?;
+        Self::from_tensors(config, tensors, weights, dtype, device)
+    }
+
+    /// Builds the encoder from named tensors (checkpoint names without `model.`), as read by
+    /// [`read_whisper_checkpoint`] and perhaps adapted ([`crate::encoders::adapted`]).
+    pub fn from_tensors(
+        config: WhisperEncoderConfig,
+        tensors: HashMap<String, Tensor>,
+        weights: &Path,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let store = TensorStore::new(tensors, weights);
         let vb = store.var_builder(dtype, device);
         let enc = Self::from_var_builder(config, vb.pp("encoder"), device).with_context(|| {
