@@ -19,7 +19,9 @@ use crate::hub::Hub;
 
 const PAGE: &str = include_str!("page/index.html");
 
-pub fn router(hub: Arc<Hub>) -> Router {
+/// The router; event streams end when `closing` turns true, so that a graceful shutdown does not
+/// wait on clients that never hang up.
+pub fn router(hub: Arc<Hub>, closing: tokio::sync::watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/metrics", get(metrics))
@@ -28,7 +30,19 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route("/api/streams/{name}/events", get(stream_events))
         .route("/api/events", get(all_events))
         .fallback(not_found)
-        .with_state(hub)
+        .with_state(AppState { hub, closing })
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Arc<Hub>,
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Hub> {
+    fn from_ref(s: &AppState) -> Arc<Hub> {
+        s.hub.clone()
+    }
 }
 
 async fn page() -> Html<&'static str> {
@@ -72,7 +86,14 @@ async fn stream(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Respon
     }
 }
 
-fn events(hub: &Hub, only: Option<String>) -> Response {
+fn events(
+    hub: &Hub,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    only: Option<String>,
+) -> Response {
+    let closed = async move {
+        let _ = closing.wait_for(|c| *c).await;
+    };
     let stream = BroadcastStream::new(hub.subscribe()).filter_map(move |e| {
         // A client that fell behind misses what it missed and goes on.
         let e = e.ok()?;
@@ -84,18 +105,19 @@ fn events(hub: &Hub, only: Option<String>) -> Response {
             SseEvent::default().event(e.kind()).data(data),
         ))
     });
+    let stream = futures_util::StreamExt::take_until(stream, closed);
     Sse::new(stream)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response()
 }
 
-async fn stream_events(State(hub): State<Arc<Hub>>, Path(name): Path<String>) -> Response {
-    match hub.index(&name) {
-        Some(_) => events(&hub, Some(name)),
+async fn stream_events(State(app): State<AppState>, Path(name): Path<String>) -> Response {
+    match app.hub.index(&name) {
+        Some(_) => events(&app.hub, app.closing, Some(name)),
         None => unknown(&name),
     }
 }
 
-async fn all_events(State(hub): State<Arc<Hub>>) -> Response {
-    events(&hub, None)
+async fn all_events(State(app): State<AppState>) -> Response {
+    events(&app.hub, app.closing, None)
 }

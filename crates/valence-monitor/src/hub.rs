@@ -512,3 +512,97 @@ fn class_probability(row: &Row, class: &str) -> Option<f64> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(name: &str) -> Source {
+        Source {
+            name: name.into(),
+            uri: format!("file:///{name}.wav"),
+            looping: false,
+            properties: vec![],
+        }
+    }
+
+    fn row(start: f64, label: &str, negative: f64) -> Row {
+        let rest = (1.0 - negative) / 2.0;
+        Row {
+            file: "a".into(),
+            start,
+            end: start + 3.0,
+            label: label.into(),
+            confidence: negative.max(rest),
+            negative,
+            neutral: rest,
+            positive: rest,
+            speech: Some(0.9),
+        }
+    }
+
+    #[test]
+    fn windows_feed_metrics_events_and_alerts() {
+        let rule = AlertRule {
+            name: "neg".into(),
+            class: "negative".into(),
+            above: 0.7,
+            clear: 0.5,
+            over_s: 5.0,
+            sources: vec!["a".into()],
+            line: 1,
+        };
+        let hub = Hub::new(&[source("a"), source("b")], vec![rule]);
+        let mut rx = hub.subscribe();
+        hub.status(0, true, "playing", None);
+        let mut raised = Vec::new();
+        for i in 0..6 {
+            raised.extend(hub.window(0, row(i as f64, "negative", 0.9), Some(0.2)));
+        }
+        hub.window(0, row(6.0, "no-speech", 0.0), None);
+        assert_eq!(raised.len(), 1, "raised once after 5 s of speech");
+        let text = hub.metrics_text();
+        for want in [
+            "valence_windows_total{stream=\"a\",label=\"negative\"} 6",
+            "valence_windows_total{stream=\"a\",label=\"no-speech\"} 1",
+            "valence_alerts_total{stream=\"a\",rule=\"neg\"} 1",
+            "valence_alert_active{stream=\"a\",rule=\"neg\"} 1",
+            "valence_up{stream=\"a\"} 1",
+            "valence_up{stream=\"b\"} 0",
+            "valence_window_latency_seconds_count{stream=\"a\"} 6",
+        ] {
+            assert!(text.contains(want), "{want} missing from\n{text}");
+        }
+        assert!(text.contains("valence_window_probability{stream=\"a\",class=\"negative\"} 0.9"));
+        assert!(!text.contains("rule=\"neg\",stream=\"b\"") && !text.contains("stream=\"b\",rule"));
+        let (status, history) = hub.stream(0);
+        assert_eq!(status.alerts, ["neg"]);
+        assert_eq!(history.len(), 7);
+        assert_eq!(
+            status.last.as_ref().map(|w| w.row.label.as_str()),
+            Some("no-speech")
+        );
+        let mut kinds = Vec::new();
+        while let Ok(e) = rx.try_recv() {
+            kinds.push(e.kind());
+        }
+        assert_eq!(kinds.iter().filter(|k| **k == "window").count(), 7);
+        assert_eq!(kinds.iter().filter(|k| **k == "alert").count(), 1);
+        assert_eq!(kinds[0], "status");
+        // Calm speech clears it.
+        let cleared: Vec<Event> = (10..20)
+            .flat_map(|i| hub.window(0, row(i as f64, "neutral", 0.1), None))
+            .collect();
+        assert!(matches!(
+            &cleared[..],
+            [Event::Alert {
+                state: "cleared",
+                ..
+            }]
+        ));
+        assert!(
+            hub.metrics_text()
+                .contains("valence_alert_active{stream=\"a\",rule=\"neg\"} 0")
+        );
+    }
+}

@@ -34,6 +34,7 @@ pub struct Monitor {
     runtime: tokio::runtime::Runtime,
     server: Option<tokio::task::JoinHandle<()>>,
     shutdown: Arc<tokio::sync::Notify>,
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Monitor {
@@ -71,7 +72,8 @@ impl Monitor {
         let addr = listener.local_addr()?;
         let hub = Arc::new(Hub::new(&config.sources, config.alerts.clone()));
         let shutdown = Arc::new(tokio::sync::Notify::new());
-        let app = http::router(hub.clone());
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let app = http::router(hub.clone(), closing_rx);
         let notified = shutdown.clone();
         let server = runtime.spawn(async move {
             let serve = axum::serve(listener, app)
@@ -99,6 +101,7 @@ impl Monitor {
             runtime,
             server: Some(server),
             shutdown,
+            closing,
         })
     }
 
@@ -110,6 +113,7 @@ impl Monitor {
         }
         // notify_one keeps the permit if the server has not started waiting yet.
         self.shutdown.notify_one();
+        let _ = self.closing.send(true);
         if let Some(server) = self.server.take() {
             let _ = self.runtime.block_on(async {
                 tokio::time::timeout(std::time::Duration::from_secs(2), server).await
