@@ -563,26 +563,30 @@ loop = true
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs `valence monitor` on a config of `text`; it must fail: its stderr.
+fn refused(cfg: &Path, text: &str) -> String {
+    std::fs::write(cfg, text).unwrap();
+    let out = Command::new(valence())
+        .args(["monitor", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with {text}");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 #[test]
 fn a_bad_config_names_its_line_and_starts_nothing() {
     let dir = temp_dir("bad");
     let port = free_port();
     let cfg = dir.join("bad.toml");
-    std::fs::write(
+    let err = refused(
         &cfg,
-        format!(
+        &format!(
             "listen = \"127.0.0.1:{port}\"\n\n[[source]]\nname = \"a\"\nuri = \"udp://127.0.0.1:5004\"\n\
              [source.element]\nno-such-property = 3\n"
         ),
-    )
-    .unwrap();
-    let out = Command::new(valence())
-        .args(["monitor", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    );
     assert!(
         err.contains("line 7") && err.contains("no-such-property"),
         "{err}"
@@ -591,34 +595,25 @@ fn a_bad_config_names_its_line_and_starts_nothing() {
         TcpListener::bind(("127.0.0.1", port)).is_ok(),
         "nothing listens after a bad config"
     );
-    std::fs::write(
+    let err = refused(
         &cfg,
         "[[source]]\nname = \"a\"\nuri = \"udp://x\"\n[source.element]\nwindow = \"soon\"\n",
-    )
-    .unwrap();
-    let out = Command::new(valence())
-        .args(["monitor", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("line 5") && err.contains("soon"),
-        "{err}"
     );
-    std::fs::write(
+    assert!(err.contains("line 5") && err.contains("soon"), "{err}");
+    let err = refused(
         &cfg,
         "[element]\nmodel = \"/no/such/model\"\n[[source]]\nname = \"a\"\nuri = \"udp://x\"\n",
-    )
-    .unwrap();
-    let out = Command::new(valence())
-        .args(["monitor", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
     assert!(
-        !out.status.success() && err.contains("line 2") && err.contains("does not exist"),
+        err.contains("line 2") && err.contains("does not exist"),
+        "{err}"
+    );
+    let err = refused(
+        &cfg,
+        "[[source]]\nname = \"a\"\nuri = \"udp://x\"\n[[alert]]\nname = \"x\"\nclass = \"angry\"\nabove = 0.5\nover = 5\n",
+    );
+    assert!(
+        err.contains("line 6") && err.contains("negative, neutral or positive"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);
