@@ -244,13 +244,18 @@ class Model(torch.nn.Module):
         d = enc.conv1.out_channels * len(feature_layers)
         self.head = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(),
                                         torch.nn.Dropout(dropout), torch.nn.Linear(hidden, 3))
+        # Standardisation of the pooled features (valence.json `scaler`), fixed once fitted.
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("scale", torch.ones(d))
 
-    def forward(self, x, lengths):
+    def pooled(self, x, lengths):
         mel, frames = self.mel(x, lengths)
         states, valid = self.enc(mel, frames)
         m = valid.float()[:, :, None]
-        pooled = [(states[l] * m).sum(1) / m.sum(1) for l in self.feature_layers]
-        return self.head(torch.cat(pooled, dim=1))
+        return torch.cat([(states[l] * m).sum(1) / m.sum(1) for l in self.feature_layers], dim=1)
+
+    def forward(self, x, lengths):
+        return self.head((self.pooled(x, lengths) - self.mean) / self.scale)
 
 
 def main():
@@ -268,6 +273,9 @@ def main():
     p.add_argument("--lr-encoder", type=float, default=1e-5)
     p.add_argument("--feature-layers", default="2,3")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scaler", action="store_true",
+                   help="standardise the pooled features with statistics of the untrained encoder "
+                        "on the training clips (written as the model's scaler)")
     p.add_argument("--max-clips", type=int, default=0, help="a random subset (smoke runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cache", default=os.path.expanduser("~/.cache/valence/finetune-audio"))
@@ -291,6 +299,17 @@ def main():
     counts = torch.bincount(y[train], minlength=3).float()
     weights = (counts.sum() / (3 * counts.clamp(min=1))).to(args.device)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=0.1)
+
+    if args.scaler:
+        feats = []
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(train), args.batch):
+                x, lengths = batch(audio, train[s:s + args.batch], rng, crop=True)
+                feats.append(model.pooled(x.to(args.device), lengths).cpu())
+        f = torch.cat(feats)
+        model.mean.copy_(f.mean(0).to(args.device))
+        model.scale.copy_(f.std(0).clamp(min=1e-6).to(args.device))
 
     enc_params = [q for q in model.enc.parameters() if q.requires_grad]
     if args.frozen:
@@ -362,6 +381,10 @@ def write_model(args, model, cfg, base, feature_layers, rows, held, n_train, sec
             "layers": list(range(len(model.enc.layers))),
             "base_sha256": fingerprint(base, list(adapted)),
         }
+    if args.scaler:
+        manifest["scaler"] = "scaler.safetensors"
+        save_file({"mean": model.mean.numpy(), "scale": model.scale.numpy()},
+                  os.path.join(args.out, "scaler.safetensors"))
     head = model.head
     save_file({"classifier.0.weight": head[0].weight.detach().numpy(), "classifier.0.bias": head[0].bias.detach().numpy(),
                "classifier.1.weight": head[3].weight.detach().numpy(), "classifier.1.bias": head[3].bias.detach().numpy()},
