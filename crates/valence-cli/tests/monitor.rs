@@ -136,9 +136,16 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
     }
 }
 
-/// Starts `valence monitor --config` and waits until its HTTP side answers.
-fn start_monitor(dir: &Path, config: &str) -> (Proc, String) {
+/// Starts `valence monitor` on a free port with `model` for every source and the `[[source]]`
+/// tables of `sources`, and waits until its HTTP side answers: the process, its base URL and
+/// its port.
+fn start_monitor(dir: &Path, model: &Path, sources: &str) -> (Proc, String, u16) {
+    let port = free_port();
     let path = dir.join("monitor.toml");
+    let config = format!(
+        "listen = \"127.0.0.1:{port}\"\n\n[element]\nmodel = \"{}\"\n\n{sources}",
+        model.display()
+    );
     std::fs::write(&path, config).unwrap();
     let p = spawn(
         "valence monitor",
@@ -146,16 +153,11 @@ fn start_monitor(dir: &Path, config: &str) -> (Proc, String) {
             .args(["monitor", "--config"])
             .arg(&path),
     );
-    let port: u16 = config
-        .lines()
-        .find_map(|l| l.strip_prefix("listen = \"127.0.0.1:"))
-        .and_then(|l| l.trim_end_matches('"').parse().ok())
-        .expect("config has a listen line");
     let base = format!("http://127.0.0.1:{port}");
     wait_for("the monitor's HTTP side", Duration::from_secs(30), || {
         get_json(&format!("{base}/api/streams"))
     });
-    (p, base)
+    (p, base, port)
 }
 
 fn stream_up(base: &str, name: &str) -> Option<bool> {
@@ -294,14 +296,8 @@ fn prometheus_scrapes_three_live_sources_and_a_dead_one_comes_back() {
     let mut http = Some(http_server(&wav));
     std::thread::sleep(Duration::from_millis(500));
 
-    let port = free_port();
-    let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-
-[element]
-model = "{model}"
-
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 name = "call"
 uri = "sdp://{sdp}"
 
@@ -314,11 +310,10 @@ loop = true
 name = "web"
 uri = "http://127.0.0.1:{http_port}/live.wav"
 "#,
-        model = model.display(),
         sdp = sdp.display(),
         wav = wav.display(),
     );
-    let (_monitor, base) = start_monitor(&dir, &config);
+    let (_monitor, base, port) = start_monitor(&dir, &model, &sources);
     for s in ["call", "studio", "web"] {
         wait_for(&format!("{s} up"), Duration::from_secs(40), || {
             stream_up(&base, s).filter(|&u| u)
@@ -502,14 +497,8 @@ fn the_live_page_draws_a_timeline_per_stream_in_chromium() {
     let dir = temp_dir("page");
     let model = tiny_model(&dir);
     let wav = speech(&dir, 30);
-    let port = free_port();
-    let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-
-[element]
-model = "{model}"
-
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 name = "one"
 uri = "{wav}"
 loop = true
@@ -519,10 +508,9 @@ name = "two"
 uri = "{wav}"
 loop = true
 "#,
-        model = model.display(),
         wav = wav.display(),
     );
-    let (_monitor, base) = start_monitor(&dir, &config);
+    let (_monitor, base, _) = start_monitor(&dir, &model, &sources);
     let wd = WebDriver::start(&dir);
     wd.post("url", json!({"url": format!("{base}/")}));
     let first = wait_for("both timelines drawn", Duration::from_secs(40), || {

@@ -498,10 +498,6 @@ impl Hub {
         }
         out
     }
-
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
 }
 
 fn class_probability(row: &Row, class: &str) -> Option<f64> {
