@@ -115,8 +115,9 @@ enum Command {
     /// Write a model in another runtime's format.
     #[command(subcommand)]
     Export(ExportCommand),
-    /// Fit a calibration (temperature, optionally class biases) on `valence cv --predictions`
-    /// of held-out speakers and held-out corpora together; print ECE before and after.
+    /// Fit a calibration (temperature, optionally class biases, or a temperature that follows
+    /// the distance from the training corpora) on `valence cv --predictions` of held-out
+    /// speakers and held-out corpora together; print ECE before and after.
     Calibrate {
         /// The CSV `valence cv --predictions` wrote.
         #[arg(long)]
@@ -125,8 +126,13 @@ enum Command {
         #[arg(long)]
         apply: Option<PathBuf>,
         /// Fit class biases as well as the temperature.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "familiarity")]
         class_bias: bool,
+        /// Apply the temperature that grows with each window's distance from the training
+        /// corpora (written to `valence.json`; needs a model trained with its centroids and a
+        /// predictions CSV with distances) instead of a fixed one.
+        #[arg(long)]
+        familiarity: bool,
         /// The temperature the model's head already divides its logits by.
         #[arg(long, default_value_t = 1.0)]
         current_temperature: f64,
@@ -499,14 +505,17 @@ fn run() -> Result<()> {
             predictions,
             apply,
             class_bias,
+            familiarity,
             current_temperature,
         } => valence_train::calibration::calibrate(
             &predictions,
-            apply
-                .as_deref()
-                .map(|d| (d, class_bias, current_temperature)),
-        )
-        .map(|_| ()),
+            valence_train::calibration::CalibrateOptions {
+                apply: apply.as_deref(),
+                class_bias,
+                familiarity,
+                current_temperature,
+            },
+        ),
         Command::Eval {
             manifest,
             root,

@@ -13,6 +13,9 @@ use candle_core::Device;
 use common::{fixtures, read_wav_i16, shared_data};
 use valence_cli::export::{TritonBatching, export_triton, model_to_onnx};
 use valence_model::ValenceModel;
+use valence_model::classifier::familiarity::{
+    Familiarity, FamiliaritySpec, FamiliarityTemperature,
+};
 use valence_model::classifier::head::{Activation, HeadConfig, MlpHeadConfig};
 use valence_model::classifier::scaler::StandardScaler;
 use valence_model::manifest::{Combine, FeatureSource, Manifest, Pooling};
@@ -195,6 +198,68 @@ fn exported_graph_matches_candle_on_synthetic_models() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// A model whose temperature follows the distance from training-corpus centroids: the graph
+/// divides the logits as candle does, and the division changes the probabilities.
+#[test]
+fn exported_graph_carries_the_familiarity_temperature() {
+    let Some(python) = python() else { return };
+    let dir = scratch("familiarity");
+    write_tiny_model(&dir, 44).unwrap();
+    reshape_tiny_model(
+        &dir,
+        FeatureSource::HiddenStates,
+        Combine::Concat,
+        Pooling::VoicedMean,
+    );
+    let plain = load_f32(&dir);
+    let ws = windows(48000, 9);
+    // Centroids: two of the windows' own scaled features, so distances differ widely.
+    let scaled: Vec<Vec<f32>> = ws
+        .iter()
+        .map(|w| {
+            let f = plain.features(w).unwrap();
+            let mut r = f.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            plain.scaler.as_ref().unwrap().transform_vec(&mut r);
+            r
+        })
+        .collect();
+    let groups = vec!["a".to_string(), "b".to_string()];
+    let mut fam = Familiarity::fit(&scaled[..2], &groups).unwrap();
+    let d: Vec<f32> = scaled.iter().map(|r| fam.distance(r)).collect();
+    let (lo, hi) = (
+        d.iter().copied().fold(f32::INFINITY, f32::min),
+        d.iter().copied().fold(0.0, f32::max),
+    );
+    assert!(hi > lo, "{d:?}");
+    // T from 0.7 at the nearest window to 3 at the farthest.
+    let slope = (3.0f64 / 0.7).ln() / (hi - lo) as f64;
+    fam.temperature = Some(FamiliarityTemperature {
+        intercept: 0.7f64.ln() - slope * lo as f64,
+        slope,
+    });
+    fam.save(&dir.join("familiarity.safetensors")).unwrap();
+    let mut m = Manifest::read(&dir).unwrap();
+    m.familiarity = Some(FamiliaritySpec {
+        centroids: "familiarity.safetensors".into(),
+        temperature: fam.temperature,
+    });
+    m.write(&dir).unwrap();
+    let calibrated = load_f32(&dir);
+    let refs: Vec<&[f32]> = ws.iter().map(|w| w.as_slice()).collect();
+    let probs = |m: &ValenceModel| -> Vec<Vec<f32>> {
+        m.classify_batch(&refs)
+            .into_iter()
+            .map(|p| p.unwrap().probabilities)
+            .collect()
+    };
+    let moved = max_diff(&probs(&plain), &probs(&calibrated));
+    assert!(moved > 1e-2, "the temperature changed nothing: {moved}");
+    let diff = compare(&python, &dir, &ws);
+    eprintln!("familiarity temperature: max |difference| {diff:.2e} (moved {moved:.3})");
+    assert!(diff <= TOLERANCE, "{diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The repository layout Triton reads, and refusals of what cannot be exported.

@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use manifest::{EncoderKind, FeatureSource, Manifest, Pooling};
 
-use classifier::{head, scaler};
+use classifier::{familiarity, head, scaler};
 use encoders::{wav2vec2, whisper};
 
 /// The three valence classes, in the order heads output them.
@@ -262,6 +262,8 @@ pub struct ValenceModel {
     pub encoder_weights: String,
     pub scaler: Option<scaler::StandardScaler>,
     pub head: head::Head,
+    /// Training corpora's centroids and the temperature that follows the distance from them.
+    pub familiarity: Option<familiarity::Familiarity>,
     pub labels: Vec<String>,
     pub device: Device,
     /// The speech detector the manifest names, if any (shared by the process).
@@ -314,11 +316,22 @@ impl ValenceModel {
             Some(s) => s.transform(&x)?,
             None => x,
         };
-        let logits = self
+        let mut logits = self
             .head
             .forward(&x, false)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
+        if let Some(f) = self
+            .familiarity
+            .as_ref()
+            .filter(|f| f.temperature.is_some())
+        {
+            let rows = x.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for (l, r) in logits.iter_mut().zip(&rows) {
+                let t = f.temperature_for(r);
+                l.iter_mut().for_each(|v| *v /= t);
+            }
+        }
         Ok(logits
             .iter()
             .map(|row| Prediction {

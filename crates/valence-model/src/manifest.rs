@@ -293,6 +293,10 @@ pub struct Manifest {
     /// file (relative, absolute or under the cache as `@cache/...`), or absent for none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speech_detector: Option<String>,
+    /// Training corpora's centroids and the temperature that grows with the distance from
+    /// them ([`crate::classifier::familiarity`]); absent: the head's probabilities as they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub familiarity: Option<crate::classifier::familiarity::FamiliaritySpec>,
     /// Free-form provenance (training command, data, figures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<serde_json::Value>,
@@ -534,8 +538,14 @@ impl Manifest {
                 s.dim()
             );
         }
+        let familiarity = self
+            .familiarity
+            .as_ref()
+            .map(|f| crate::classifier::familiarity::Familiarity::load(dir, f, feature_dim))
+            .transpose()?;
         let speech_detector = self.speech_detector(dir)?;
         Ok(ValenceModel {
+            familiarity,
             speech_detector,
             name: self.name.clone(),
             dir: dir.to_path_buf(),

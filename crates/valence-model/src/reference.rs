@@ -114,6 +114,7 @@ pub fn write_reference_model(card: &Path, encoder: &Path, out: &Path) -> Result<
             card: abs(card).to_string_lossy().into(),
         },
         dtype: "f32".into(),
+        familiarity: None,
         speech_detector: None,
         notes: Some(
             serde_json::json!({"source": "reference model card (xlsr-53 + Transformer head)"}),

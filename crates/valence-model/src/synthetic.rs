@@ -224,6 +224,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<()> {
             weights: "head.safetensors".into(),
         },
         dtype: "f32".into(),
+        familiarity: None,
         speech_detector: None,
         notes: Some(serde_json::json!({"warning": "random weights: for tests only"})),
     }

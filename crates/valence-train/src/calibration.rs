@@ -14,6 +14,8 @@ use candle_core::{Device, Tensor};
 
 use crate::metrics::expected_calibration_error;
 use valence_model::LABELS;
+use valence_model::classifier::familiarity::FamiliarityTemperature;
+use valence_model::manifest::Manifest;
 
 /// `softmax(log p / temperature + bias)`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -104,6 +106,64 @@ impl Calibration {
     }
 }
 
+/// `softmax(log p / T(d))` with the temperature line of [`FamiliarityTemperature`].
+pub fn apply_familiarity(t: &FamiliarityTemperature, p: &[f32], distance: f32) -> Vec<f32> {
+    Calibration {
+        temperature: t.at(distance) as f64,
+        bias: [0.0; 3],
+    }
+    .apply(p)
+}
+
+/// The temperature line `T = exp(intercept + slope * d)` (bounded as the model bounds it)
+/// that minimises the mean negative log-likelihood of `probs` at their distances: a grid over
+/// intercept in [-2, 2] and slope in [-1, 3], then a grid ten times finer around the best.
+pub fn fit_familiarity(
+    probs: &[Vec<f32>],
+    distances: &[f32],
+    actual: &[usize],
+) -> FamiliarityTemperature {
+    let logs: Vec<[f64; 3]> = probs
+        .iter()
+        .map(|p| std::array::from_fn(|c| (p[c].max(1e-12) as f64).ln()))
+        .collect();
+    let nll = |t: &FamiliarityTemperature| -> f64 {
+        let mut sum = 0.0;
+        for ((l, &d), &a) in logs.iter().zip(distances).zip(actual) {
+            let s = 1.0 / t.at(d) as f64;
+            let z: [f64; 3] = std::array::from_fn(|c| s * l[c]);
+            let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            sum += lse - z[a];
+        }
+        sum / logs.len().max(1) as f64
+    };
+    let search = |a0: f64, b0: f64, da: f64, db: f64, n: i32| {
+        let mut best = (
+            f64::INFINITY,
+            FamiliarityTemperature {
+                intercept: a0,
+                slope: b0,
+            },
+        );
+        for i in -n..=n {
+            for j in -n..=n {
+                let t = FamiliarityTemperature {
+                    intercept: a0 + i as f64 * da,
+                    slope: b0 + j as f64 * db,
+                };
+                let v = nll(&t);
+                if v < best.0 {
+                    best = (v, t);
+                }
+            }
+        }
+        best.1
+    };
+    let coarse = search(0.0, 1.0, 0.1, 0.05, 20);
+    search(coarse.intercept, coarse.slope, 0.01, 0.005, 10)
+}
+
 /// Mean ECE over groups (e.g. held-out corpora), and the largest.
 pub fn ece_by_group(
     probs: &[Vec<f32>],
@@ -131,6 +191,9 @@ struct OutOfFold {
     label: usize,
     grouped: Vec<f32>,
     loco: Vec<f32>,
+    /// Distance from the training corpora of the fold that held the clip out (grouped, LOCO),
+    /// when the CSV carries them.
+    distance: Option<[f32; 2]>,
 }
 
 fn read_out_of_fold(path: &Path) -> Result<Vec<OutOfFold>> {
@@ -153,6 +216,10 @@ fn read_out_of_fold(path: &Path) -> Result<Vec<OutOfFold>> {
         .iter()
         .map(|l| col(&format!("loco_{l}")))
         .collect::<Result<_>>()?;
+    let distance_cols = match (col("grouped_distance"), col("loco_distance")) {
+        (Ok(g), Ok(l)) => Some([g, l]),
+        _ => None,
+    };
     let mut out = Vec::new();
     for (i, row) in r.records().enumerate() {
         let row = row?;
@@ -165,11 +232,26 @@ fn read_out_of_fold(path: &Path) -> Result<Vec<OutOfFold>> {
             .iter()
             .position(|l| Some(*l) == row.get(valence))
             .with_context(|| format!("{} line {}: unknown valence", path.display(), i + 2))?;
+        let distance = match distance_cols {
+            Some([g, l]) => {
+                let d = |c: usize| -> Result<f32> {
+                    row.get(c)
+                        .and_then(|v| v.parse::<f32>().ok())
+                        .filter(|v| v.is_finite() && *v >= 0.0)
+                        .with_context(|| {
+                            format!("{} line {}: not a distance", path.display(), i + 2)
+                        })
+                };
+                Some([d(g)?, d(l)?])
+            }
+            None => None,
+        };
         out.push(OutOfFold {
             corpus: row.get(corpus).unwrap_or_default().to_string(),
             label,
             grouped: grouped.iter().map(|&c| num(c)).collect::<Result<_>>()?,
             loco: loco.iter().map(|&c| num(c)).collect::<Result<_>>()?,
+            distance,
         });
     }
     if out.is_empty() {
@@ -178,11 +260,26 @@ fn read_out_of_fold(path: &Path) -> Result<Vec<OutOfFold>> {
     Ok(out)
 }
 
+/// What `valence calibrate` writes into a model directory, if anything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CalibrateOptions<'a> {
+    /// The model directory to calibrate.
+    pub apply: Option<&'a Path>,
+    /// Fold class biases with the temperature (fixed temperature only).
+    pub class_bias: bool,
+    /// Apply the temperature that follows the distance from the training corpora
+    /// (`valence.json`'s `familiarity`) instead of a fixed one.
+    pub familiarity: bool,
+    /// The temperature the model's head already divides its raw logits by.
+    pub current_temperature: f64,
+}
+
 /// `valence calibrate`: fits calibrations on `valence cv --predictions` (held-out speakers and
 /// held-out corpora together), prints ECE before and after per scheme and per held-out corpus,
-/// in-sample and with each corpus left out of the fit that scores it, and with `apply` folds
-/// the chosen one into a model directory's head.
-pub fn calibrate(predictions: &Path, apply: Option<(&Path, bool, f64)>) -> Result<Calibration> {
+/// in-sample and with each corpus left out of the fit that scores it, and with `apply` writes
+/// the chosen one into a model directory: a fixed temperature (and class biases) folded into
+/// the head, or the familiarity temperature line into `valence.json`.
+pub fn calibrate(predictions: &Path, opts: CalibrateOptions) -> Result<()> {
     const BINS: usize = 15;
     let rows = read_out_of_fold(predictions)?;
     let y: Vec<usize> = rows.iter().map(|r| r.label).collect();
@@ -273,17 +370,139 @@ pub fn calibrate(predictions: &Path, apply: Option<(&Path, bool, f64)>) -> Resul
                 .join(", ")
         );
     }
-    let chosen = methods[if apply.is_some_and(|a| a.1) { 4 } else { 3 }].1;
-    if let Some((dir, _, current)) = apply {
-        chosen.fold_into(dir, current)?;
-        eprintln!(
-            "calibration T {:.3}, bias {:?} folded into {}",
-            chosen.temperature,
-            chosen.bias,
-            dir.join("head.safetensors").display()
-        );
+    let distances: Option<Vec<[f32; 2]>> = rows.iter().map(|r| r.distance).collect();
+    let familiarity = match &distances {
+        Some(d) => Some(report_familiarity(&rows, d, BINS)),
+        None if opts.familiarity => bail!(
+            "{} has no distance columns (grouped_distance, loco_distance): write it with \
+             `valence cv --predictions` of this version, without --speaker-norm/--corpus-norm",
+            predictions.display()
+        ),
+        None => None,
+    };
+    let Some(dir) = opts.apply else {
+        return Ok(());
+    };
+    if opts.current_temperature <= 0.0 || !opts.current_temperature.is_finite() {
+        bail!("--current-temperature must be positive");
     }
-    Ok(chosen)
+    match familiarity.filter(|_| opts.familiarity) {
+        Some(line) => {
+            let mut manifest = Manifest::read(dir)?;
+            let spec = manifest.familiarity.as_mut().with_context(|| {
+                format!(
+                    "{} carries no training-corpus centroids (`familiarity`): train it with \
+                     `valence train` of this version",
+                    dir.display()
+                )
+            })?;
+            // The line was fitted on raw probabilities; the head already divides by the
+            // current temperature.
+            let t = FamiliarityTemperature {
+                intercept: line.intercept - opts.current_temperature.ln(),
+                slope: line.slope,
+            };
+            spec.temperature = Some(t);
+            manifest.write(dir)?;
+            eprintln!(
+                "familiarity temperature exp({:.3} + {:.3} d) written to {}",
+                t.intercept,
+                t.slope,
+                dir.join(valence_model::manifest::MANIFEST_FILE).display()
+            );
+        }
+        None => {
+            let chosen = methods[if opts.class_bias { 4 } else { 3 }].1;
+            chosen.fold_into(dir, opts.current_temperature)?;
+            eprintln!(
+                "calibration T {:.3}, bias {:?} folded into {}",
+                chosen.temperature,
+                chosen.bias,
+                dir.join("head.safetensors").display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Fits the familiarity temperature line on both schemes and prints its ECE like the fixed
+/// calibrations', in-sample and nested; returns the line fitted on everything.
+fn report_familiarity(rows: &[OutOfFold], d: &[[f32; 2]], bins: usize) -> FamiliarityTemperature {
+    let y: Vec<usize> = rows.iter().map(|r| r.label).collect();
+    let corpora: Vec<String> = rows.iter().map(|r| r.corpus.clone()).collect();
+    let ece = |p: &[Vec<f32>], a: &[usize]| expected_calibration_error(p, a, bins);
+    let fit_without = |skip: Option<&str>| {
+        let (mut p, mut dist, mut a) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, r) in rows.iter().enumerate() {
+            if Some(r.corpus.as_str()) != skip {
+                p.extend([r.grouped.clone(), r.loco.clone()]);
+                dist.extend(d[i]);
+                a.extend([y[i], y[i]]);
+            }
+        }
+        fit_familiarity(&p, &dist, &a)
+    };
+    let line = fit_without(None);
+    let grouped: Vec<Vec<f32>> = rows
+        .iter()
+        .zip(d)
+        .map(|(r, d)| apply_familiarity(&line, &r.grouped, d[0]))
+        .collect();
+    let loco: Vec<Vec<f32>> = rows
+        .iter()
+        .zip(d)
+        .map(|(r, d)| apply_familiarity(&line, &r.loco, d[1]))
+        .collect();
+    let per = ece_by_group(&loco, &y, &corpora, bins);
+    let mean = per.iter().map(|p| p.1).sum::<f64>() / per.len().max(1) as f64;
+    let median = |v: &mut Vec<f32>| {
+        v.sort_by(f32::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    println!(
+        "temperature by familiarity, both: T = exp({:.3} + {:.3} d), median d {:.3} held-out \
+         speakers, {:.3} held-out corpora",
+        line.intercept,
+        line.slope,
+        median(&mut d.iter().map(|d| d[0]).collect()),
+        median(&mut d.iter().map(|d| d[1]).collect()),
+    );
+    println!(
+        "  grouped {:.3}, LOCO mean {mean:.3}, max {:.3}: {}",
+        ece(&grouped, &y),
+        per.iter().map(|p| p.1).fold(0.0, f64::max),
+        per.iter()
+            .map(|(g, e)| format!("{g} {e:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut names: Vec<&String> = corpora.iter().collect();
+    names.sort();
+    names.dedup();
+    let nested: Vec<(String, f64)> = names
+        .iter()
+        .map(|g| {
+            let l = fit_without(Some(g.as_str()));
+            let idx: Vec<usize> = (0..rows.len()).filter(|&i| &corpora[i] == *g).collect();
+            let p: Vec<Vec<f32>> = idx
+                .iter()
+                .map(|&i| apply_familiarity(&l, &rows[i].loco, d[i][1]))
+                .collect();
+            let a: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
+            ((*g).clone(), ece(&p, &a))
+        })
+        .collect();
+    println!(
+        "  nested (fitted without the corpus it scores): LOCO mean {:.3}, max {:.3}: {}",
+        nested.iter().map(|p| p.1).sum::<f64>() / nested.len().max(1) as f64,
+        nested.iter().map(|p| p.1).fold(0.0, f64::max),
+        nested
+            .iter()
+            .map(|(g, e)| format!("{g} {e:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    line
 }
 
 #[cfg(test)]
@@ -320,5 +539,146 @@ mod tests {
         let after: Vec<Vec<f32>> = probs.iter().map(|p| c.apply(p)).collect();
         assert!(expected_calibration_error(&after, &actual, 15) < before / 2.0);
         assert_eq!(Calibration::NONE.apply(&[0.2, 0.3, 0.5]).len(), 3);
+    }
+
+    /// Clips whose reported probabilities are too sharp by a factor that grows with their
+    /// distance: softmax(z / T(d)) with T(d) = exp(-0.3 + 0.8 d) is what the labels follow.
+    fn distance_dependent(n: usize) -> (Vec<Vec<f32>>, Vec<f32>, Vec<usize>) {
+        let mut rng = valence_model::rng::SeededNormal::new(7);
+        let (mut probs, mut dist, mut actual) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..n {
+            let d = 2.0 * rng.uniform() as f32;
+            let z: Vec<f32> = (0..3).map(|_| 2.0 * rng.sample()).collect();
+            let t = (-0.3 + 0.8 * d as f64).exp() as f32;
+            let truth = valence_model::softmax(&z.iter().map(|v| v / t).collect::<Vec<_>>());
+            let u = rng.uniform() as f32;
+            actual.push(if u < truth[0] {
+                0
+            } else if u < truth[0] + truth[1] {
+                1
+            } else {
+                2
+            });
+            probs.push(valence_model::softmax(&z));
+            dist.push(d);
+        }
+        (probs, dist, actual)
+    }
+
+    #[test]
+    fn the_familiarity_line_is_recovered() {
+        let (probs, dist, actual) = distance_dependent(6000);
+        let line = fit_familiarity(&probs, &dist, &actual);
+        assert!((line.intercept + 0.3).abs() < 0.15, "{line:?}");
+        assert!((line.slope - 0.8).abs() < 0.15, "{line:?}");
+        let after: Vec<Vec<f32>> = probs
+            .iter()
+            .zip(&dist)
+            .map(|(p, &d)| apply_familiarity(&line, p, d))
+            .collect();
+        let fixed = Calibration::fit(&probs, &actual, false);
+        let fixed_p: Vec<Vec<f32>> = probs.iter().map(|p| fixed.apply(p)).collect();
+        // Far clips alone: one temperature for all cannot serve them, the line does.
+        let far: Vec<usize> = (0..probs.len()).filter(|&i| dist[i] > 1.5).collect();
+        let pick = |p: &[Vec<f32>]| far.iter().map(|&i| p[i].clone()).collect::<Vec<_>>();
+        let a: Vec<usize> = far.iter().map(|&i| actual[i]).collect();
+        let (e_line, e_fixed) = (
+            expected_calibration_error(&pick(&after), &a, 15),
+            expected_calibration_error(&pick(&fixed_p), &a, 15),
+        );
+        assert!(e_line < 0.6 * e_fixed, "{e_line} vs {e_fixed}");
+    }
+
+    #[test]
+    fn calibrate_writes_the_line_into_a_model_with_centroids_only() {
+        let dir = std::env::temp_dir().join(format!("valence-calibrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        valence_model::synthetic::write_tiny_model(&dir, 5).unwrap();
+        let (probs, dist, actual) = distance_dependent(600);
+        let csv_path = dir.join("preds.csv");
+        let write = |with_distance: bool| {
+            let mut w = csv::Writer::from_path(&csv_path).unwrap();
+            let mut h = vec![
+                "path",
+                "corpus",
+                "valence",
+                "grouped_negative",
+                "grouped_neutral",
+            ];
+            h.extend([
+                "grouped_positive",
+                "loco_negative",
+                "loco_neutral",
+                "loco_positive",
+            ]);
+            if with_distance {
+                h.extend(["grouped_distance", "loco_distance"]);
+            }
+            w.write_record(&h).unwrap();
+            for i in 0..probs.len() {
+                let mut r = vec![format!("c{i}.flac"), format!("corpus{}", i % 3)];
+                r.push(LABELS[actual[i]].to_string());
+                r.extend(probs[i].iter().chain(&probs[i]).map(|p| p.to_string()));
+                if with_distance {
+                    r.extend([(0.5 * dist[i]).to_string(), dist[i].to_string()]);
+                }
+                w.write_record(&r).unwrap();
+            }
+            w.flush().unwrap();
+        };
+        let opts = CalibrateOptions {
+            apply: Some(&dir),
+            familiarity: true,
+            current_temperature: 1.0,
+            ..Default::default()
+        };
+        write(false);
+        let e = calibrate(&csv_path, opts).unwrap_err().to_string();
+        assert!(e.contains("no distance columns"), "{e}");
+        write(true);
+        let e = format!("{:#}", calibrate(&csv_path, opts).unwrap_err());
+        assert!(e.contains("no training-corpus centroids"), "{e}");
+
+        let mut m = Manifest::read(&dir).unwrap();
+        m.familiarity = Some(valence_model::classifier::familiarity::FamiliaritySpec {
+            centroids: "familiarity.safetensors".into(),
+            temperature: None,
+        });
+        m.write(&dir).unwrap();
+        let head_before = std::fs::read(dir.join("head.safetensors")).unwrap();
+        calibrate(
+            &csv_path,
+            CalibrateOptions {
+                current_temperature: 2.0,
+                ..opts
+            },
+        )
+        .unwrap();
+        let t = Manifest::read(&dir)
+            .unwrap()
+            .familiarity
+            .unwrap()
+            .temperature;
+        let t = t.expect("a temperature line written");
+        // Fitted on raw probabilities; the head already divides by 2.
+        let raw = fit_familiarity(
+            &probs
+                .iter()
+                .flat_map(|p| [p.clone(), p.clone()])
+                .collect::<Vec<_>>(),
+            &dist.iter().flat_map(|&d| [0.5 * d, d]).collect::<Vec<_>>(),
+            &actual.iter().flat_map(|&a| [a, a]).collect::<Vec<_>>(),
+        );
+        assert!(
+            (t.intercept - (raw.intercept - 2f64.ln())).abs() < 1e-9,
+            "{t:?} {raw:?}"
+        );
+        assert_eq!(t.slope, raw.slope);
+        assert_eq!(
+            std::fs::read(dir.join("head.safetensors")).unwrap(),
+            head_before
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

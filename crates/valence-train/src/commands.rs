@@ -10,6 +10,7 @@ use candle_core::Device;
 use crate::dataset::{self, Clip};
 use crate::metrics;
 use crate::training::{self as train, TrainConfig};
+use valence_model::classifier::familiarity::FamiliaritySpec;
 use valence_model::classifier::head::{
     Activation, HeadConfig, MlpHeadConfig, TransformerHeadConfig,
 };
@@ -116,6 +117,11 @@ pub struct FeatureArgs {
     /// and is dropped after training.
     #[arg(long, default_value_t = 0.0)]
     pub aux_emotion: f64,
+    /// Weight of a cost on the opposite valence (0: none): the probability a negative clip
+    /// gives to positive, and a positive one to negative, is added to the loss (anger heard as
+    /// joy costs more than anger heard as neutral).
+    #[arg(long, default_value_t = 0.0)]
+    pub polarity_cost: f64,
     /// Append prosodic statistics (pitch, loudness, voicing, rhythm, spectral tilt; see
     /// `valence_model::classifier::prosody`) to the pooled encoder states.
     #[arg(long)]
@@ -406,6 +412,7 @@ impl FeatureArgs {
         cfg.adversary = self.adversary;
         cfg.mixup = self.mixup;
         cfg.aux_emotion = self.aux_emotion;
+        cfg.polarity_cost = self.polarity_cost;
         cfg
     }
 }
@@ -697,7 +704,16 @@ pub fn cv(
         })
     );
     if let Some(p) = predictions {
-        write_predictions(p, &clips, &y, &grouped_p, &loco_p)?;
+        // Each clip's distance from its fold's training corpora, for `valence calibrate
+        // --familiarity` (features as the head reads them, before any group normalisation).
+        let distances = match group_norm {
+            None => Some([
+                crate::familiarity::fold_distances(&x, &extra, &fold, &corpora)?,
+                crate::familiarity::fold_distances(&x, &extra, &loco_fold, &corpora)?,
+            ]),
+            Some(_) => None,
+        };
+        write_predictions(p, &clips, &y, &grouped_p, &loco_p, distances.as_ref())?;
     }
     if let Some(p) = json {
         let v = serde_json::json!({
@@ -718,13 +734,15 @@ pub fn cv(
 }
 
 /// One row per clip: who and what it is, then its out-of-fold probabilities under grouped CV
-/// and under leave-one-corpus-out.
+/// and under leave-one-corpus-out, then (when given) its distance from the training corpora of
+/// the fold that held it out under each scheme.
 fn write_predictions(
     path: &Path,
     clips: &[Clip],
     y: &[usize],
     grouped: &[Vec<f32>],
     loco: &[Vec<f32>],
+    distances: Option<&[Vec<f32>; 2]>,
 ) -> Result<()> {
     let mut w = csv::Writer::from_path(path)
         .with_context(|| format!("cannot write predictions to {}", path.display()))?;
@@ -734,6 +752,9 @@ fn write_predictions(
         .flat_map(|s| LABELS.iter().map(move |l| format!("{s}_{l}")))
         .collect();
     header.extend(prob_cols.iter().map(String::as_str));
+    if distances.is_some() {
+        header.extend(["grouped_distance", "loco_distance"]);
+    }
     w.write_record(&header)?;
     for (i, c) in clips.iter().enumerate() {
         let mut row = vec![
@@ -744,11 +765,17 @@ fn write_predictions(
             LABELS[y[i]].to_string(),
         ];
         row.extend(grouped[i].iter().chain(&loco[i]).map(|p| format!("{p:.6}")));
+        if let Some([g, l]) = distances {
+            row.extend([format!("{:.5}", g[i]), format!("{:.5}", l[i])]);
+        }
         w.write_record(&row)?;
     }
     w.flush()?;
     Ok(())
 }
+
+/// The centroid file `valence train` writes into a model directory.
+pub const FAMILIARITY_FILE: &str = "familiarity.safetensors";
 
 /// `valence train`: trains on every clip (validation speakers held out for early stopping)
 /// and writes a model directory that uses `encoder_ref` as its encoder path.
@@ -829,6 +856,11 @@ pub fn train_model(
     trained
         .scaler
         .save_safetensors(&output.join("scaler.safetensors"))?;
+    // The training corpora's centroids: `valence calibrate --familiarity --apply` fits the
+    // temperature that follows the distance from them.
+    let corpora: Vec<String> = clips.iter().map(|c| c.corpus.clone()).collect();
+    crate::familiarity::centroids(&x, &trained.scaler, &corpora)?
+        .save(&output.join(FAMILIARITY_FILE))?;
     let kind = detect_encoder_kind(&args.encoder)?;
     let encoder_path = match encoder_ref {
         Some(r) => r.to_string(),
@@ -864,6 +896,10 @@ pub fn train_model(
             weights: "head.safetensors".into(),
         },
         dtype: "f32".into(),
+        familiarity: Some(FamiliaritySpec {
+            centroids: FAMILIARITY_FILE.into(),
+            temperature: None,
+        }),
         speech_detector: Some(valence_model::speech::DEFAULT_DETECTOR.into()),
         notes: Some(serde_json::json!({
             "trained_on": args.manifest.to_string_lossy(),
@@ -930,6 +966,7 @@ fn flags_adapt_ignores(args: &FeatureArgs) -> Vec<&'static str> {
         (args.adversary > 0.0, "--adversary"),
         (args.mixup > 0.0, "--mixup"),
         (args.aux_emotion > 0.0, "--aux-emotion"),
+        (args.polarity_cost > 0.0, "--polarity-cost"),
         (args.ensemble > 1, "--ensemble"),
         (args.balance_corpora, "--balance-corpora"),
     ]

@@ -14,5 +14,6 @@ pub mod codec;
 pub mod commands;
 pub mod dataset;
 pub mod decode;
+pub mod familiarity;
 pub mod metrics;
 pub mod training;

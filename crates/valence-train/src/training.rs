@@ -48,6 +48,12 @@ pub struct TrainConfig {
     /// an MLP head with a hidden layer. Left out of the recorded recipe when 0.
     #[serde(skip_serializing_if = "is_zero")]
     pub aux_emotion: f64,
+    /// Weight of a cost on the opposite valence (0: none): the mean probability a row gives
+    /// to the class opposite its own (positive for a negative row, negative for a positive
+    /// one; nothing for neutral) is added to the loss, so that anger heard as joy costs more
+    /// than anger heard as neutral. Left out of the recorded recipe when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub polarity_cost: f64,
 }
 
 fn is_zero(v: &f64) -> bool {
@@ -82,6 +88,7 @@ impl TrainConfig {
             adversary: 0.0,
             mixup: 0.0,
             aux_emotion: 0.0,
+            polarity_cost: 0.0,
         }
     }
 }
@@ -523,6 +530,9 @@ pub fn train(
                 )?;
                 loss = (loss + (emotion_loss * cfg.aux_emotion)?)?;
             }
+            if cfg.polarity_cost > 0.0 {
+                loss = (loss + (polarity_cost(&logits, batch, y)? * cfg.polarity_cost)?)?;
+            }
             let mut grads = loss.backward()?;
             clip_gradients(&mut grads, &vars, cfg.clip_norm)?;
             opt.step(&grads)?;
@@ -940,6 +950,24 @@ pub fn out_of_fold_probs_on(
     Ok(probs)
 }
 
+/// The mean probability the rows give to the valence opposite their own (negative 0 against
+/// positive 2; neutral rows cost nothing).
+fn polarity_cost(logits: &Tensor, batch: &[usize], y: &[usize]) -> candle_core::Result<Tensor> {
+    let k = logits.dim(1)?;
+    let mask: Vec<f32> = batch
+        .iter()
+        .flat_map(|&i| {
+            (0..k).map(move |c| match (y[i], c) {
+                (0, 2) | (2, 0) => 1.0,
+                _ => 0.0,
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (batch.len(), k), logits.device())?;
+    let p = candle_nn::ops::softmax_last_dim(logits)?;
+    (p * mask)?.sum_all()? / batch.len().max(1) as f64
+}
+
 /// Trains on all folds but one and predicts the held-out fold, for every fold.
 pub fn out_of_fold(
     x: &[Vec<f32>],
@@ -1165,6 +1193,39 @@ mod tests {
         assert!(!serde_json::to_string(&cfg).unwrap().contains("aux_emotion"));
         cfg.aux_emotion = 0.5;
         assert!(train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).is_err());
+    }
+
+    #[test]
+    fn polarity_cost_is_the_mean_probability_of_the_opposite_valence() {
+        // Rows: negative, neutral, positive; each gives the others' classes known shares.
+        let logits = Tensor::new(
+            &[
+                [0.0f32, 0.0, 0.0],
+                [0.0, 5.0, 0.0],
+                [(3.0f32).ln(), 0.0, 0.0],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = [0usize, 1, 2];
+        let c = polarity_cost(&logits, &[0, 1, 2], &y)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Negative row: p(positive) 1/3; neutral row: nothing; positive row: p(negative) 3/5.
+        assert!((c - (1.0 / 3.0 + 0.6) / 3.0).abs() < 1e-6, "{c}");
+        let mut cfg = TrainConfig::card_recipe(toy_recipe().head);
+        assert!(
+            !serde_json::to_string(&cfg)
+                .unwrap()
+                .contains("polarity_cost")
+        );
+        cfg.polarity_cost = 0.5;
+        assert!(
+            serde_json::to_string(&cfg)
+                .unwrap()
+                .contains("polarity_cost")
+        );
     }
 
     fn adversarial(domains: &[usize]) -> SideLabels<'_> {

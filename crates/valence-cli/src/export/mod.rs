@@ -583,6 +583,18 @@ pub fn model_to_onnx(dir: &Path) -> Result<Vec<u8>> {
         )?,
         HeadConfig::Transformer(c) => transformer_head(&mut g, &hw, &x, c)?,
     };
+    let logits = match manifest
+        .familiarity
+        .as_ref()
+        .filter(|f| f.temperature.is_some())
+    {
+        Some(spec) => {
+            let fam =
+                valence_model::classifier::familiarity::Familiarity::load(dir, spec, feature_dim)?;
+            familiarity_temperature(&mut g, &x, &logits, &fam)
+        }
+        None => logits,
+    };
     let probs = g.op("Softmax", &[&logits], vec![("axis", Attr::Int(-1))]);
     let labels = manifest.labels.len();
     g.output(
@@ -598,6 +610,46 @@ pub fn model_to_onnx(dir: &Path) -> Result<Vec<u8>> {
             ("sample_rate", SAMPLE_RATE.to_string()),
         ],
     ))
+}
+
+/// `logits / T(d)` with `d` the scaled features' mean squared distance from the nearest
+/// training-corpus centroid ([`valence_model::classifier::familiarity`]).
+fn familiarity_temperature(
+    g: &mut GraphBuilder,
+    x: &str,
+    logits: &str,
+    fam: &valence_model::classifier::familiarity::Familiarity,
+) -> String {
+    use valence_model::classifier::familiarity::{MAX_TEMPERATURE, MIN_TEMPERATURE};
+    let line = fam.temperature.expect("checked by the caller");
+    let centroids = g.f32s(
+        "familiarity_centroids",
+        &[1, fam.corpora.len(), fam.dim],
+        fam.centroids.clone(),
+    );
+    let ax1 = g.i64s(&[1]);
+    let x3 = g.op2("Unsqueeze", x, &ax1); // [batch, 1, dim]
+    let diff = g.op2("Sub", &x3, &centroids); // [batch, corpora, dim]
+    let sq = g.op2("Mul", &diff, &diff);
+    let mean = g.op(
+        "ReduceMean",
+        &[&sq],
+        vec![("axes", Attr::Ints(vec![2])), ("keepdims", Attr::Int(0))],
+    );
+    let d = g.op(
+        "ReduceMin",
+        &[&mean],
+        vec![("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(1))],
+    ); // [batch, 1]
+    let slope = g.scalar(line.slope as f32);
+    let intercept = g.scalar(line.intercept as f32);
+    let lin = g.op2("Mul", &d, &slope);
+    let lin = g.op2("Add", &lin, &intercept);
+    let t = g.op("Exp", &[&lin], vec![]);
+    let lo = g.scalar(MIN_TEMPERATURE);
+    let hi = g.scalar(MAX_TEMPERATURE);
+    let t = g.op("Clip", &[&t, &lo, &hi], vec![]);
+    g.op2("Div", logits, &t)
 }
 
 /// Dynamic batching settings written into `config.pbtxt`.
