@@ -964,7 +964,8 @@ fn polarity_cost(logits: &Tensor, batch: &[usize], y: &[usize]) -> candle_core::
         })
         .collect();
     let mask = Tensor::from_vec(mask, (batch.len(), k), logits.device())?;
-    let p = candle_nn::ops::softmax_last_dim(logits)?;
+    // `softmax`, not `softmax_last_dim`: the latter is a custom op without a backward pass.
+    let p = candle_nn::ops::softmax(logits, 1)?;
     (p * mask)?.sum_all()? / batch.len().max(1) as f64
 }
 
@@ -1214,6 +1215,31 @@ mod tests {
             .unwrap();
         // Negative row: p(positive) 1/3; neutral row: nothing; positive row: p(negative) 3/5.
         assert!((c - (1.0 / 3.0 + 0.6) / 3.0).abs() < 1e-6, "{c}");
+        // Trained with the cost, the rows give less probability to their opposite valence (a
+        // cost without a gradient would change nothing).
+        let (x, y, s) = toy_problem();
+        let mut cfg = toy_recipe();
+        let opposite = |t: &Trained| -> f64 {
+            let idx: Vec<usize> = (0..x.len()).collect();
+            let p = t.predict(&x, &idx).unwrap();
+            let o: f64 = idx
+                .iter()
+                .map(|&i| match y[i] {
+                    0 => p[i][2] as f64,
+                    2 => p[i][0] as f64,
+                    _ => 0.0,
+                })
+                .sum();
+            o / x.len() as f64
+        };
+        let plain = train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).unwrap();
+        cfg.polarity_cost = 5.0;
+        let costed = train(&x, &y, &s, SideLabels::default(), &cfg, |_, _, _| {}).unwrap();
+        let (before, after) = (opposite(&plain), opposite(&costed));
+        assert!(
+            after < 0.97 * before,
+            "opposite valence {before:.4} -> {after:.4}"
+        );
         let mut cfg = TrainConfig::card_recipe(toy_recipe().head);
         assert!(
             !serde_json::to_string(&cfg)

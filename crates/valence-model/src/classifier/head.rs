@@ -205,6 +205,24 @@ fn dropout(x: &Tensor, p: f32, train: bool) -> candle_core::Result<Tensor> {
     x * mask
 }
 
+/// A layer norm over the last dimension. Training spells it out in tensor ops: candle's fused
+/// layer norm (what `LayerNorm::forward` runs on contiguous input) has no backward pass and
+/// would cut the gradient to every layer before it. The two agree in value.
+fn norm(ln: &LayerNorm, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    if !train {
+        return ln.forward(x);
+    }
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centred = x.broadcast_sub(&mean)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+    let y = y.broadcast_mul(ln.weight())?;
+    match ln.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 /// `nn.TransformerEncoderLayer` (batch_first) with a fused `in_proj_weight`.
 struct TorchEncoderLayer {
     in_proj: Linear,
@@ -254,7 +272,15 @@ impl TorchEncoderLayer {
         };
         let q = (heads(0)? * (hd as f64).powf(-0.5))?;
         let (k, v) = (heads(1)?, heads(2)?);
-        let att = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        // Training needs `softmax`: `softmax_last_dim` is a custom op without a backward pass
+        // (candle applies it with `apply_op1_no_bwd`), which would cut the gradient to the
+        // query and key projections. The two agree in value.
+        let att = if train {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let att = dropout(&att, self.dropout, train)?;
         let ctx = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&ctx)
@@ -271,23 +297,21 @@ impl TorchEncoderLayer {
 
     fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let p = self.dropout;
+        let (n1, n2) = (&self.norm1, &self.norm2);
         if self.norm_first {
-            let x = (x + dropout(
-                &self.self_attention(&self.norm1.forward(x)?, train)?,
-                p,
-                train,
-            )?)?;
-            &x + dropout(
-                &self.feed_forward(&self.norm2.forward(&x)?, train)?,
-                p,
-                train,
-            )?
+            let x = (x + dropout(&self.self_attention(&norm(n1, x, train)?, train)?, p, train)?)?;
+            &x + dropout(&self.feed_forward(&norm(n2, &x, train)?, train)?, p, train)?
         } else {
-            let x = self
-                .norm1
-                .forward(&(x + dropout(&self.self_attention(x, train)?, p, train)?)?)?;
-            self.norm2
-                .forward(&(&x + dropout(&self.feed_forward(&x, train)?, p, train)?)?)
+            let x = norm(
+                n1,
+                &(x + dropout(&self.self_attention(x, train)?, p, train)?)?,
+                train,
+            )?;
+            norm(
+                n2,
+                &(&x + dropout(&self.feed_forward(&x, train)?, p, train)?)?,
+                train,
+            )
         }
     }
 }
@@ -361,7 +385,7 @@ impl TransformerHead {
             h = l.forward(&h, train)?;
         }
         if let Some(n) = &self.final_norm {
-            h = n.forward(&h)?;
+            h = norm(n, &h, train)?;
         }
         let cls_out = h.narrow(1, 0, 1)?.squeeze(1)?;
         self.classifier.forward(&cls_out, train)
@@ -630,5 +654,69 @@ mod tests {
             num_classes: 3,
         });
         assert!(Head::new(&mlp, vb()).is_err());
+    }
+
+    /// Training a Transformer head reaches the query and key projections: the attention
+    /// softmax and the layer norms after it must carry a gradient.
+    #[test]
+    fn transformer_head_training_reaches_the_query_and_key_projections() {
+        let cfg = HeadConfig::Transformer(TransformerHeadConfig {
+            input_dim: 16,
+            patch_size: 4,
+            d_model: 8,
+            nhead: 2,
+            num_layers: 1,
+            dim_feedforward: 16,
+            dropout: 0.0,
+            norm_first: false,
+            activation: Activation::Relu,
+            final_norm: false,
+            hidden: vec![8],
+            head_activation: Activation::Relu,
+            num_classes: 3,
+        });
+        let varmap = candle_nn::VarMap::new();
+        let head = Head::new(
+            &cfg,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu).unwrap();
+        // Without dropout, training's spelled-out softmax and layer norm give inference's values.
+        let diff = (head.forward(&x, true).unwrap() - head.forward(&x, false).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        let loss = head
+            .forward(&x, true)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = loss.backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        let (_, w) = data
+            .iter()
+            .find(|(n, _)| n.ends_with("in_proj_weight"))
+            .expect("an attention input projection");
+        let g = grads.get(w.as_tensor()).expect("a gradient for in_proj");
+        // Rows 0..d are the query projection, d..2d the key projection.
+        for (what, rows) in [("query", 0..8), ("key", 8..16)] {
+            let part = g.narrow(0, rows.start, rows.len()).unwrap();
+            let m = part
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(m > 0.0, "no gradient reaches the {what} projection");
+        }
     }
 }
