@@ -100,7 +100,7 @@ fn detector_from_onnx(onnx_bytes: &[u8]) -> Result<Vec<u8>> {
 }
 
 /// The shipped default model's own files (the encoder is fetched).
-const DEFAULT_MODEL_FILES: [(&str, &[u8]); 4] = [
+const DEFAULT_MODEL_FILES: [(&str, &[u8]); 5] = [
     (
         "valence.json",
         include_bytes!("../../../models/default/valence.json"),
@@ -116,6 +116,10 @@ const DEFAULT_MODEL_FILES: [(&str, &[u8]); 4] = [
     (
         "scaler.safetensors",
         include_bytes!("../../../models/default/scaler.safetensors"),
+    ),
+    (
+        "familiarity.safetensors",
+        include_bytes!("../../../models/default/familiarity.safetensors"),
     ),
 ];
 
