@@ -171,18 +171,56 @@ pub fn ece_by_group(
     groups: &[String],
     bins: usize,
 ) -> Vec<(String, f64)> {
-    let mut names: Vec<&String> = groups.iter().collect();
+    group_names(groups)
+        .into_iter()
+        .map(|g| {
+            let idx: Vec<usize> = (0..groups.len()).filter(|&i| groups[i] == g).collect();
+            let p: Vec<Vec<f32>> = idx.iter().map(|&i| probs[i].clone()).collect();
+            let a: Vec<usize> = idx.iter().map(|&i| actual[i]).collect();
+            let e = expected_calibration_error(&p, &a, bins);
+            (g, e)
+        })
+        .collect()
+}
+
+/// Group names in order, each once.
+fn group_names(groups: &[String]) -> Vec<String> {
+    let mut names = groups.to_vec();
     names.sort();
     names.dedup();
     names
+}
+
+/// Each corpus's ECE on its leave-one-corpus-out predictions as calibrated by a fit made
+/// without it: `calibrated(corpus, rows)` fits without `corpus` and returns the calibrated
+/// probabilities of `rows` (that corpus's).
+fn nested_ece(
+    corpora: &[String],
+    y: &[usize],
+    bins: usize,
+    calibrated: impl Fn(&str, &[usize]) -> Vec<Vec<f32>>,
+) -> Vec<(String, f64)> {
+    group_names(corpora)
         .into_iter()
         .map(|g| {
-            let idx: Vec<usize> = (0..groups.len()).filter(|&i| &groups[i] == g).collect();
-            let p: Vec<Vec<f32>> = idx.iter().map(|&i| probs[i].clone()).collect();
-            let a: Vec<usize> = idx.iter().map(|&i| actual[i]).collect();
-            (g.clone(), expected_calibration_error(&p, &a, bins))
+            let idx: Vec<usize> = (0..corpora.len()).filter(|&i| corpora[i] == g).collect();
+            let a: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
+            let e = expected_calibration_error(&calibrated(&g, &idx), &a, bins);
+            (g, e)
         })
         .collect()
+}
+
+/// Mean, largest and `name ece, ...` of per-group ECEs.
+fn summary(per: &[(String, f64)]) -> (f64, f64, String) {
+    let mean = per.iter().map(|p| p.1).sum::<f64>() / per.len().max(1) as f64;
+    let max = per.iter().map(|p| p.1).fold(0.0, f64::max);
+    let text = per
+        .iter()
+        .map(|(g, e)| format!("{g} {e:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (mean, max, text)
 }
 
 /// One clip of `valence cv --predictions`: its corpus, label and both schemes' probabilities.
@@ -317,57 +355,34 @@ pub fn calibrate(predictions: &Path, opts: CalibrateOptions) -> Result<()> {
         "calibration", "T", "bias (neg, neu, pos)", "grouped", "LOCO", "LOCO max"
     );
     for (name, c) in &methods {
-        let per = ece_by_group(&on(c, &loco), &y, &corpora, BINS);
-        let mean = per.iter().map(|p| p.1).sum::<f64>() / per.len().max(1) as f64;
-        let max = per.iter().map(|p| p.1).fold(0.0, f64::max);
+        let (mean, max, text) = summary(&ece_by_group(&on(c, &loco), &y, &corpora, BINS));
         println!(
-            "{name:<32} {:>6.3} {:>22} {:>8.3} {:>8.3} {:>8.3}  {}",
+            "{name:<32} {:>6.3} {:>22} {:>8.3} {mean:>8.3} {max:>8.3}  {text}",
             c.temperature,
             format!("{:.2} {:.2} {:.2}", c.bias[0], c.bias[1], c.bias[2]),
             ece(&on(c, &grouped), &y),
-            mean,
-            max,
-            per.iter()
-                .map(|(g, e)| format!("{g} {e:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
         );
     }
     // Honest LOCO: each corpus scored by a calibration fitted without it (its held-out
     // speakers and its LOCO predictions both left out).
-    let mut names: Vec<&String> = corpora.iter().collect();
-    names.sort();
-    names.dedup();
     for with_bias in [false, true] {
-        let mut per = Vec::new();
-        for g in &names {
+        let per = nested_ece(&corpora, &y, BINS, |g, idx| {
             let (mut p, mut a) = (Vec::new(), Vec::new());
-            for (i, r) in rows.iter().enumerate() {
-                if &r.corpus != *g {
-                    p.push(r.grouped.clone());
-                    p.push(r.loco.clone());
-                    a.extend([y[i], y[i]]);
-                }
+            for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.corpus != g) {
+                p.extend([r.grouped.clone(), r.loco.clone()]);
+                a.extend([y[i], y[i]]);
             }
             let c = Calibration::fit(&p, &a, with_bias);
-            let idx: Vec<usize> = (0..rows.len()).filter(|&i| &corpora[i] == *g).collect();
-            let held: Vec<Vec<f32>> = idx.iter().map(|&i| c.apply(&loco[i])).collect();
-            let act: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
-            per.push(((*g).clone(), ece(&held, &act)));
-        }
-        let mean = per.iter().map(|p| p.1).sum::<f64>() / per.len() as f64;
+            idx.iter().map(|&i| c.apply(&loco[i])).collect()
+        });
+        let (mean, max, text) = summary(&per);
         println!(
-            "nested (fitted without the corpus it scores), {}: LOCO mean {mean:.3}, max {:.3}: {}",
+            "nested (fitted without the corpus it scores), {}: LOCO mean {mean:.3}, max {max:.3}: {text}",
             if with_bias {
                 "temperature + class bias"
             } else {
                 "temperature"
             },
-            per.iter().map(|p| p.1).fold(0.0, f64::max),
-            per.iter()
-                .map(|(g, e)| format!("{g} {e:.3}"))
-                .collect::<Vec<_>>()
-                .join(", ")
         );
     }
     let distances: Option<Vec<[f32; 2]>> = rows.iter().map(|r| r.distance).collect();
@@ -453,8 +468,6 @@ fn report_familiarity(rows: &[OutOfFold], d: &[[f32; 2]], bins: usize) -> Famili
         .zip(d)
         .map(|(r, d)| apply_familiarity(&line, &r.loco, d[1]))
         .collect();
-    let per = ece_by_group(&loco, &y, &corpora, bins);
-    let mean = per.iter().map(|p| p.1).sum::<f64>() / per.len().max(1) as f64;
     let median = |v: &mut Vec<f32>| {
         v.sort_by(f32::total_cmp);
         v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -467,40 +480,20 @@ fn report_familiarity(rows: &[OutOfFold], d: &[[f32; 2]], bins: usize) -> Famili
         median(&mut d.iter().map(|d| d[0]).collect()),
         median(&mut d.iter().map(|d| d[1]).collect()),
     );
+    let (mean, max, text) = summary(&ece_by_group(&loco, &y, &corpora, bins));
     println!(
-        "  grouped {:.3}, LOCO mean {mean:.3}, max {:.3}: {}",
-        ece(&grouped, &y),
-        per.iter().map(|p| p.1).fold(0.0, f64::max),
-        per.iter()
-            .map(|(g, e)| format!("{g} {e:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "  grouped {:.3}, LOCO mean {mean:.3}, max {max:.3}: {text}",
+        ece(&grouped, &y)
     );
-    let mut names: Vec<&String> = corpora.iter().collect();
-    names.sort();
-    names.dedup();
-    let nested: Vec<(String, f64)> = names
-        .iter()
-        .map(|g| {
-            let l = fit_without(Some(g.as_str()));
-            let idx: Vec<usize> = (0..rows.len()).filter(|&i| &corpora[i] == *g).collect();
-            let p: Vec<Vec<f32>> = idx
-                .iter()
-                .map(|&i| apply_familiarity(&l, &rows[i].loco, d[i][1]))
-                .collect();
-            let a: Vec<usize> = idx.iter().map(|&i| y[i]).collect();
-            ((*g).clone(), ece(&p, &a))
-        })
-        .collect();
+    let nested = nested_ece(&corpora, &y, bins, |g, idx| {
+        let l = fit_without(Some(g));
+        idx.iter()
+            .map(|&i| apply_familiarity(&l, &rows[i].loco, d[i][1]))
+            .collect()
+    });
+    let (mean, max, text) = summary(&nested);
     println!(
-        "  nested (fitted without the corpus it scores): LOCO mean {:.3}, max {:.3}: {}",
-        nested.iter().map(|p| p.1).sum::<f64>() / nested.len().max(1) as f64,
-        nested.iter().map(|p| p.1).fold(0.0, f64::max),
-        nested
-            .iter()
-            .map(|(g, e)| format!("{g} {e:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "  nested (fitted without the corpus it scores): LOCO mean {mean:.3}, max {max:.3}: {text}"
     );
     line
 }
@@ -508,6 +501,17 @@ fn report_familiarity(rows: &[OutOfFold], d: &[[f32; 2]], bins: usize) -> Famili
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The class a uniform draw `u` picks from the probabilities `truth`.
+    fn draw(truth: &[f32], u: f32) -> usize {
+        if u < truth[0] {
+            0
+        } else if u < truth[0] + truth[1] {
+            1
+        } else {
+            2
+        }
+    }
 
     #[test]
     fn fitting_recovers_a_known_temperature_and_bias() {
@@ -518,13 +522,7 @@ mod tests {
             let z: Vec<f32> = (0..3).map(|_| rng.sample()).collect();
             let truth = valence_model::softmax(&z);
             let u = rng.uniform() as f32;
-            let a = if u < truth[0] {
-                0
-            } else if u < truth[0] + truth[1] {
-                1
-            } else {
-                2
-            };
+            let a = draw(&truth, u);
             let reported: Vec<f32> = [2.0 * z[0], 2.0 * z[1] - 0.5, 2.0 * z[2] + 0.3].to_vec();
             probs.push(valence_model::softmax(&reported));
             actual.push(a);
@@ -552,13 +550,7 @@ mod tests {
             let t = (-0.3 + 0.8 * d as f64).exp() as f32;
             let truth = valence_model::softmax(&z.iter().map(|v| v / t).collect::<Vec<_>>());
             let u = rng.uniform() as f32;
-            actual.push(if u < truth[0] {
-                0
-            } else if u < truth[0] + truth[1] {
-                1
-            } else {
-                2
-            });
+            actual.push(draw(&truth, u));
             probs.push(valence_model::softmax(&z));
             dist.push(d);
         }

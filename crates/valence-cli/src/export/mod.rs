@@ -624,7 +624,7 @@ fn familiarity_temperature(
     let line = fam.temperature.expect("checked by the caller");
     let centroids = g.f32s(
         "familiarity_centroids",
-        &[1, fam.corpora.len(), fam.dim],
+        &[1, fam.corpora.len(), fam.dim()],
         fam.centroids.clone(),
     );
     let ax1 = g.i64s(&[1]);

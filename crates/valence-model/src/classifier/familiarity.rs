@@ -73,7 +73,6 @@ pub struct Familiarity {
     pub corpora: Vec<String>,
     /// Row-major [corpora, dim].
     pub centroids: Vec<f32>,
-    pub dim: usize,
     pub temperature: Option<FamiliarityTemperature>,
 }
 
@@ -131,18 +130,22 @@ impl Familiarity {
         Ok(Self {
             corpora,
             centroids,
-            dim,
             temperature,
         })
+    }
+
+    /// Features per centroid.
+    pub fn dim(&self) -> usize {
+        self.centroids.len() / self.corpora.len()
     }
 
     /// The mean squared difference from the nearest centroid (0 at a centroid).
     pub fn distance(&self, x: &[f32]) -> f32 {
         self.centroids
-            .chunks(self.dim)
+            .chunks(self.dim())
             .map(|c| {
                 let s: f32 = c.iter().zip(x).map(|(a, b)| (b - a) * (b - a)).sum();
-                s / self.dim as f32
+                s / self.dim() as f32
             })
             .fold(f32::INFINITY, f32::min)
     }
@@ -158,7 +161,7 @@ impl Familiarity {
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let shape = vec![self.corpora.len(), self.dim];
+        let shape = vec![self.corpora.len(), self.dim()];
         let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
         let meta = HashMap::from([("corpora".to_string(), self.corpora.join(","))]);
         let data = safetensors::tensor::serialize([(CENTROIDS_TENSOR, view)], Some(meta))

@@ -633,6 +633,15 @@ mod tests {
         })
     }
 
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     /// `nhead: 0` used to load and then divide by zero on every window.
     #[test]
     fn sizes_that_cannot_run_are_refused_at_load() {
@@ -660,21 +669,7 @@ mod tests {
     /// softmax and the layer norms after it must carry a gradient.
     #[test]
     fn transformer_head_training_reaches_the_query_and_key_projections() {
-        let cfg = HeadConfig::Transformer(TransformerHeadConfig {
-            input_dim: 16,
-            patch_size: 4,
-            d_model: 8,
-            nhead: 2,
-            num_layers: 1,
-            dim_feedforward: 16,
-            dropout: 0.0,
-            norm_first: false,
-            activation: Activation::Relu,
-            final_norm: false,
-            hidden: vec![8],
-            head_activation: Activation::Relu,
-            num_classes: 3,
-        });
+        let cfg = transformer(2);
         let varmap = candle_nn::VarMap::new();
         let head = Head::new(
             &cfg,
@@ -683,14 +678,8 @@ mod tests {
         .unwrap();
         let x = Tensor::randn(0f32, 1.0, (4, 16), &Device::Cpu).unwrap();
         // Without dropout, training's spelled-out softmax and layer norm give inference's values.
-        let diff = (head.forward(&x, true).unwrap() - head.forward(&x, false).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff =
+            max_abs(&(head.forward(&x, true).unwrap() - head.forward(&x, false).unwrap()).unwrap());
         assert!(diff < 1e-5, "{diff}");
         let loss = head
             .forward(&x, true)
@@ -708,14 +697,7 @@ mod tests {
         let g = grads.get(w.as_tensor()).expect("a gradient for in_proj");
         // Rows 0..d are the query projection, d..2d the key projection.
         for (what, rows) in [("query", 0..8), ("key", 8..16)] {
-            let part = g.narrow(0, rows.start, rows.len()).unwrap();
-            let m = part
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let m = max_abs(&g.narrow(0, rows.start, rows.len()).unwrap());
             assert!(m > 0.0, "no gradient reaches the {what} projection");
         }
     }
